@@ -1,0 +1,1 @@
+"""luce_cuda (work in progress)."""

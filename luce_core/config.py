@@ -1,0 +1,45 @@
+"""What the user asked for in one run: the input of selection and planning."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from luce_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from luce_core.roles import ModelConfig
+
+COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
+KV_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+FEATURE_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# The one documented default KV pair (README, tests and code all read it from here).
+DEFAULT_KV = ("f16", "f16")
+
+
+def _choice(options: tuple[str, ...]):
+    def check(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in options:
+            raise ConfigError(f"{attribute.name}={value!r} is not one of {', '.join(options)}")
+    return check
+
+
+@attrs.frozen
+class RunConfig:
+    model_path: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = attrs.field(default="auto", validator=_choice(COMPUTE_DTYPES))
+    ctx: int = 0  # context length; 0 = min(model's trained context, 4096)
+    kv_k: str = attrs.field(default=DEFAULT_KV[0], validator=_choice(KV_DTYPES))
+    kv_v: str = attrs.field(default=DEFAULT_KV[1], validator=_choice(KV_DTYPES))
+    kv_rotation: bool = True  # Hadamard-rotate quantized K (ignored for float K)
+    feature_dtype: str = attrs.field(default="f32", validator=_choice(FEATURE_DTYPES))
+    weights: str = "native"  # native | nvfp4 (repack at load)
+    cuda_graphs: bool = True
+    overrides: dict[str, str] = attrs.field(factory=dict)  # role -> forced implementation name
+    model: "ModelConfig | None" = None  # filled in after loading; linear/attention check it
+    weight_types: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)  # e.g. {"Q4_1","F32"}
+    progress: bool = True
+
+    def with_model(self, model: "ModelConfig", weight_types: set[str]) -> "RunConfig":
+        return attrs.evolve(self, model=model, weight_types=frozenset(weight_types))

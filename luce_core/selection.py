@@ -1,0 +1,75 @@
+"""Pick one implementation per role: override, filter by reasons, rank, explain.
+
+Rules (vLLM-style): a forced implementation (CLI flag or env ``LUCE_<ROLE>``) that cannot run
+is an error with its reasons, never a silent fallback; otherwise the runnable candidate with
+the highest priority wins, ties broken by name so the result is deterministic; when none can
+run, one error lists every candidate's reasons.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import attrs
+
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.errors import SelectionError
+from luce_core.impl import Impl
+
+
+@attrs.frozen
+class Candidate:
+    impl: Impl
+    reasons: tuple[str, ...]
+    selected: bool = False
+
+
+def forced_name(role: str, config: RunConfig) -> str | None:
+    """The user's forced choice for a role: config (CLI flag) first, then env LUCE_<ROLE>."""
+    name = config.overrides.get(role) or os.environ.get(f"LUCE_{role.upper()}") or None
+    return None if name in (None, "auto") else name
+
+
+def rank(impls: Sequence[Impl]) -> list[Impl]:
+    return sorted(impls, key=lambda i: (-i.priority, i.name))
+
+
+def explain(role: str, impls: Sequence[Impl], caps: Caps, config: RunConfig,
+            exclude: Sequence[str] = ()) -> list[Candidate]:
+    """Every candidate in rank order with its reasons; the winner (if any) marked selected."""
+    forced = forced_name(role, config)
+    out, chosen = [], False
+    for impl in rank(impls):
+        reasons = impl.reasons(caps, config)
+        if impl.name in exclude:
+            reasons = [*reasons, "failed at first use in this process"]
+        if forced is not None and impl.name != forced and not reasons:
+            reasons = [f"not forced (LUCE_{role.upper()}/--{role.replace('_', '-')}={forced})"]
+        win = not reasons and not chosen
+        chosen |= win
+        out.append(Candidate(impl, tuple(reasons), win))
+    return out
+
+
+def select(role: str, impls: Sequence[Impl], caps: Caps, config: RunConfig,
+           exclude: Sequence[str] = ()) -> Impl:
+    """The implementation to use for ``role``; raises SelectionError with every reason."""
+    forced = forced_name(role, config)
+    names = [i.name for i in impls]
+    if forced is not None and forced not in names:
+        raise SelectionError(
+            f"{role} implementation {forced!r} is not installed; known: {', '.join(sorted(names)) or 'none'}",
+            remedy=f"pick one of those, or drop --{role.replace('_', '-')} / LUCE_{role.upper()}")
+    cands = explain(role, impls, caps, config, exclude)
+    for c in cands:
+        if c.selected:
+            return c.impl
+    if forced is not None:
+        why = next(c.reasons for c in cands if c.impl.name == forced)
+        raise SelectionError(
+            f"{role} implementation {forced!r} was forced but cannot run here: {'; '.join(why)}",
+            remedy=f"drop --{role.replace('_', '-')} / LUCE_{role.upper()} to let luce choose")
+    lines = "\n".join(f"    {c.impl.name}: {'; '.join(c.reasons)}" for c in cands) or "    (no candidates installed)"
+    raise SelectionError(f"no {role} implementation can run here:\n{lines}",
+                         remedy="see `luce doctor` for the probed capabilities")

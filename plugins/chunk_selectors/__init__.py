@@ -1,0 +1,1 @@
+"""luce_chunks (work in progress)."""

@@ -1,0 +1,1 @@
+"""luce_drafters (work in progress)."""

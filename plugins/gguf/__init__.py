@@ -1,0 +1,1 @@
+"""luce_gguf (work in progress)."""

@@ -1,0 +1,4 @@
+"""Descriptors of luce_gguf (imports nothing heavy)."""
+from __future__ import annotations
+
+from luce_core import Impl, hookimpl  # noqa: F401

@@ -1,0 +1,1 @@
+"""luce_specs: one hypothesis conformance suite per role."""

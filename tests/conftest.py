@@ -1,0 +1,25 @@
+"""Shared fixtures: the real model, and a clean plugin host per test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from luce_core import plugins
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched into luce's cache on first use)."""
+    from luce_core.models import default_model_path
+
+    return Path(os.environ["LUCE_TEST_MODEL"]) if os.environ.get("LUCE_TEST_MODEL") else default_model_path(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_host():
+    """Each test sees a plugin host built from the current environment."""
+    plugins.reset()
+    yield
+    plugins.reset()
