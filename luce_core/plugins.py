@@ -66,13 +66,14 @@ class PluginHost:
 
     def register(self, plugin: Any, name: str) -> None:
         """Register a plugin object or module and validate its hooks against the specs."""
-        self.pm.register(plugin, name=name)
         try:
-            self.pm.check_pending()
+            self.pm.register(plugin, name=name)  # raises for a hook taking arguments its spec lacks
+            self.pm.check_pending()  # raises for a hook name no spec has
         except pluggy.PluginValidationError as e:
-            self.pm.unregister(name=name)
-            raise PluginError(f"plugin {name!r} implements an unknown hook: {e}",
-                              remedy=f"fix the hook name, or disable it with LUCE_DISABLE_PLUGINS={name}") from None
+            if self.pm.get_plugin(name) is not None:  # pluggy keeps a half-registered plugin
+                self.pm.unregister(name=name)
+            raise PluginError(f"plugin {name!r} implements an unknown hook or hook signature: {e}",
+                              remedy=f"fix the hook, or disable it with LUCE_DISABLE_PLUGINS={name}") from None
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)

@@ -110,6 +110,7 @@ class KVSpec:
     rotation: bool = False  # Hadamard-rotate K (only meaningful for quantized K)
     device: str = "cpu"
     compute_dtype: str = "f32"  # dtype of tensors passed to write() and returned by read()
+    fingerprint: str = ""  # model the cache belongs to; snapshots refuse to restore across models
 
 
 class KVStore(Protocol):

@@ -1,1 +1,2 @@
-"""luce_drafters (work in progress)."""
+"""luce_drafters: drafters for speculative decoding (prompt lookup, draft model, DFlash) and
+``train-drafter``. The verify/accept engine is ``luce_core.speculative``."""

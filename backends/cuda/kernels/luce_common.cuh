@@ -1,0 +1,68 @@
+// Shared device helpers for luce kernels (compiled by NVRTC; no host code).
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define LUCE_INF __int_as_float(0x7f800000)
+
+// ---------------------------------------------------------------- scalar conversions
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// bf16 -> f32 is a shift; done with integer ops so it also runs where bf16 math is emulated.
+__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float2 h2f2(u32 w) {
+    __half2 h = *reinterpret_cast<__half2*>(&w);
+    return __half22float2(h);
+}
+
+// ---------------------------------------------------------------- vector loads of 8 elements
+// p must be 16-byte aligned (8 halves / bf16) or 32-byte aligned data of 8 floats (two float4).
+__device__ __forceinline__ void load8(const float* __restrict__ p, float* o) {
+    float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half* __restrict__ p, float* o) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    float2 f;
+    f = h2f2(v.x); o[0] = f.x; o[1] = f.y;
+    f = h2f2(v.y); o[2] = f.x; o[3] = f.y;
+    f = h2f2(v.z); o[4] = f.x; o[5] = f.y;
+    f = h2f2(v.w); o[6] = f.x; o[7] = f.y;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* __restrict__ p, float* o) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
+    o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z); o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
+}
+
+// ---------------------------------------------------------------- warp reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Small unsigned integers (< 2^23) to float exactly without I2F: OR into the mantissa of 2^23.
+#define LUCE_MAGIC 8388608.0f
+__device__ __forceinline__ float u2f_magic(u32 q) { return __uint_as_float(0x4B000000u | q) - LUCE_MAGIC; }

@@ -1,0 +1,97 @@
+// Small fused element-wise kernels for the model graph: RMSNorm (optionally adding into the
+// residual stream first), RoPE (GGUF "normal" adjacent pairs, or NeoX halves), SwiGLU.
+// All math is FP32; inputs/outputs are f16, bf16 or f32 (one kernel per type).
+#include "luce_common.cuh"
+
+// h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w.  One block per row.
+template <class T>
+__device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __restrict__ res, const float* __restrict__ w,
+                                              T* __restrict__ out, int H, float eps, i64 xs, i64 rs, i64 os) {
+    __shared__ float red[32];
+    const i64 row = blockIdx.x;
+    const T* xr = x + row * xs;
+    T* rr = res ? res + row * rs : nullptr;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float h = to_f(xr[i]);
+        if (rr) {
+            h += to_f(rr[i]);
+            const T hq = from_f<T>(h);
+            rr[i] = hq;
+            h = to_f(hq);  // normalize exactly what the residual stream now holds
+        }
+        ss = fmaf(h, h, ss);
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)H + eps);
+    T* orow = out + row * os;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {  // each thread re-reads what it wrote
+        const float h = rr ? to_f(rr[i]) : to_f(xr[i]);
+        orow[i] = from_f<T>(h * inv * w[i]);
+    }
+}
+
+// In place on x [T, n_heads, D] (strides st, sh in elements). Position of row t: pos[t], or
+// start + t when pos is null. Channels >= rope_dim are left alone.
+template <class T, bool NEOX>
+__device__ __forceinline__ void rope_impl(T* __restrict__ x, const int* __restrict__ pos, int start,
+                                          const float* __restrict__ inv_freq, int T_, int nh, int rope_dim,
+                                          i64 st, i64 sh) {
+    const int half = rope_dim >> 1;
+    const i64 total = (i64)T_ * nh * half;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        const i64 th = idx / half;
+        const int hh = (int)(th % nh), t = (int)(th / nh);
+        const float p = (float)(pos ? pos[t] : start + t);
+        float sn, cs;
+        sincosf(p * inv_freq[i], &sn, &cs);
+        T* xr = x + (i64)t * st + (i64)hh * sh;
+        const int i0 = NEOX ? i : 2 * i, i1 = NEOX ? i + half : 2 * i + 1;
+        const float a = to_f(xr[i0]), b = to_f(xr[i1]);
+        xr[i0] = from_f<T>(a * cs - b * sn);
+        xr[i1] = from_f<T>(a * sn + b * cs);
+    }
+}
+
+// out[r, j] = silu(g[r, j]) * u[r, j] for j < F.
+template <class T>
+__device__ __forceinline__ void swiglu_impl(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
+                                            int R, int F, i64 gs, i64 us, i64 os) {
+    const i64 total = (i64)R * F;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 r = idx / F;
+        const int j = (int)(idx % F);
+        const float a = to_f(g[r * gs + j]), b = to_f(u[r * us + j]);
+        out[r * os + j] = from_f<T>(a / (1.f + expf(-a)) * b);
+    }
+}
+
+#define DEF_OPS(AN, T)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) rms_norm_##AN(const T* x, T* res, const float* w, T* out, \
+                                                                   int H, float eps, i64 xs, i64 rs, i64 os) { \
+        rms_norm_impl<T>(x, res, w, out, H, eps, xs, rs, os);                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) rope_normal_##AN(                                        \
+        T* x, const int* pos, int start, const float* inv_freq, int T_, int nh, int rope_dim, i64 st, i64 sh) { \
+        rope_impl<T, false>(x, pos, start, inv_freq, T_, nh, rope_dim, st, sh);                                \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) rope_neox_##AN(                                          \
+        T* x, const int* pos, int start, const float* inv_freq, int T_, int nh, int rope_dim, i64 st, i64 sh) { \
+        rope_impl<T, true>(x, pos, start, inv_freq, T_, nh, rope_dim, st, sh);                                 \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) swiglu_##AN(const T* g, const T* u, T* out, int R, int F, \
+                                                                 i64 gs, i64 us, i64 os) {                     \
+        swiglu_impl<T>(g, u, out, R, F, gs, us, os);                                                           \
+    }
+DEF_OPS(f16, __half)
+DEF_OPS(bf16, __nv_bfloat16)
+DEF_OPS(f32, float)

@@ -1,0 +1,198 @@
+// Quantized weight formats as the CUDA kernels read them.
+//
+// A weight [N, K] is uploaded once in a "planar" re-layout of its ggml blocks (lossless, same
+// bytes): the packed quants of each row are contiguous and 16-byte aligned (plane p0), and the
+// per-block scales live in their own planes (p1..p3), so that a thread reads its quants with
+// one 16-byte load. luce_cuda/weights.py builds the planes; the block formats are ggml's.
+//
+// The work unit of every format is 32 weights of one row, read as NRUN runs of RLEN = 32/NRUN
+// contiguous k positions (run r starts at k0(u) + r*RSTRIDE). decode() returns, per run,
+// integer-valued quants q (exact in float), a scale s and an offset o, with
+//     w[k] = s[r] * q[i] + o[r]        (o only where HAS_OFFSET)
+// so a dot product is s * sum(q*x) + o * sum(x): the scale is applied once per run.
+#pragma once
+#include "luce_common.cuh"
+
+struct QW {
+    const u8* __restrict__ p0;
+    const u8* __restrict__ p1;
+    const u8* __restrict__ p2;
+    const u8* __restrict__ p3;
+    int K;
+};
+
+__device__ __forceinline__ float ld_half(const u8* p) {
+    return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const u16*>(p))));
+}
+__device__ __forceinline__ uint4 ld16(const u8* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ u32 byte_of(const uint4& v, int i) {  // i is a compile-time constant after unrolling
+    u32 w = i < 4 ? v.x : i < 8 ? v.y : i < 12 ? v.z : v.w;
+    return (w >> (8 * (i & 3))) & 0xffu;
+}
+
+// ------------------------------------------------------------------ Q4_0: {half d; u8 qs[16]}
+// p0: qs [N][K/2]; p2: d [N][K/32] half.   w = d * (nibble - 8)
+struct FQ4_0 {
+    static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
+    static constexpr bool HAS_OFFSET = false;
+    __device__ static int k0(int u) { return u * 32; }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        const int nb = w.K >> 5;
+        uint4 v = ld16(w.p0 + (size_t)row * (w.K >> 1) + (size_t)u * 16);
+        s[0] = ld_half(w.p2 + ((size_t)row * nb + u) * 2);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            u32 b = byte_of(v, i);
+            q[i] = __uint_as_float(0x4B000000u | (b & 15u)) - (LUCE_MAGIC + 8.0f);
+            q[i + 16] = __uint_as_float(0x4B000000u | (b >> 4)) - (LUCE_MAGIC + 8.0f);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ Q4_1: {half d; half m; u8 qs[16]}
+// p0: qs [N][K/2]; p2: (d, m) [N][K/32] half2.   w = d * nibble + m
+struct FQ4_1 {
+    static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
+    static constexpr bool HAS_OFFSET = true;
+    __device__ static int k0(int u) { return u * 32; }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        const int nb = w.K >> 5;
+        uint4 v = ld16(w.p0 + (size_t)row * (w.K >> 1) + (size_t)u * 16);
+        u32 dm = __ldg(reinterpret_cast<const u32*>(w.p2 + ((size_t)row * nb + u) * 4));
+        float2 f = h2f2(dm);
+        s[0] = f.x;
+        o[0] = f.y;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            u32 b = byte_of(v, i);
+            q[i] = u2f_magic(b & 15u);
+            q[i + 16] = u2f_magic(b >> 4);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ Q8_0: {half d; i8 qs[32]}
+// p0: qs [N][K]; p2: d [N][K/32] half.   w = d * q
+struct FQ8_0 {
+    static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
+    static constexpr bool HAS_OFFSET = false;
+    __device__ static int k0(int u) { return u * 32; }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        const int nb = w.K >> 5;
+        const u8* p = w.p0 + (size_t)row * w.K + (size_t)u * 32;
+        uint4 a = ld16(p), b = ld16(p + 16);
+        s[0] = ld_half(w.p2 + ((size_t)row * nb + u) * 2);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {  // int8 -> float exactly: (q ^ 0x80) is q + 128 as unsigned
+            q[i] = __uint_as_float(0x4B000000u | (byte_of(a, i) ^ 0x80u)) - (LUCE_MAGIC + 128.0f);
+            q[i + 16] = __uint_as_float(0x4B000000u | (byte_of(b, i) ^ 0x80u)) - (LUCE_MAGIC + 128.0f);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ Q4_K: {half d, dmin; u8 scales[12]; u8 qs[128]} per 256
+// p0: qs [N][K/2]; p2: header [N][K/256][16] = d, dmin, scales[12].
+// Unit u = 16 qs bytes of chunk c (32 bytes, sub-blocks 2c low / 2c+1 high nibbles), half j:
+// run 0 = sub-block 2c elements 16j..16j+15, run 1 = sub-block 2c+1 (32 positions later).
+__device__ __forceinline__ void q4k_scale_min(const u8* sc, int sb, float& s, float& m) {
+    u32 a, b;
+    if (sb < 4) {
+        a = __ldg(sc + sb) & 63u;
+        b = __ldg(sc + sb + 4) & 63u;
+    } else {
+        a = (__ldg(sc + sb + 4) & 0xFu) | ((__ldg(sc + sb - 4) >> 6) << 4);
+        b = (__ldg(sc + sb + 4) >> 4) | ((__ldg(sc + sb) >> 6) << 4);
+    }
+    s = (float)a;
+    m = (float)b;
+}
+
+struct FQ4_K {
+    static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 32;
+    static constexpr bool HAS_OFFSET = true;
+    __device__ static int k0(int u) { return (u >> 3) * 256 + ((u & 7) >> 1) * 64 + (u & 1) * 16; }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        const int b = u >> 3, c = (u & 7) >> 1;
+        uint4 v = ld16(w.p0 + (size_t)row * (w.K >> 1) + (size_t)u * 16);
+        const u8* hdr = w.p2 + ((size_t)row * (w.K >> 8) + b) * 16;
+        float d = ld_half(hdr), dmin = ld_half(hdr + 2);
+        float sc, mn;
+        q4k_scale_min(hdr + 4, 2 * c, sc, mn);
+        s[0] = d * sc;
+        o[0] = -dmin * mn;
+        q4k_scale_min(hdr + 4, 2 * c + 1, sc, mn);
+        s[1] = d * sc;
+        o[1] = -dmin * mn;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            u32 x = byte_of(v, i);
+            q[i] = u2f_magic(x & 15u);
+            q[i + 16] = u2f_magic(x >> 4);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ Q6_K: {u8 ql[128]; u8 qh[64]; i8 scales[16]; half d} per 256
+// p0: ql [N][K/2]; p1: qh [N][K/4]; p2: scales [N][K/16] int8; p3: d [N][K/256] half.
+// Unit u = (block b, half h, part p, j): ql bytes 16u..16u+15 hold quarter p (low nibbles) and
+// quarter p+2 (high nibbles) of half h, elements 16j.. of each quarter (quarters are 32 apart).
+struct FQ6_K {
+    static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 64;
+    static constexpr bool HAS_OFFSET = false;
+    __device__ static int k0(int u) {
+        return (u >> 3) * 256 + ((u >> 2) & 1) * 128 + ((u >> 1) & 1) * 32 + (u & 1) * 16;
+    }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        const int b = u >> 3, h = (u >> 2) & 1, p = (u >> 1) & 1, j = u & 1;
+        uint4 l = ld16(w.p0 + (size_t)row * (w.K >> 1) + (size_t)u * 16);
+        uint4 hb = ld16(w.p1 + (size_t)row * (w.K >> 2) + (size_t)b * 64 + h * 32 + j * 16);
+        const i8* sc = reinterpret_cast<const i8*>(w.p2) + (size_t)row * (w.K >> 4) + b * 16 + h * 8 + j + 2 * p;
+        float d = ld_half(w.p3 + ((size_t)row * (w.K >> 8) + b) * 2);
+        s[0] = d * (float)__ldg(sc);
+        s[1] = d * (float)__ldg(sc + 4);
+        const int sh0 = 2 * p, sh1 = 2 * p + 4;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            u32 x = byte_of(l, i), y = byte_of(hb, i);
+            q[i] = __uint_as_float(0x4B000000u | ((x & 15u) | (((y >> sh0) & 3u) << 4))) - (LUCE_MAGIC + 32.0f);
+            q[i + 16] = __uint_as_float(0x4B000000u | ((x >> 4) | (((y >> sh1) & 3u) << 4))) - (LUCE_MAGIC + 32.0f);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ NVFP4 (ggml): {u8 d[4] (UE4M3); u8 qs[32]} per 64
+// p0: qs [N][K/2]; p2: scales [N][K/16] u8. Sub-block s (16 weights) = qs[8s..8s+7]: low nibble
+// -> element i, high -> i+8. q uses ggml's doubled E2M1 values {0,1,2,3,4,6,8,12} (integers),
+// so the scale is UE4M3/2. The per-tensor FP32 scale is the kernels' alpha.
+__device__ __forceinline__ float ue4m3_half(u32 x) {
+    if (x == 0u || x == 0x7Fu) return 0.0f;
+    u32 e = (x >> 3) & 15u, m = x & 7u;
+    float v = e == 0u ? (float)m * (1.0f / 512.0f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return 0.5f * v;
+}
+__device__ __forceinline__ float e2m1x2(u32 n) {  // doubled E2M1 value of nibble n, exact
+    u32 mag = __byte_perm(0x03020100u, 0x0C080604u, n & 7u) & 0xffu;
+    float f = u2f_magic(mag);
+    return (n & 8u) ? -f : f;
+}
+
+struct FNVFP4 {
+    static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 16;
+    static constexpr bool HAS_OFFSET = false;
+    __device__ static int k0(int u) { return u * 32; }
+    __device__ static void decode(const QW& w, int row, int u, float* q, float* s, float* o) {
+        uint4 v = ld16(w.p0 + (size_t)row * (w.K >> 1) + (size_t)u * 16);
+        const u8* sc = w.p2 + (size_t)row * (w.K >> 4) + (size_t)u * 2;
+        s[0] = ue4m3_half(__ldg(sc));
+        s[1] = ue4m3_half(__ldg(sc + 1));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                u32 x = byte_of(v, 8 * r + i);
+                q[16 * r + i] = e2m1x2(x & 15u);
+                q[16 * r + 8 + i] = e2m1x2(x >> 4);
+            }
+        }
+    }
+};

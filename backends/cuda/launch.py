@@ -1,0 +1,153 @@
+"""Load compiled kernels and launch them on the current torch stream.
+
+* Kernels run in torch's (primary) context, on ``torch.cuda.current_stream()`` wrapped by
+  ``Device.create_stream`` (no ownership taken), so they order with torch work and are captured
+  by ``torch.cuda.graph``.
+* Scalars must be numpy scalars of the exact C type (``np.int32``, ``np.float32``,
+  ``np.int64``): cuda.core packs a Python int as 8 bytes, which silently corrupts an ``int``
+  parameter. :func:`launch` refuses plain Python numbers.
+* Modules are loaded once per (program, device); call :meth:`KernelSet.preload` before any
+  CUDA-graph capture so no module load happens while capturing.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from luce_cuda.compile import KernelCompileError, KernelProgram, compile_program, target_for_device
+
+if TYPE_CHECKING:
+    import torch
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, int, int], Any] = {}
+_kernels: dict[tuple[str, int, int, str], Any] = {}
+_streams: dict[tuple[int, int], Any] = {}
+_devices: dict[int, Any] = {}
+
+
+def _device(index: int) -> Any:
+    dev = _devices.get(index)
+    if dev is None:
+        import torch
+        from cuda.core import Device
+
+        torch.cuda.init()  # torch owns the primary context; cuda.core shares it
+        dev = Device(index)
+        dev.set_current()
+        _devices[index] = dev
+    return dev
+
+
+def device_sm(index: int = 0) -> int:
+    """The real compute capability of CUDA device ``index`` as one number (9.0 -> 90)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def _module(prog: KernelProgram, index: int) -> Any:
+    key = (prog.name, hash(prog), index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            from cuda.core import ObjectCode
+
+            dev = _device(index)
+            sm = device_sm(index)
+            # Variant choice (e.g. the SM75 path) is the caller's; the binary is always built for
+            # the device it runs on, because an sm_75 cubin does not load on sm_90.
+            arch, target = target_for_device(sm)
+            code = compile_program(prog, arch, target)
+            dev.set_current()
+            mod = ObjectCode.from_cubin(code, name=prog.name) if target == "cubin" \
+                else ObjectCode.from_ptx(code, name=prog.name)
+            _modules[key] = mod
+    return mod
+
+
+def get_kernel(prog: KernelProgram, name: str, index: int = 0) -> Any:
+    key = (prog.name, hash(prog), index, name)
+    k = _kernels.get(key)
+    if k is None:
+        if name not in prog.kernels:
+            raise KernelCompileError(f"kernel {name!r} is not declared by program {prog.name!r}")
+        try:
+            k = _module(prog, index).get_kernel(name)
+        except KernelCompileError:
+            raise
+        except Exception as e:
+            raise KernelCompileError(f"loading kernel {name!r} of {prog.name!r} failed: {e}",
+                                     remedy="force the torch implementation (e.g. LUCE_LINEAR=torch) and report it") from e
+        _kernels[key] = k
+    return k
+
+
+def stream_for(t: "torch.Tensor") -> Any:
+    """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
+    import torch
+
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ts = torch.cuda.current_stream(index)
+    key = (index, int(ts.cuda_stream))
+    s = _streams.get(key)
+    if s is None:
+
+        class _TorchStream:  # __cuda_stream__ protocol: (version, handle)
+            def __init__(self, handle: int):
+                self.handle = handle
+
+            def __cuda_stream__(self) -> tuple[int, int]:
+                return (0, self.handle)
+
+        s = _device(index).create_stream(_TorchStream(int(ts.cuda_stream)))
+        _streams[key] = s
+    return s
+
+
+_ALLOWED = (np.integer, np.floating)
+
+
+def launch(kernel: Any, grid: tuple[int, ...] | int, block: tuple[int, ...] | int, args: tuple[Any, ...],
+           like: "torch.Tensor", shmem: int = 0) -> None:
+    """Launch ``kernel`` with ``args`` on the current torch stream of ``like``'s device.
+
+    Tensors are passed as their data pointers; scalars must be numpy scalars (exact C type)."""
+    import torch
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as cu_launch
+
+    packed: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            packed.append(a.data_ptr())
+        elif isinstance(a, _ALLOWED):
+            packed.append(a)
+        elif a is None:
+            packed.append(0)  # a null pointer
+        else:
+            raise TypeError(f"kernel argument {a!r} must be a tensor, None or a numpy scalar of the exact C type")
+    cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+    cu_launch(stream_for(like), cfg, kernel, *packed)
+
+
+class KernelSet:
+    """The kernels of some programs on one device, loaded together (before graph capture)."""
+
+    def __init__(self, programs: dict[str, KernelProgram], index: int = 0):
+        self.programs = programs
+        self.index = index
+
+    def kernel(self, program: str, name: str) -> Any:
+        return get_kernel(self.programs[program], name, self.index)
+
+    def preload(self, names: dict[str, tuple[str, ...]] | None = None) -> None:
+        for pname, prog in self.programs.items():
+            for k in (names or {}).get(pname, prog.kernels):
+                get_kernel(prog, k, self.index)

@@ -1,0 +1,199 @@
+"""The ``linear`` role on CUDA: GEMV/GEMM kernels that read quantized weights directly.
+
+* decode (one row of x): a GEMV that reads every weight byte once (kernels/gemv.cu);
+* prefill (several rows): a tensor-core GEMM that dequantizes W tiles into shared memory
+  (kernels/gemm.cu): BF16 WMMA on SM 8.0+ (impl "cuda"), FP16 WMMA on SM 7.5+ (impl "cuda-sm75");
+* F32/F16/BF16 weights are stored in the compute dtype and multiplied by torch (cuBLAS).
+
+Kernel launches take no host sync and allocate nothing but their outputs, so a decode step is
+capturable in a CUDA graph once :meth:`QuantLinear.warmup` (or one call) has loaded the kernels.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.errors import ConfigError
+from luce_core.roles import QTensor
+from luce_cuda import programs
+from luce_cuda.launch import get_kernel, launch
+from luce_cuda.weights import QUANTIZED, DeviceWeight, upload
+
+ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+DENSE = {"F32", "F16", "BF16"}
+GEMV_WARPS = 8  # rows per GEMV block (one warp per row)
+
+
+def _dense(w: QTensor) -> torch.Tensor:
+    raw = np.ascontiguousarray(w.data).reshape(-1)
+    if w.qtype == "F32":
+        t = torch.from_numpy(raw.view(np.float32).copy())
+    elif w.qtype == "F16":
+        t = torch.from_numpy(raw.view(np.float16).copy())
+    else:  # BF16: the high half of an f32
+        t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+    return t.reshape(w.shape)
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as a [M, K] matrix whose rows start 16-byte aligned (kernels use 16-byte loads)."""
+    if x.shape[-1] != k:
+        raise ConfigError(f"linear input has {x.shape[-1]} features, the weight expects {k}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    return x2
+
+
+class QuantLinear:
+    """``y = x @ W.T`` for one quantized weight on one device; call it like a function."""
+
+    def __init__(self, w: DeviceWeight, mma: str):
+        self.w = w
+        self.mma = mma  # "bf16": BF16 tensor cores allowed; "f16": FP16 only (SM 7.5 path)
+        q = programs.QTYPES[w.qtype]
+        self._q = q
+        self._gemv = programs.GEMV[q]
+        self._gemm = {"f16": programs.GEMM_F16[q], "bf16": programs.GEMM_BF16[q]}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w.n, self.w.k
+
+    def warmup(self, dtype: torch.dtype) -> None:
+        """Load every kernel this weight launches for activations of ``dtype`` (before graph capture)."""
+        idx = _index(next(p for p in self.w.planes if p is not None))
+        get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}", idx)
+        mt = self._gemm_type(dtype)
+        get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
+
+    def _gemm_type(self, dtype: torch.dtype) -> str:
+        if self.mma == "f16":
+            return "f16"
+        return "f16" if dtype == torch.float16 else "bf16"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """y = x @ W.T; into ``out`` when given, adding to it when ``accumulate`` (residual fusion)."""
+        n, k = self.w.n, self.w.k
+        lead = x.shape[:-1]
+        x2 = _rows(x, k)
+        m = x2.shape[0]
+        if out is not None and (out.dtype != x.dtype or out.shape != (*lead, n) or not out.is_contiguous()):
+            raise ConfigError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)}")
+        if m == 0:
+            return out if out is not None else x.new_empty((*lead, n))
+        if m == 1:
+            y = self._gemv_call(x2, out, accumulate)
+        else:
+            y = self._gemm_call(x2, out, accumulate)
+        return y.reshape(*lead, n)
+
+    def _gemv_call(self, x2: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+        n, k = self.w.n, self.w.k
+        y = out.view(1, n) if out is not None else torch.empty((1, n), dtype=x2.dtype, device=x2.device)
+        kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}", _index(x2))
+        launch(kern, ((n + GEMV_WARPS - 1) // GEMV_WARPS,), (32 * GEMV_WARPS,),
+               (*self.w.planes, x2, y, np.int32(1), np.int32(n), np.int32(k), np.int64(x2.stride(0)),
+                np.int64(n), np.float32(self.w.alpha), np.int32(1 if accumulate and out is not None else 0)), like=x2)
+        return y
+
+    def _gemm_call(self, x2: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+        n, k = self.w.n, self.w.k
+        m = x2.shape[0]
+        mt = self._gemm_type(x2.dtype)
+        tdt = torch.float16 if mt == "f16" else torch.bfloat16
+        xin = x2 if x2.dtype == tdt else x2.to(tdt)  # documented: prefill operands in the MMA type
+        direct = out is not None and out.dtype == tdt
+        y = out.view(m, n) if direct else torch.empty((m, n), dtype=tdt, device=x2.device)
+        add = accumulate and out is not None
+        if add and not direct:
+            y.copy_(out.view(m, n))
+        kern = get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", _index(x2))
+        launch(kern, ((n + 63) // 64, (m + 63) // 64), (128,),
+               (*self.w.planes, xin, y, np.int32(m), np.int32(n), np.int32(k), np.int64(xin.stride(0)),
+                np.int64(n), np.float32(self.w.alpha), np.int32(1 if add else 0)), like=x2)
+        if direct:
+            return out
+        if out is not None:
+            out.view(m, n).copy_(y)
+            return out
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.w.n, self.w.k
+        dev = next(p for p in self.w.planes if p is not None)
+        out = torch.empty((n, k), dtype=torch.float32, device=dev.device)
+        kern = get_kernel(self._gemv, f"dequant_{self._q}", _index(dev))
+        units = n * (k // 32)
+        launch(kern, (min((units + 255) // 256, 65535),), (256,),
+               (*self.w.planes, out, np.int32(n), np.int32(k), np.float32(self.w.alpha)), like=dev)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
+class DenseLinear:
+    """F32/F16/BF16 weights: stored once in the compute dtype, multiplied by cuBLAS."""
+
+    def __init__(self, w: torch.Tensor):
+        self.weight = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        y = torch.matmul(x.to(self.weight.dtype), self.weight.t()).to(x.dtype)
+        if out is None:
+            return y
+        if accumulate:
+            out.add_(y)
+        else:
+            out.copy_(y)
+        return out
+
+
+class CudaLinear:
+    """The role object (luce_core.roles.Linear)."""
+
+    def __init__(self, caps: Caps | None = None, config: RunConfig | None = None, mma: str = "bf16"):
+        self.caps = caps
+        self.mma = mma
+
+    def prepare(self, w: QTensor, device: "torch.device", dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        device = torch.device(device)
+        if w.qtype in DENSE:
+            return DenseLinear(_dense(w).to(device=device, dtype=dtype))
+        if w.qtype not in QUANTIZED:
+            raise ConfigError(f"{w.name}: tensor type {w.qtype} has no CUDA kernel",
+                              remedy="force the torch implementation: LUCE_LINEAR=torch")
+        op = QuantLinear(upload(w, device), self.mma)
+        op.warmup(dtype)
+        return op
+
+    def dequantize(self, w: QTensor, device: "torch.device", dtype: torch.dtype) -> torch.Tensor:
+        device = torch.device(device)
+        if w.qtype in DENSE:
+            return _dense(w).to(device=device, dtype=dtype)
+        if len(w.shape) != 2:
+            flat = QTensor(w.name, w.qtype, (int(np.prod(w.shape[:-1])), int(w.shape[-1])), w.data, w.scale)
+            return self.dequantize(flat, device, dtype).reshape(w.shape)
+        return QuantLinear(upload(w, device), self.mma).dequantize(dtype)
+
+
+def make_bf16(caps: Caps, config: RunConfig) -> CudaLinear:
+    """Impl "cuda": BF16 tensor cores for prefill (SM 8.0+)."""
+    return CudaLinear(caps, config, mma="bf16")
+
+
+def make_sm75(caps: Caps, config: RunConfig) -> CudaLinear:
+    """Impl "cuda-sm75": FP16 WMMA prefill only (SM 7.5+, e.g. RTX 2080 Ti)."""
+    return CudaLinear(caps, config, mma="f16")

@@ -1,0 +1,105 @@
+"""The Python API: ``luce.load()`` and the ``LLM`` it returns."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import attrs
+
+from luce_core.caps import probe
+from luce_core.config import RunConfig
+from luce_core.detok import StreamDecoder
+from luce_core.engine import Session, Stats
+from luce_core.errors import ConfigError
+from luce_core.impl import ROLES
+from luce_core.plan import Plan, build
+from luce_core.sampling import Sampler, SamplingParams
+
+_CONFIG_FIELDS = {f.name for f in attrs.fields(RunConfig)} - {"model_path", "overrides", "model", "weight_types"}
+
+
+def load(model: str | os.PathLike | None = None, *, caps: str | None = None, **overrides: Any) -> "LLM":
+    """Load a GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1) and plan its run.
+
+    Keyword overrides are RunConfig fields (device, dtype, ctx, kv_k, kv_v, kv_rotation,
+    feature_dtype, weights, cuda_graphs, progress) or role names forcing an implementation
+    (linear="torch", attention=..., kv_storage=..., loader=...). ``caps`` forces capabilities
+    (e.g. "cc=7.5"), like LUCE_CAPS.
+    """
+    roles = {k.replace("-", "_"): str(overrides.pop(k)) for k in list(overrides) if k.replace("-", "_") in ROLES}
+    unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}",
+                          remedy=f"options: {', '.join(sorted(_CONFIG_FIELDS | set(ROLES)))}")
+    if model is None:
+        from luce_core.models import default_model_path
+        model = default_model_path(progress=overrides.get("progress", True))
+    config = RunConfig(model_path=str(model), overrides=roles, **overrides)
+    return LLM(build(config, probe(caps)))
+
+
+class LLM:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.tokenizer = plan.loaded.tokenizer
+        self.session = Session(plan.model, plan.kv, plan.ctx)
+        self.last_stats = Stats()
+
+    @property
+    def config(self):
+        return self.plan.loaded.config
+
+    def selected(self) -> dict[str, str]:
+        """Role -> name of the implementation in use."""
+        return {role: impl.name for role, impl in self.plan.chosen.items()}
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def generate_ids(self, prompt: str | Sequence[int], max_tokens: int = 128, *,
+                     stop_ids: Sequence[int] | None = None, **sampling: Any) -> Iterator[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stops = frozenset(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
+        if max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
+        self.last_stats = Stats()
+        yield from self.session.generate(ids, max_tokens, Sampler(SamplingParams(**sampling)), stops, self.last_stats)
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, *, stop: Sequence[str] = (),
+                 **sampling: Any) -> Iterator[str]:
+        """Stream the continuation of ``prompt`` as text pieces.
+
+        sampling: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
+        Generation ends at an end-of-sequence token, at ``max_tokens``, at a ``stop`` string (not
+        emitted), or when the context is full (``last_stats.finish_reason`` says which).
+        """
+        dec = StreamDecoder(self.tokenizer)
+        text = ""
+        held = 0  # chars withheld because they may be the start of a stop string
+        for tok in self.generate_ids(prompt, max_tokens, **sampling):
+            text += dec.push(tok)
+            if stop:
+                hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                if hit >= 0:
+                    if hit > held:
+                        yield text[held:hit]
+                    self.last_stats.finish_reason = "stop"
+                    return
+                keep = max((len(s) - 1 for s in stop), default=0)
+                safe = max(held, len(text) - keep)
+            else:
+                safe = len(text)
+            if safe > held:
+                yield text[held:safe]
+                held = safe
+        if len(text) > held:
+            yield text[held:]
+
+    def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, **kw: Any) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.encode(text)
+        bos = self.tokenizer.bos_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:  # template already had BOS
+            ids = ids[1:]
+        return self.generate(ids, max_tokens, **kw)

@@ -1,0 +1,173 @@
+"""``luce bench``: prefill (ppN), decode (tgN), time to first token, peak memory; JSON out.
+
+Numbers are medians over --reps runs after one warm-up. The JSON records device, commit and
+the exact command so a result can be reproduced and compared side by side (ratios, not lone
+absolute times). ``--check-baseline FILE`` turns the run into a perf gate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from luce_core.errors import ConfigError
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else ""
+    except OSError:
+        return ""
+
+
+def _sync(llm) -> None:
+    import torch
+    if llm.plan.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(llm, fn) -> float:
+    _sync(llm)
+    t0 = time.perf_counter()
+    fn()
+    _sync(llm)
+    return time.perf_counter() - t0
+
+
+def _prompt(llm, n: int, seed: int = 0) -> list[int]:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    vocab = llm.config.vocab
+    specials = set(llm.tokenizer.eos_ids) | ({llm.tokenizer.bos_id} if llm.tokenizer.bos_id is not None else set())
+    ids = [int(i) for i in torch.randint(100, vocab, (n,), generator=g)]
+    return [i if i not in specials else 100 for i in ids]
+
+
+def bench_prefill(llm, n: int, reps: int) -> dict[str, Any]:
+    ids = _prompt(llm, n)
+    s = llm.session
+    runs = []
+    for r in range(reps + 1):
+        s.truncate(0)
+        t = _timed(llm, lambda: s.prefill(ids))
+        if r:  # the first run warms up allocators and kernel caches
+            runs.append(t)
+    med = statistics.median(runs)
+    return {"tokens": n, "tok_s": round(n / med, 1), "ttft_ms": round(med * 1e3, 2), "runs_s": [round(x, 5) for x in runs]}
+
+
+def bench_decode(llm, n: int, reps: int) -> dict[str, Any]:
+    s = llm.session
+    runs = []
+    for r in range(reps + 1):
+        s.truncate(0)
+        s.prefill([llm.tokenizer.bos_id or 1])
+
+        def steps() -> None:
+            tok = 100
+            for _ in range(n):
+                s.step(tok)
+        t = _timed(llm, steps)
+        if r:
+            runs.append(t)
+    med = statistics.median(runs)
+    return {"tokens": n, "tok_s": round(n / med, 1), "runs_s": [round(x, 5) for x in runs]}
+
+
+def smoke(llm) -> str:
+    llm.session.truncate(0)
+    return "".join(llm.generate("The capital of France is", 12))
+
+
+def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import luce
+    from luce_core.kv_memory import kv_bytes_per_token
+
+    llm = luce.load(a.model, caps=a.caps, **overrides)
+    pps = [int(x) for x in str(a.pp).split(",") if x.strip()]
+    if max(pps, default=0) + 1 > llm.plan.ctx or a.tg + 2 > llm.plan.ctx:
+        raise ConfigError(f"the benchmark needs a context of {max(pps + [a.tg]) + 2}, the plan has {llm.plan.ctx}",
+                          remedy="pass --ctx")
+    if llm.plan.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    results: dict[str, Any] = {}
+    for n in pps:
+        results[f"pp{n}"] = bench_prefill(llm, n, a.reps)
+    if a.tg:
+        results[f"tg{a.tg}"] = bench_decode(llm, a.tg, a.reps)
+    caps = llm.plan.caps
+    cfg = llm.plan.config
+    peak = (torch.cuda.max_memory_allocated() if llm.plan.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    m = llm.config
+    return {
+        "luce": luce.__version__, "commit": _commit(), "command": " ".join(["luce", *sys.argv[1:]]),
+        "device": caps.gpu_name if llm.plan.device.startswith("cuda") else f"cpu: {caps.cpu_name}",
+        "host": platform.node(), "torch": torch.__version__,
+        "model": os.path.basename(llm.plan.loaded.path), "compute_dtype": llm.plan.dtype,
+        "selected": llm.selected(), "ctx": llm.plan.ctx,
+        "kv": {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation,
+               "bytes_per_token": kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v),
+               "allocated_bytes": llm.plan.kv.nbytes},
+        "results": results, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
+    }
+
+
+def check_baseline(result: dict[str, Any], path: str) -> list[str]:
+    """Failures of ``result`` against a baseline file (empty list = pass)."""
+    base = json.loads(Path(path).read_text())
+    fails = []
+    thr = base.get("thresholds", {})
+    if base.get("device") and base["device"] != result["device"]:
+        return [f"baseline was recorded on {base['device']!r}, this run is on {result['device']!r}: not comparable"]
+    for key, ref in base.get("tok_s", {}).items():
+        got = result["results"].get(key, {}).get("tok_s")
+        if got is None:
+            fails.append(f"{key} was not measured (run with the baseline's --pp/--tg)")
+            continue
+        limit = ref * (1 - thr.get("regression", 0.10))
+        if got < limit:
+            fails.append(f"{key}: {got} tok/s is below {limit:.1f} (baseline {ref} - {thr.get('regression', 0.10):.0%})")
+    if "max_peak_memory_bytes" in base and result["peak_memory_bytes"] > base["max_peak_memory_bytes"]:
+        fails.append(f"peak memory {result['peak_memory_bytes']} exceeds {base['max_peak_memory_bytes']}")
+    ratio = result.get("graphs_ratio")
+    if ratio is not None and ratio < thr.get("graphs_ratio_min", 1.3):
+        fails.append(f"graphs-on/off decode ratio {ratio:.2f} is under {thr.get('graphs_ratio_min', 1.3)}")
+    if base.get("smoke_contains") and base["smoke_contains"] not in result["smoke"]:
+        fails.append(f"smoke prompt no longer answers {base['smoke_contains']!r}: got {result['smoke']!r}")
+    return fails
+
+
+def main(a: argparse.Namespace) -> int:
+    from luce_core.cli import _overrides
+
+    overrides = _overrides(a)
+    overrides["progress"] = False
+    result = run(a, overrides)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    if a.check_baseline:
+        fails = check_baseline(result, a.check_baseline)
+        for f in fails:
+            print(f"luce bench: FAIL {f}", file=sys.stderr)
+        if fails:
+            return 1
+        print(f"luce bench: baseline {a.check_baseline} passed", file=sys.stderr)
+    return 0

@@ -1,0 +1,13 @@
+"""Arguments of ``luce bench`` (kept apart so the parser builds without importing the bench)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pp", default="512", help="prompt lengths to time, comma-separated (default %(default)s)")
+    p.add_argument("--tg", type=int, default=128, help="tokens to generate for decode timing (default %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported (default %(default)s)")
+    p.add_argument("--out", help="write the JSON result here too")
+    p.add_argument("--check-baseline", metavar="FILE", nargs="?", const="bench/baseline.json",
+                   help="compare with a perf baseline and fail on regressions")

@@ -1,0 +1,159 @@
+"""The ``luce`` command: generate, doctor, plugins, specs, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from luce_core.config import DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES
+from luce_core.errors import LuceError
+from luce_core.impl import ROLES
+
+
+def _role_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("implementation overrides (default: auto; env LUCE_<ROLE> works too)")
+    for role in ROLES:
+        g.add_argument(f"--{role.replace('_', '-')}", dest=f"role_{role}", metavar="NAME")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | f32 | f16 | bf16")
+    p.add_argument("--ctx", type=int, default=0, help="context length (default: min(trained, 4096))")
+    p.add_argument("--kv-k", default=DEFAULT_KV[0], choices=KV_DTYPES, help="K cache dtype (default %(default)s)")
+    p.add_argument("--kv-v", default=DEFAULT_KV[1], choices=KV_DTYPES, help="V cache dtype (default %(default)s)")
+    p.add_argument("--no-kv-rotation", action="store_true", help="do not Hadamard-rotate quantized K")
+    p.add_argument("--feature-dtype", default="f32", choices=FEATURE_DTYPES, help="DFlash feature mirror dtype")
+    p.add_argument("--caps", help='force capabilities, e.g. "cc=7.5" (like LUCE_CAPS)')
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _role_flags(p)
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+    import os
+    rotation = not a.no_kv_rotation and os.environ.get("LUCE_KV_ROTATION", "1") not in ("0", "false", "off")
+    kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
+                              kv_rotation=rotation, feature_dtype=a.feature_dtype, progress=not a.no_progress)
+    kw.update({role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")})
+    return kw
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import luce
+
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    llm = luce.load(a.model, caps=a.caps, **_overrides(a))
+    sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                    repetition_penalty=a.repeat_penalty, seed=a.seed)
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        pieces = llm.chat(messages, a.n, **sampling)
+    else:
+        pieces = llm.generate(prompt, a.n, **sampling)
+        if not a.no_echo:
+            sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if a.stats:
+        s = llm.last_stats
+        print(json.dumps({**s.as_dict(), "selected": llm.selected()}, indent=None), file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from luce_core.doctor import report
+
+    print(report(a.model, caps=a.caps, overrides=_overrides(a), as_json=a.json))
+    return 0
+
+
+def cmd_plugins(a: argparse.Namespace) -> int:
+    from luce_core.plugins import host
+
+    h = host()
+    for name in h.plugin_names():
+        dist = h.distributions.get(name, "registered in-process")
+        print(f"{name}  ({dist})")
+        for role in ROLES:
+            for impl in h.impls(role):
+                if impl.plugin == name:
+                    print(f"    {role:<15} {impl.name:<16} priority {impl.priority:<4} {impl.summary}")
+    for name, err in sorted(h.load_errors.items()):
+        print(f"{name}  FAILED TO IMPORT: {err}")
+    return 0
+
+
+def cmd_specs(a: argparse.Namespace) -> int:
+    from luce_specs.runner import main as run_specs
+
+    return run_specs((["--plugin", a.plugin] if a.plugin else []) + a.pytest_args)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from luce_core.bench import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="luce", description="Fast local LLM inference on GGUF models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a continuation (or a chat reply) to stdout")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    g.add_argument("-n", type=int, default=64, help="tokens to generate (default %(default)s)")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
+    g.add_argument("--stats", action="store_true", help="print timing and selection as JSON on stderr")
+    _run_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("doctor", help="probed capabilities and, per role, every candidate with its reasons")
+    d.add_argument("--json", action="store_true")
+    _run_flags(d)
+    d.set_defaults(func=cmd_doctor)
+
+    pl = sub.add_parser("plugins", help="installed plugins and their implementations")
+    pl.set_defaults(func=cmd_plugins)
+
+    s = sub.add_parser("specs", help="run the conformance specs (optionally on one plugin's implementations)")
+    s.add_argument("--plugin", help="only implementations from this plugin (entry-point name)")
+    s.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    s.set_defaults(func=cmd_specs)
+
+    b = sub.add_parser("bench", help="benchmark prefill/decode; JSON out")
+    from luce_core.bench_args import add_bench_args
+    add_bench_args(b)
+    _run_flags(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LuceError as e:
+        print(f"luce: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nluce: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Generation over one KV store: prefix reuse, chunked prefill, the decode loop, stats."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Sequence
+
+import attrs
+import torch
+
+from luce_core.errors import ContextOverflowError
+from luce_core.model import Transformer
+from luce_core.roles import KVStore
+from luce_core.sampling import Sampler
+
+
+@attrs.define
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt prefix already in the KV store
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # stop | length | context
+
+    @property
+    def prefill_tps(self) -> float:
+        done = self.prompt_tokens - self.reused_tokens
+        return done / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first generated token comes from the prefill logits: decode steps = generated - 1
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        d = attrs.asdict(self)
+        d.update(prefill_tps=round(self.prefill_tps, 2), decode_tps=round(self.decode_tps, 2))
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Session:
+    """One sequence's state: the tokens whose K/V are in ``kv``."""
+
+    def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 512):
+        self.model, self.kv, self.ctx, self.prefill_chunk = model, kv, ctx, prefill_chunk
+        self.tokens: list[int] = []
+
+    def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.kv.set_length(n)
+
+    def prefill(self, ids: Sequence[int], progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+        """Make the KV store hold ``ids``; returns (logits after the last id, ids reused)."""
+        if not ids:
+            raise ContextOverflowError("the prompt is empty", remedy="give a prompt with at least one token")
+        if len(ids) >= self.ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.ctx} (one more is needed to generate)",
+                remedy=f"shorten the prompt, or raise the context with --ctx (the model was trained for "
+                       f"{self.model.cfg.ctx_train})")
+        common = 0
+        for a, b in zip(self.tokens, ids[:-1]):  # keep >= 1 id to run: its logits are needed
+            if a != b:
+                break
+            common += 1
+        self.truncate(common)
+        logits = None
+        for s in range(common, len(ids), self.prefill_chunk):
+            chunk = list(ids[s:s + self.prefill_chunk])
+            out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None))
+            self.tokens += chunk
+            self.kv.set_length(len(self.tokens))
+            logits = out.logits[-1]
+            if progress:
+                progress(len(chunk))
+        assert logits is not None
+        return logits, common
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token; returns the logits that follow it."""
+        out = self.model.forward(self._tensor([token]), len(self.tokens), self.kv)
+        self.tokens.append(token)
+        self.kv.set_length(len(self.tokens))
+        return out.logits[-1]
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler,
+                 stop_ids: frozenset[int] = frozenset(), stats: Stats | None = None,
+                 progress: Callable[[int], None] | None = None) -> Iterator[int]:
+        """Yield up to ``max_tokens`` sampled ids (a stop id ends generation, unyielded)."""
+        stats = stats if stats is not None else Stats()
+        stats.prompt_tokens = len(prompt)
+        t0 = time.perf_counter()
+        logits, stats.reused_tokens = self.prefill(prompt, progress)
+        _sync(self.model.device)
+        stats.prefill_s = time.perf_counter() - t0
+        history = list(prompt)
+        t0 = time.perf_counter()
+        stats.finish_reason = "length"
+        for n in range(max_tokens):
+            tok = sampler(logits, history)
+            if tok in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            history.append(tok)
+            stats.generated_tokens += 1
+            yield tok
+            if n + 1 == max_tokens:
+                break
+            if len(self.tokens) + 1 >= self.ctx:
+                stats.finish_reason = "context"
+                break
+            logits = self.step(tok)
+            stats.decode_s = time.perf_counter() - t0
+        _sync(self.model.device)
+        stats.decode_s = time.perf_counter() - t0

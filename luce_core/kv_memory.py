@@ -1,0 +1,76 @@
+"""Exact byte counts of KV caches and feature mirrors (pure arithmetic, no torch).
+
+The storage of one vector of ``n`` elements in a KV dtype:
+
+=======  ==========================  ==========================================
+dtype    bytes for ``n`` elements    layout
+=======  ==========================  ==========================================
+f32      ``n * 4``                   IEEE binary32, little-endian
+f16      ``n * 2``                   IEEE binary16
+bf16     ``n * 2``                   bfloat16 (upper half of binary32)
+q8_0     ``n / 32 * 34``             ggml Q8_0 blocks: fp16 d + 32 int8
+q4_0     ``n / 32 * 18``             ggml Q4_0 blocks: fp16 d + 16 nibble bytes
+=======  ==========================  ==========================================
+
+A KV cache stores, per position, per layer and per KV head, one K vector and one V vector of
+``head_dim`` elements, so its bytes per token are
+``n_layers * n_kv_heads * (vector_bytes(head_dim, k_dtype) + vector_bytes(head_dim, v_dtype))``
+and a store of ``capacity`` positions holds exactly ``capacity`` times that. Block dtypes quantize
+each head vector on its own, so ``head_dim`` must be a multiple of 32 for them.
+"""
+from __future__ import annotations
+
+from luce_core.errors import ConfigError
+
+# dtype -> (elements per block, bytes per block)
+KV_BLOCKS: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+}
+QUANTIZED = frozenset(d for d, (elems, _) in KV_BLOCKS.items() if elems > 1)
+
+
+def vector_bytes(n: int, dtype: str) -> int:
+    """Bytes of one ``n``-element vector stored as ``dtype``."""
+    try:
+        elems, nbytes = KV_BLOCKS[dtype]
+    except KeyError:
+        raise ConfigError(f"kv dtype {dtype!r} is unknown",
+                          remedy=f"use one of {', '.join(KV_BLOCKS)}") from None
+    if n <= 0 or n % elems:
+        raise ConfigError(f"kv dtype {dtype} stores vectors in blocks of {elems} elements; "
+                          f"a vector of {n} elements does not fit",
+                          remedy="use f32, f16 or bf16 for this shape")
+    return n // elems * nbytes
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, k_dtype: str, v_dtype: str) -> int:
+    """Bytes one position occupies in a KV cache (all layers, K and V).
+
+    Per layer per KV head: ``head_dim*4`` (f32), ``head_dim*2`` (f16, bf16),
+    ``head_dim/32*34`` (q8_0) or ``head_dim/32*18`` (q4_0) bytes, for K and V separately.
+    """
+    return n_layers * n_kv_heads * (vector_bytes(head_dim, k_dtype) + vector_bytes(head_dim, v_dtype))
+
+
+def feature_split(width: int, dtype: str) -> int:
+    """Elements per half when a ``width``-wide feature row is stored as a K half and a V half.
+
+    Each half must be whole blocks, so an odd number of blocks (or an odd float width) gets one
+    zero-padded block (element) on the V half. Hidden sizes of real models are multiples of 64,
+    so in practice the split is exact.
+    """
+    elems = KV_BLOCKS[dtype][0] if dtype in KV_BLOCKS else 1
+    vector_bytes(width, dtype)  # validates dtype and block divisibility
+    blocks = width // elems
+    return (blocks + 1) // 2 * elems
+
+
+def feature_bytes_per_token(width: int, dtype: str) -> int:
+    """Bytes one position of a feature mirror occupies: ``width*4/2/2`` for f32/f16/bf16,
+    ``width/32*34`` for q8_0, plus one padding block (element) when the width does not split
+    into two whole-block halves (see ``feature_split``)."""
+    return 2 * vector_bytes(feature_split(width, dtype), dtype)

@@ -1,0 +1,149 @@
+"""Planning: probe, select one implementation per role, load, size and build everything once."""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import attrs
+
+from luce_core import plugins, selection
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.errors import ConfigError, DeviceMemoryError, LuceError
+from luce_core.impl import Impl
+from luce_core.roles import KVSpec, LoadedModel
+
+REFERENCE_PLUGIN = "torch"
+
+
+def resolve_device(config: RunConfig, caps: Caps) -> str:
+    if config.device == "auto":
+        return caps.device
+    if config.device.startswith("cuda") and not caps.torch_cuda:
+        raise ConfigError(f"--device {config.device} asked for, but torch sees no CUDA device here",
+                          remedy="use --device cpu, or install a CUDA build of torch on a GPU machine")
+    if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {config.device!r}", remedy="use auto, cpu or cuda")
+    return config.device
+
+
+def resolve_dtype(config: RunConfig, caps: Caps, device: str) -> str:
+    if config.dtype != "auto":
+        if config.dtype == "bf16" and device.startswith("cuda") and not caps.bf16_tc:
+            raise ConfigError(f"bf16 compute asked for, but {caps.gpu_name or 'this GPU'} (SM {caps.sm}) has no BF16 tensor cores",
+                              remedy="use --dtype f16")
+        return config.dtype
+    if device.startswith("cuda"):
+        return "bf16" if caps.bf16_tc else "f16"
+    return "f32"
+
+
+class Chooser:
+    """Per-role selection with the first-use fallback the design asks for."""
+
+    def __init__(self, caps: Caps, config: RunConfig):
+        self.caps, self.config = caps, config
+        self.failed: dict[str, list[str]] = {}
+        self.chosen: dict[str, Impl] = {}
+
+    def impls(self, role: str) -> list[Impl]:
+        return plugins.host().impls(role)
+
+    def create(self, role: str, config: RunConfig | None = None) -> tuple[Impl, Any]:
+        config = config or self.config
+        while True:
+            impl = selection.select(role, self.impls(role), self.caps, config, self.failed.get(role, ()))
+            try:
+                obj = impl.create(self.caps, config)
+            except LuceError:
+                raise
+            except Exception as e:
+                self.fail(role, impl, e)
+                continue
+            self.chosen[role] = impl
+            return impl, obj
+
+    def fail(self, role: str, impl: Impl, err: BaseException) -> None:
+        """Record a first-use failure; re-raise when the user forced this implementation."""
+        if selection.forced_name(role, self.config) == impl.name:
+            raise LuceError(f"{role} implementation {impl.name!r} (forced) failed: {type(err).__name__}: {err}",
+                            remedy=f"drop --{role.replace('_', '-')} to let luce fall back") from err
+        warnings.warn(f"luce: {role} implementation {impl.name!r} failed ({type(err).__name__}: {err}); "
+                      f"falling back to the next candidate", stacklevel=3)
+        self.failed.setdefault(role, []).append(impl.name)
+
+
+@attrs.define
+class Plan:
+    caps: Caps
+    config: RunConfig
+    device: str
+    dtype: str
+    ctx: int
+    loaded: LoadedModel
+    model: Any  # luce_core.model.Transformer
+    kv: Any  # KVStore
+    chosen: dict[str, Impl]
+
+
+def _progress_wrapper(enabled: bool, desc: str):
+    def wrap(it):
+        from tqdm import tqdm
+        return tqdm(it, desc=desc, disable=not enabled, leave=False, file=sys.stderr, unit="layer")
+    return wrap
+
+
+def build(config: RunConfig, caps: Caps) -> Plan:
+    import torch
+
+    from luce_core.model import Transformer
+    from luce_torch.kv import TORCH_DTYPES  # dtype names -> torch dtypes (reference vocabulary)
+
+    ch = Chooser(caps, config)
+    _, loader = ch.create("loader")
+    loaded: LoadedModel = loader.load(config.model_path, config)
+    types = {t.qtype for t in loaded.tensors.values()}
+    config = config.with_model(loaded.config, types)
+    ch.config = config
+    device = resolve_device(config, caps)
+    dtype = resolve_dtype(config, caps, device)
+    ctx = config.ctx or min(loaded.config.ctx_train, 4096)
+    if ctx < 2:
+        raise ConfigError(f"context length {ctx} is too small", remedy="use --ctx 2 or more")
+    tdev, tdtype = torch.device(device), TORCH_DTYPES[dtype]
+
+    while True:
+        linear_impl, linear = ch.create("linear", config)
+        attn_impl, attention = ch.create("attention", config)
+        try:
+            model = Transformer(loaded, linear, attention, tdev, tdtype, max_positions=ctx,
+                                progress=_progress_wrapper(config.progress, "preparing weights"))
+            break
+        except (LuceError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as e:  # a kernel that fails at first use falls back (unless forced)
+            culprits = [(r, i) for r, i in (("linear", linear_impl), ("attention", attn_impl))
+                        if i.plugin != REFERENCE_PLUGIN]
+            if not culprits:
+                raise
+            for role, impl in culprits:
+                ch.fail(role, impl, e)
+
+    _, kv_storage = ch.create("kv_storage", config)
+    spec = KVSpec(n_layers=loaded.config.n_layers, n_kv_heads=loaded.config.n_kv_heads,
+                  head_dim=loaded.config.head_dim, capacity=ctx, k_dtype=config.kv_k, v_dtype=config.kv_v,
+                  rotation=config.kv_rotation, device=device, compute_dtype=dtype)
+    try:
+        kv = kv_storage.allocate(spec)
+    except torch.cuda.OutOfMemoryError:
+        from luce_core.kv_memory import kv_bytes_per_token
+        need = kv_bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.k_dtype, spec.v_dtype) * ctx
+        free = torch.cuda.mem_get_info(tdev)[0]
+        raise DeviceMemoryError(
+            f"the KV cache needs {need / 2**30:.2f} GiB for a context of {ctx} tokens, but only "
+            f"{free / 2**30:.2f} GiB of GPU memory is free",
+            remedy="lower --ctx, or store the cache quantized (--kv-k q8_0 --kv-v q8_0, or q4_0)") from None
+    if hasattr(kv, "fingerprint"):
+        kv.fingerprint = loaded.fingerprint
+    return Plan(caps, config, device, dtype, ctx, loaded, model, kv, dict(ch.chosen))

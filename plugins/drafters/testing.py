@@ -1,0 +1,42 @@
+"""Helpers for testing drafters and the speculative engine on tiny synthetic targets.
+
+Untied tiny llamas: with tied embeddings a random model mostly predicts the token it just saw,
+which makes every drafter look perfect; an independent output matrix gives varied greedy text
+with some repetition, so drafts are both accepted and rejected.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def write_tiny(path: str | os.PathLike[str], *, seed: int = 0, hidden: int = 64, n_layers: int = 2,
+               n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 300, qtype: str = "F32") -> str:
+    from luce_gguf.synth import write_synthetic_gguf
+
+    write_synthetic_gguf(path, arch="llama", hidden=hidden, n_layers=n_layers, n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, head_dim=hidden // n_heads, ffn=2 * hidden, vocab=vocab,
+                         tied=False, qtype=qtype, seed=seed, return_weights=False)
+    return str(path)
+
+
+def load(path: str | os.PathLike[str], ctx: int = 128, **overrides: Any) -> Any:
+    """A luce LLM on the CPU, no progress bars."""
+    import luce
+
+    return luce.load(str(path), device="cpu", ctx=ctx, progress=False, **overrides)
+
+
+def random_dflash(target: Any, path: str | os.PathLike[str], *, block: int, seed: int = 0, window: int = 64,
+                  capture: tuple[int, ...] | None = None) -> str:
+    """An untrained (random) DFlash drafter for ``target`` (a Transformer), saved to ``path``."""
+    from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, save_drafter
+
+    c = target.cfg
+    cfg = DFlashConfig(target_hidden=c.hidden, target_vocab=c.vocab, target_layers=c.n_layers,
+                       capture=capture or default_capture(c.n_layers), width=32, n_layers=1, n_heads=2,
+                       n_kv_heads=1, head_dim=16, ffn=64, block=block, window=window)
+    m = DFlashModel(cfg)
+    m.reset_parameters(seed)
+    save_drafter(path, cfg, m)
+    return str(path)

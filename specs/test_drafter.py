@@ -1,0 +1,131 @@
+"""Spec of the ``drafter`` role, generic over drafters: proposals are valid token ids of the
+target's vocabulary, within the budget, and the same for the same input (a drafter keeps state
+between calls, e.g. a KV cache; that state must not change what it proposes)."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from luce_core.errors import LuceError
+from luce_specs.hyp import spec_settings
+
+LUCE_ROLE = "drafter"
+SETTINGS = spec_settings(25)
+VOCAB = 300
+
+# token histories over a small alphabet repeat n-grams, so lookup-style drafters have matches
+histories = st.lists(st.integers(3, 14), min_size=1, max_size=40)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A tiny synthetic llama planned by luce: what a drafter binds to (and its draft model)."""
+    from luce_core.caps import probe
+    from luce_core.config import RunConfig
+    from luce_core.plan import build
+    from luce_core.speculative import Target
+    from luce_gguf.synth import write_synthetic_gguf
+
+    path = str(tmp_path_factory.mktemp("drafter") / "tiny.gguf")
+    write_synthetic_gguf(path, arch="llama", hidden=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                         ffn=64, vocab=VOCAB, return_weights=False)
+    plan = build(RunConfig(model_path=path, progress=False, ctx=256), probe())
+    yield Target(plan.model, plan.loaded.tokenizer, plan.ctx, plan), path
+
+
+_bound: dict[tuple[str, int], Any] = {}
+
+
+def _drafter(subject, target, copy: int) -> Any:
+    """A drafter bound to the tiny target (two independent instances per implementation)."""
+    key = (subject.id, copy)
+    if key not in _bound:
+        d = subject.create()
+        if hasattr(d, "bind"):
+            from luce_core.speculative import DrafterOptions
+
+            tgt, path = target
+            try:
+                d.bind(tgt, DrafterOptions(draft_model=path))
+            except LuceError as e:  # e.g. needs a trained drafter file: it says which
+                _bound[key] = e
+            else:
+                _bound[key] = d
+        else:
+            _bound[key] = d
+    d = _bound[key]
+    if isinstance(d, LuceError):
+        pytest.skip(f"drafter {subject.impl.name!r} cannot serve a generic target: {d}")
+    return d
+
+
+def _chain(p: Any) -> tuple[int, ...]:
+    """The chain of draft ids in a proposal: a Proposal-like object's ``tokens`` or a sequence."""
+    ids = getattr(p, "tokens", p)
+    return tuple(int(t) for t in ids)
+
+
+def _assert_distributions(rows: torch.Tensor | None, n: int | None, log: bool) -> None:
+    if rows is None:
+        return
+    if n is not None:
+        assert rows.shape[0] == n
+    assert rows.shape[-1] >= VOCAB
+    p = rows.double().exp() if log else rows.double()
+    assert bool((p >= 0).all()) and torch.allclose(p.sum(-1), torch.ones(p.shape[0], dtype=torch.float64), atol=1e-3)
+
+
+def _assert_valid(p: Any, history: Sequence[int], budget: int) -> None:
+    chain = _chain(p)
+    assert len(chain) <= budget, f"{len(chain)} drafts for a budget of {budget}"
+    assert all(0 <= t < VOCAB for t in chain), f"invalid token id in {chain}"
+    _assert_distributions(getattr(p, "probs", None), len(chain), log=False)
+    _assert_distributions(getattr(p, "logprobs", None), None, log=True)
+    tree = getattr(p, "tree", None)
+    if tree is not None:
+        assert tree.tokens[0] == history[-1], "the tree's root is the pending token"
+        assert tree.n_real - 1 <= budget and all(0 <= t < VOCAB for t in tree.tokens[: tree.n_real])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if _chain(a) != _chain(b):
+        return False
+    for field in ("probs", "logprobs"):
+        x, y = getattr(a, field, None), getattr(b, field, None)
+        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+            return False
+    ta, tb = getattr(a, "tree", None), getattr(b, "tree", None)
+    return (ta is None) == (tb is None) and (ta is None or (ta.tokens, ta.parents) == (tb.tokens, tb.parents))
+
+
+@SETTINGS
+@given(history=histories, budget=st.integers(0, 8), other=histories)
+def test_chain_proposals(subject, target, history: list[int], budget: int, other: list[int]) -> None:
+    first, second = _drafter(subject, target, 0), _drafter(subject, target, 1)
+    p = first.propose(history, budget)
+    _assert_valid(p, history, budget)
+    first.propose(other, budget)  # whatever state that leaves must not leak into the next answer
+    assert _same(first.propose(history, budget), p)
+    assert _same(second.propose(history, budget), p)
+
+
+@SETTINGS
+@given(history=histories, budget=st.integers(1, 12))
+def test_tree_proposals(subject, target, history: list[int], budget: int) -> None:
+    first = _drafter(subject, target, 0)
+    if not getattr(first, "supports_tree", False):
+        pytest.skip(f"drafter {subject.impl.name!r} drafts chains only")
+    from luce_core.sampling import SamplingParams
+    from luce_core.speculative import DraftRequest
+
+    def request() -> Any:
+        return DraftRequest(tokens=history, budget=budget, tree=True, params=SamplingParams(),
+                            generator=torch.Generator().manual_seed(0), max_depth=budget)
+
+    p = first.propose(history, budget, request=request())
+    _assert_valid(p, history, budget)
+    assert _same(_drafter(subject, target, 1).propose(history, budget, request=request()), p)

@@ -1,0 +1,191 @@
+"""luce_cuda's compile service, on the CPU: every kernel program compiles to CUBIN for every
+arch luce targets, the disk cache works, errors carry the NVRTC log, plugin reasons."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.roles import ModelConfig
+from luce_core.selection import explain
+
+try:
+    from luce_cuda.compile import KernelCompileError, nvrtc_version
+
+    nvrtc_version()
+    NO_NVRTC = ""
+except Exception as e:  # noqa: BLE001 - any failure means the toolchain is not usable here
+    NO_NVRTC = f"NVRTC is not installed or cannot load ({e}); pip install 'luce[cuda]'"
+
+needs_nvrtc = pytest.mark.skipif(bool(NO_NVRTC), reason=NO_NVRTC or "-")
+ARCHS = (75, 80, 86, 89, 90, 120)
+
+
+def _compile_one(item: tuple[str, int]) -> tuple[str, int, bytes]:
+    from luce_cuda import programs
+    from luce_cuda.compile import compile_program
+
+    name, sm = item
+    prog = {p.name: p for p in programs.ALL}[name]
+    return name, sm, compile_program(prog, sm)
+
+
+@needs_nvrtc
+def test_every_kernel_compiles_to_cubin_for_every_arch():
+    from luce_cuda import programs
+
+    items = [(p.name, sm) for sm in ARCHS for p in programs.ALL if p.supports(sm)]
+    # NVRTC work dominates; spread it over processes (spawn: no inherited CUDA state).
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1), mp_context=mp.get_context("spawn")) as ex:
+        results = list(ex.map(_compile_one, items, chunksize=4))
+    by_name = {p.name: p for p in programs.ALL}
+    assert len(results) == len(items)
+    for name, sm, cubin in results:
+        assert cubin[:4] == b"\x7fELF", f"{name} sm_{sm} is not a cubin"
+        for kernel in by_name[name].kernels:  # each declared entry point is a symbol of the cubin
+            assert b"\0" + kernel.encode() + b"\0" in cubin, f"{kernel} missing from {name} sm_{sm}"
+    # every arch luce targets got every program that claims it
+    assert {sm for _, sm, _ in results} == set(ARCHS)
+    assert sum(1 for _, sm, _ in results if sm == 75) == sum(1 for p in programs.ALL if p.min_sm <= 75)
+    print(f"compiled {len(items)} (program, arch) pairs in {time.time() - t0:.1f} s")
+
+
+@needs_nvrtc
+def test_bf16_programs_refuse_sm75():
+    from luce_cuda import programs
+    from luce_cuda.compile import compile_program
+
+    with pytest.raises(KernelCompileError, match="needs SM >= 8.0"):
+        compile_program(programs.GEMM_BF16["q4_0"], 75)
+
+
+SCALE_SRC = r'''
+extern "C" __global__ void scale_kernel(float* x, float a, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= a;
+}
+'''
+
+
+@needs_nvrtc
+def test_disk_cache_hits_and_keys(tmp_path, monkeypatch):
+    from luce_cuda import compile as cc
+
+    monkeypatch.setenv("LUCE_CACHE", str(tmp_path))
+    prog = cc.KernelProgram(name="scale", source="scale.cu", kernels=("scale_kernel",), code=SCALE_SRC)
+    first = cc.compile_program(prog, 80)
+    files = list((tmp_path / "cubin").iterdir())
+    assert len(files) == 1 and files[0].read_bytes() == first
+
+    def no_nvrtc():
+        raise AssertionError("cache miss: NVRTC was called")
+
+    monkeypatch.setattr(cc, "_nvrtc_api", no_nvrtc)
+    assert cc.compile_program(prog, 80) == first  # served from disk
+    # anything that changes the binary changes the key
+    keys = {cc.cache_key(prog, 80), cc.cache_key(prog, 86),
+            cc.cache_key(cc.KernelProgram(name="scale", source="scale.cu", kernels=("scale_kernel",),
+                                          code=SCALE_SRC + "\n"), 80),
+            cc.cache_key(cc.KernelProgram(name="scale", source="scale.cu", kernels=("scale_kernel",),
+                                          code=SCALE_SRC, defines=(("X", "1"),)), 80)}
+    assert len(keys) == 4
+    with pytest.raises(AssertionError, match="cache miss"):
+        cc.compile_program(prog, 86)
+
+
+@needs_nvrtc
+def test_compile_error_shows_log_and_kernel_name(tmp_path, monkeypatch):
+    from luce_cuda import compile as cc
+
+    monkeypatch.setenv("LUCE_CACHE", str(tmp_path))
+    bad = cc.KernelProgram(name="broken", source="broken.cu", kernels=("broken_kernel",),
+                           code='extern "C" __global__ void broken_kernel(float* x) { x[0] = undefined_thing; }')
+    with pytest.raises(KernelCompileError) as err:
+        cc.compile_program(bad, 90)
+    text = str(err.value)
+    assert "broken_kernel" in text and "undefined_thing" in text and "sm_90" in text
+    assert err.value.remedy
+    assert not (tmp_path / "cubin").exists() or not list((tmp_path / "cubin").iterdir())
+
+
+def test_launch_refuses_python_scalars():
+    pytest.importorskip("cuda.core", reason=NO_NVRTC or "cuda-core is not installed")
+    from luce_cuda.launch import launch
+
+    for bad in (3, 2.0, True):
+        with pytest.raises(TypeError, match="numpy scalar"):
+            launch(None, 1, 1, (bad,), like=None)  # type: ignore[arg-type]
+
+
+def test_plugin_import_is_light():
+    code = ("import sys, luce_cuda.plugin, luce_cuda.compile, luce_cuda.programs; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('cuda.', 'torch.'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _reasons(role: str, caps: Caps, config: RunConfig | None = None) -> dict[str, tuple[str, ...]]:
+    from luce_cuda import plugin
+
+    impls = plugin.provide_linear() if role == "linear" else plugin.provide_attention()
+    return {c.impl.name: c.reasons for c in explain(role, impls, caps, config or RunConfig())}
+
+
+GPU = dict(torch_cuda=True, nvrtc=(13, 0), nvrtc_archs=(75, 80, 86, 89, 90, 100, 120))
+
+
+def test_requires_reasons():
+    assert _reasons("linear", Caps()) == {"cuda": ("no NVIDIA GPU",), "cuda-sm75": ("no NVIDIA GPU",)}
+    no_nvrtc = Caps(torch_cuda=True).with_overrides({"cc": "9.0"})
+    assert any("NVRTC not installed (pip install luce[cuda])" in r for r in _reasons("linear", no_nvrtc)["cuda"])
+    no_torch = Caps(nvrtc=(13, 0)).with_overrides({"cc": "9.0"})
+    assert any("torch has no CUDA" in r for r in _reasons("attention", no_torch)["cuda"])
+
+    sm75 = Caps(**GPU).with_overrides("cc=7.5")
+    r = _reasons("linear", sm75)
+    assert "needs SM >= 8.0 (have 7.5)" in r["cuda"] and r["cuda-sm75"] == ()
+    h100 = Caps(**GPU).with_overrides("cc=9.0")
+    r = _reasons("linear", h100)
+    assert r["cuda"] == () and r["cuda-sm75"] == ()
+    cfg = RunConfig(weight_types={"Q4_1", "F32", "IQ2_XXS"})
+    assert any("IQ2_XXS" in x for x in _reasons("linear", h100, cfg)["cuda"])
+
+
+def test_attention_requires_reasons():
+    h100 = Caps(**GPU).with_overrides("cc=9.0")
+    assert _reasons("attention", h100)["cuda"] == ()
+    assert any("q8_0" in r for r in _reasons("attention", h100, RunConfig(kv_k="q8_0"))["cuda"])
+    sm75 = Caps(**GPU).with_overrides("cc=7.5")
+    assert _reasons("attention", sm75)["cuda"] == ()  # f16 cache: FP16 mma.sync
+    assert any("BF16" in r for r in _reasons("attention", sm75, RunConfig(kv_k="bf16", kv_v="bf16"))["cuda"])
+    m = ModelConfig("llama", 2, 256, 512, 4, 2, 96, 100, 128)
+    assert any("head_dim 96" in r for r in _reasons("attention", h100, RunConfig(model=m))["cuda"])
+
+
+def test_numpy_scalar_types_used_in_launches():
+    """Every launch site passes numpy scalars: a Python int would be packed as 8 bytes."""
+    import ast
+    from pathlib import Path
+
+    import luce_cuda
+
+    root = Path(luce_cuda.__file__).parent
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "launch":
+                args = node.args[3] if len(node.args) > 3 else None
+                assert isinstance(args, ast.Tuple), f"{path.name}:{node.lineno}: launch args must be a literal tuple"
+                for a in args.elts:
+                    assert not isinstance(a, ast.Constant) or a.value is None, \
+                        f"{path.name}:{node.lineno}: literal scalar {ast.dump(a)} passed to a kernel"
+    assert np.int32(1).nbytes == 4  # the C int the kernels declare

@@ -1,0 +1,223 @@
+"""End-to-end smoke tests on the real model (SmolLM2-135M-Instruct Q4_1): the Python API with its
+defaults, and the ``luce`` CLI in subprocesses (successes and user errors).
+
+Every CLI run starts when the module's first test asks for ``cli``: they load the model
+concurrently with each other and with the in-process tests, which keeps the file's wall time
+near that of its slowest load.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+import luce
+
+FRANCE = "The capital of France is"
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # ~60 tokens
+REQUIRED_ROLES = ("loader", "linear", "attention", "kv_storage")
+CLI_TIMEOUT_S = 300
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without luce overrides (LUCE_CACHE, which locates the model, stays)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUCE_") or k == "LUCE_CACHE"}
+    env.update(extra)
+    return env
+
+
+@attrs.define
+class CliRun:
+    args: list[str]
+    proc: subprocess.Popen
+    rc: int | None = None
+    out: str = ""
+    err: str = ""
+
+    def wait(self) -> "CliRun":
+        if self.rc is None:
+            self.out, self.err = self.proc.communicate(timeout=CLI_TIMEOUT_S)
+            self.rc = self.proc.returncode
+        return self
+
+    def __str__(self) -> str:
+        return f"luce {' '.join(self.args)} -> rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+
+
+def console_script() -> str:
+    """The installed ``luce`` command of this interpreter's environment."""
+    beside = Path(sys.executable).with_name("luce")
+    found = str(beside) if beside.exists() else shutil.which("luce")
+    assert found, "the `luce` console script is not installed"
+    return found
+
+
+def _start(args: list[str], *, script: bool = False, **env: str) -> CliRun:
+    cmd = [console_script()] if script else [sys.executable, "-m", "luce_core.cli"]
+    proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_clean_env(**env))
+    return CliRun(args, proc)
+
+
+@pytest.fixture(scope="module")
+def cli(smollm2_path, tmp_path_factory):
+    """name -> CliRun, all started at once; ``cli[name].wait()`` collects one."""
+    tmp = tmp_path_factory.mktemp("cli")
+    model = str(smollm2_path)
+    truncated, not_gguf = tmp / "truncated.gguf", tmp / "notes.gguf"
+    with open(smollm2_path, "rb") as src:  # an interrupted download: header intact, tensor data cut
+        truncated.write_bytes(src.read(os.path.getsize(smollm2_path) // 2))
+    not_gguf.write_text("this is a text file, not a model\n")
+    q = ["--no-progress"]
+    runs = {
+        "generate": _start(["generate", FRANCE, "-n", "16", *q]),
+        "chat": _start(["generate", "What is the capital of France?", "--chat", "-n", "16", *q]),
+        "doctor": _start(["doctor", *q], script=True),  # as users type it
+        "truncated": _start(["generate", FRANCE, "-m", str(truncated), *q]),
+        "not_gguf": _start(["generate", FRANCE, "-m", str(not_gguf), *q]),
+        "missing": _start(["generate", FRANCE, "-m", str(tmp / "nowhere.gguf"), *q]),
+        "ctx": _start(["generate", LONG_PROMPT, "-m", model, "--ctx", "16", *q]),
+        "attention": _start(["generate", FRANCE, "-m", model, "--attention", "no-such-kernel", *q]),
+        "caps": _start(["generate", FRANCE, "-m", model, *q], LUCE_CAPS="garbage"),
+    }
+    yield runs
+    for r in runs.values():  # only on an early failure: reap what is still running
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def llm(cli):  # after ``cli``: the subprocesses are already loading while this one does
+    return luce.load(None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def greedy_france(llm) -> str:
+    return "".join(llm.generate(FRANCE, 16))
+
+
+# ----------------------------------------------------------------------------- API
+def test_default_load_greedy_knows_paris(llm, greedy_france):
+    assert llm.plan.loaded.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "Paris" in greedy_france, greedy_france
+    assert llm.last_stats.prompt_tokens == len(llm.encode(FRANCE))
+    assert 0 < llm.last_stats.generated_tokens <= 16
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(llm):
+    greedy = list(llm.generate_ids(FRANCE, 8))
+    assert greedy == list(llm.generate_ids(FRANCE, 8, temperature=0.0, seed=123))  # seed ignored when greedy
+    differs = False
+    for seed in range(6):
+        a = list(llm.generate_ids(FRANCE, 8, temperature=1.0, seed=seed))
+        b = list(llm.generate_ids(FRANCE, 8, temperature=1.0, seed=seed))
+        assert a == b, (seed, a, b)
+        differs |= a != greedy
+    assert differs, "temperature 1.0 reproduced the greedy continuation for every seed"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_prefix_reuse_matches_fresh_session(llm):
+    first = llm.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of Spain is")
+    second = llm.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is")
+    shared = _common_prefix(first, second)
+    assert shared >= 15
+
+    llm.session.truncate(0)
+    list(llm.generate_ids(first, 6))
+    reused_out = list(llm.generate_ids(second, 6))
+    assert llm.last_stats.reused_tokens == shared, (llm.last_stats, shared)
+    assert llm.last_stats.prefill_tps >= 0
+
+    llm.session.truncate(0)  # a fresh session on the same store
+    fresh_out = list(llm.generate_ids(second, 6))
+    assert llm.last_stats.reused_tokens == 0
+    assert reused_out == fresh_out
+    # the same prompt again reuses all but its last token (whose logits must be recomputed)
+    list(llm.generate_ids(second, 1))
+    assert llm.last_stats.reused_tokens == len(second) - 1
+
+
+def test_stop_string_truncates(llm, greedy_france):
+    assert "." in greedy_france, greedy_france  # premise: the greedy continuation has a period
+    cut = "".join(llm.generate(FRANCE, 16, stop=["."]))
+    assert cut == greedy_france[:greedy_france.index(".")], (cut, greedy_france)
+    assert llm.last_stats.finish_reason == "stop"
+
+
+def test_api_chat_replies(llm):
+    reply = "".join(llm.chat([{"role": "user", "content": "What is the capital of France?"}], 16))
+    assert reply.strip(), repr(reply)
+    assert "<|im_start|>" not in reply and "<|im_end|>" not in reply
+
+
+# ----------------------------------------------------------------------------- CLI: success
+def test_cli_generate_prints_paris(cli, greedy_france):
+    r = cli["generate"].wait()
+    assert r.rc == 0, r
+    assert r.out.startswith(FRANCE) and "Paris" in r.out, r
+    # same defaults, same greedy path: the CLI prints exactly what the API generates
+    assert r.out == FRANCE + greedy_france + "\n", r
+    assert "Traceback" not in r.err, r
+
+
+def test_cli_chat_returns_text(cli):
+    r = cli["chat"].wait()
+    assert r.rc == 0, r
+    assert r.out.strip(), r
+    assert "<|im_start|>" not in r.out and "What is the capital" not in r.out, r  # reply only, no echo
+
+
+def test_cli_doctor_names_selected_implementations(cli, llm):
+    r = cli["doctor"].wait()
+    assert r.rc == 0, r
+    lines = r.out.splitlines()
+    selected = llm.selected()
+    for role in REQUIRED_ROLES:
+        assert role in lines, (role, r)
+        block = []
+        for line in lines[lines.index(role) + 1:]:
+            if not line.startswith("  "):
+                break
+            block.append(line)
+        chosen = [m.group(1) for m in (re.match(r"\s+\*\s+(\S+)\s.*\bselected\b", b) for b in block) if m]
+        assert chosen == [selected[role]], (role, block, selected)
+
+
+# ----------------------------------------------------------------------------- CLI: user errors
+ERROR_CASES = {
+    "truncated": "truncated",
+    "not_gguf": "not a GGUF",
+    "missing": "not found",
+    "ctx": "context",
+    "attention": "no-such-kernel",
+    "caps": "garbage",
+}
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_cli_user_error_is_one_clean_paragraph(cli, name):
+    r = cli[name].wait()
+    assert r.rc not in (0, None), r
+    assert "Traceback" not in r.err, r
+    err = r.err.strip()
+    assert err.startswith("luce: error: "), r  # nothing printed before it
+    assert "\n\n" not in err, r  # one paragraph (a remedy line may follow the message)
+    assert ERROR_CASES[name].lower() in err.lower(), r
+    assert r.out.strip() in ("", FRANCE, LONG_PROMPT), r  # no partial generation
+
