@@ -42,7 +42,9 @@ class LLM:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.tokenizer = plan.loaded.tokenizer
-        self.session = Session(plan.model, plan.kv, plan.ctx)
+        graphs = (plan.config.cuda_graphs and plan.device.startswith("cuda")
+                  and hasattr(plan.kv, "write_at") and hasattr(plan.model.attention, "forward"))
+        self.session = Session(plan.model, plan.kv, plan.ctx, graphs=graphs)
         self.last_stats = Stats()
 
     @property

@@ -107,8 +107,14 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for n in pps:
         results[f"pp{n}"] = bench_prefill(llm, n, a.reps)
+    graphs_ratio = None
     if a.tg:
         results[f"tg{a.tg}"] = bench_decode(llm, a.tg, a.reps)
+        if llm.session.graphs is not None:  # the same decode eagerly, for the graphs-on/off ratio
+            graphs, llm.session.graphs = llm.session.graphs, None
+            results[f"tg{a.tg}_eager"] = bench_decode(llm, a.tg, a.reps)
+            llm.session.graphs = graphs
+            graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
     caps = llm.plan.caps
     cfg = llm.plan.config
     peak = (torch.cuda.max_memory_allocated() if llm.plan.device.startswith("cuda")
@@ -123,6 +129,7 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
         "kv": {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation,
                "bytes_per_token": kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v),
                "allocated_bytes": llm.plan.kv.nbytes},
+        "cuda_graphs": llm.session.graphs is not None, "graphs_ratio": graphs_ratio,
         "results": results, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
     }
 

@@ -77,22 +77,38 @@ class Caps:
         if unknown:
             raise ConfigError(f"unknown capability field(s) {', '.join(unknown)}",
                               remedy=f"known fields: {', '.join(f for f in fields if f != 'overridden')}")
-        if "cc" in items:  # derived flags follow the forced compute capability
-            items = {**tensor_core_flags(_cc(items["cc"])), **items}
-        for k, v in list(items.items()):
-            t = fields[k].type
-            if t in (bool, "bool") and isinstance(v, str):
-                items[k] = v.lower() in ("1", "true", "yes", "on")
-            elif t in (int, "int") and isinstance(v, str):
-                items[k] = int(float(v))
-            elif k in ("cpu_flags", "nvrtc_archs") and isinstance(v, str):
-                items[k] = [x for x in v.replace("+", " ").split() if x]
-        return attrs.evolve(self, **items, overridden=tuple(sorted(set(self.overridden) | set(items))))
+        try:  # a malformed value is the user's error: ConfigError, never a bare ValueError
+            if "cc" in items:  # derived flags follow the forced compute capability
+                items = {**tensor_core_flags(_cc(items["cc"])), **items}
+            for k, v in list(items.items()):
+                t = fields[k].type
+                if t in (bool, "bool") and isinstance(v, str):
+                    items[k] = _flag(v)
+                elif t in (int, "int") and isinstance(v, str):
+                    items[k] = int(float(v))
+                elif k in ("cpu_flags", "nvrtc_archs") and isinstance(v, str):
+                    items[k] = [x for x in v.replace("+", " ").split() if x]
+            device = items.get("device", self.device)
+            if device not in ("cpu", "cuda"):
+                raise ValueError(f"device must be cpu or cuda, got {device!r}")
+            return attrs.evolve(self, **items, overridden=tuple(sorted(set(self.overridden) | set(items))))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"capability override {spec!r} has an invalid value: {e}",
+                              remedy='write e.g. LUCE_CAPS="cc=7.5,sm_count=68,bf16_tc=0"') from None
 
     def summary(self) -> dict[str, Any]:
         d = attrs.asdict(self)
         d["cpu_flags"] = sorted(self.cpu_flags)
         return d
+
+
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (1/0, true/false, yes/no, on/off)")
 
 
 def parse_override(spec: str) -> dict[str, str]:

@@ -26,6 +26,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-v", default=DEFAULT_KV[1], choices=KV_DTYPES, help="V cache dtype (default %(default)s)")
     p.add_argument("--no-kv-rotation", action="store_true", help="do not Hadamard-rotate quantized K")
     p.add_argument("--feature-dtype", default="f32", choices=FEATURE_DTYPES, help="DFlash feature mirror dtype")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (no CUDA-graph replay)")
     p.add_argument("--caps", help='force capabilities, e.g. "cc=7.5" (like LUCE_CAPS)')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _role_flags(p)
@@ -35,7 +36,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     import os
     rotation = not a.no_kv_rotation and os.environ.get("LUCE_KV_ROTATION", "1") not in ("0", "false", "off")
     kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
-                              kv_rotation=rotation, feature_dtype=a.feature_dtype, progress=not a.no_progress)
+                              kv_rotation=rotation, feature_dtype=a.feature_dtype, progress=not a.no_progress,
+                              cuda_graphs=not a.no_cuda_graphs)
     kw.update({role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")})
     return kw
 
@@ -90,7 +92,7 @@ def cmd_plugins(a: argparse.Namespace) -> int:
 def cmd_specs(a: argparse.Namespace) -> int:
     from luce_specs.runner import main as run_specs
 
-    return run_specs((["--plugin", a.plugin] if a.plugin else []) + a.pytest_args)
+    return run_specs((["--plugin", a.plugin] if a.plugin else []) + a.extra)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -129,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("specs", help="run the conformance specs (optionally on one plugin's implementations)")
     s.add_argument("--plugin", help="only implementations from this plugin (entry-point name)")
-    s.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
     s.set_defaults(func=cmd_specs)
 
     b = sub.add_parser("bench", help="benchmark prefill/decode; JSON out")
@@ -141,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "specs":  # only `luce specs` passes unknown options on (to pytest)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = [x for x in extra if x != "--"]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -47,9 +47,14 @@ def _sync(device: torch.device) -> None:
 class Session:
     """One sequence's state: the tokens whose K/V are in ``kv``."""
 
-    def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 512):
+    def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 512,
+                 graphs: bool = False):
         self.model, self.kv, self.ctx, self.prefill_chunk = model, kv, ctx, prefill_chunk
         self.tokens: list[int] = []
+        self.graphs = None
+        if graphs:
+            from luce_core.graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, kv, ctx)
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
@@ -87,10 +92,13 @@ class Session:
 
     def step(self, token: int) -> torch.Tensor:
         """Append one token; returns the logits that follow it."""
-        out = self.model.forward(self._tensor([token]), len(self.tokens), self.kv)
+        if self.graphs is not None:
+            logits = self.graphs.step(token, len(self.tokens))
+        else:
+            logits = self.model.forward(self._tensor([token]), len(self.tokens), self.kv).logits[-1]
         self.tokens.append(token)
         self.kv.set_length(len(self.tokens))
-        return out.logits[-1]
+        return logits
 
     def generate(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler,
                  stop_ids: frozenset[int] = frozenset(), stats: Stats | None = None,

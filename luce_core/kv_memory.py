@@ -63,8 +63,8 @@ def feature_split(width: int, dtype: str) -> int:
     zero-padded block (element) on the V half. Hidden sizes of real models are multiples of 64,
     so in practice the split is exact.
     """
-    elems = KV_BLOCKS[dtype][0] if dtype in KV_BLOCKS else 1
     vector_bytes(width, dtype)  # validates dtype and block divisibility
+    elems = KV_BLOCKS[dtype][0]
     blocks = width // elems
     return (blocks + 1) // 2 * elems
 

@@ -101,11 +101,31 @@ class Transformer:
         LM head to some rows (prefill needs only the last). capture lists layer indices whose
         input hidden states (and, for index n_layers, the final pre-norm output) are returned.
         """
-        cfg = self.cfg
         T = tokens.shape[0]
         pos = torch.arange(start, start + T, device=self.device) if positions is None else positions.to(self.device)
+        return self._run(tokens.to(self.device), pos, kv, lambda i, k, v: kv.write(i, start, k, v),
+                         start, mask, logits_rows, capture)
+
+    @torch.inference_mode()
+    def decode_static(self, token: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int) -> torch.Tensor:
+        """One decode step with static shapes, for CUDA-graph capture.
+
+        token and pos are device tensors [1] (no host sync reads them); the K/V goes to slot
+        ``pos`` via ``kv.write_at`` and attention spans the fixed ``window`` slots with the
+        ones past ``pos`` masked out. Returns logits [1, vocab].
+        """
+        mask = (torch.arange(window, device=self.device) <= pos)[None, :]
+        return self._run(token, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
+                         window - 1, mask, None, ()).logits
+
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
+             write: Callable[[int, torch.Tensor, torch.Tensor], None], attn_start: int,
+             mask: torch.Tensor | None, logits_rows: slice | torch.Tensor | None,
+             capture: Sequence[int]) -> ForwardOut:
+        cfg = self.cfg
+        T = tokens.shape[0]
         cos, sin = self.cos[pos], self.sin[pos]
-        x = self.embed_tokens(tokens.to(self.device))
+        x = self.embed_tokens(tokens)
         feats: list[torch.Tensor] = []
         for i, b in enumerate(self.blocks):
             if i in capture:
@@ -121,8 +141,8 @@ class Transformer:
                 q, k = rms_norm(q, b.q_norm, cfg.rms_eps), rms_norm(k, b.k_norm, cfg.rms_eps)
             q = rope.apply_rope(q, cos, sin, cfg.rope_style)
             k = rope.apply_rope(k, cos, sin, cfg.rope_style)
-            kv.write(i, start, k, v)
-            a = self.attention.forward(q, kv, i, start, scale=self.scale, mask=mask)
+            write(i, k, v)
+            a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask)
             x = x + b.o(a.reshape(T, cfg.n_heads * cfg.head_dim).to(x.dtype))
             h = rms_norm(x, b.ffn_norm, cfg.rms_eps)
             x = x + b.down(torch.nn.functional.silu(b.gate(h)) * b.up(h))

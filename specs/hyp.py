@@ -8,8 +8,7 @@ import os
 from hypothesis import settings
 
 from luce_core.errors import ConfigError
-
-ENV = "LUCE_SPECS_MAX_EXAMPLES"
+from luce_specs import MAX_EXAMPLES_ENV as ENV
 
 
 def spec_settings(max_examples: int) -> settings:

@@ -12,10 +12,13 @@ import argparse
 import os
 import sys
 
-from luce_specs.hyp import ENV as MAX_EXAMPLES_ENV
+from luce_specs import MAX_EXAMPLES_ENV
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    if "--" in argv:  # `luce specs --plugin X -- -x -q`: a separator for the CLI, not for pytest
+        argv.remove("--")
     parser = argparse.ArgumentParser(
         prog="luce specs", allow_abbrev=False, description="Run luce's conformance specs (one suite per role) on the "
         "installed implementations; other arguments are passed to pytest.")

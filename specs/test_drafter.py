@@ -14,11 +14,11 @@ from luce_core.errors import LuceError
 from luce_specs.hyp import spec_settings
 
 LUCE_ROLE = "drafter"
-SETTINGS = spec_settings(25)
+SETTINGS = spec_settings(10)
 VOCAB = 300
 
 # token histories over a small alphabet repeat n-grams, so lookup-style drafters have matches
-histories = st.lists(st.integers(3, 14), min_size=1, max_size=40)
+histories = st.lists(st.integers(3, 14), min_size=1, max_size=24)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @SETTINGS
-@given(history=histories, budget=st.integers(0, 8), other=histories)
+@given(history=histories, budget=st.integers(0, 6), other=histories)
 def test_chain_proposals(subject, target, history: list[int], budget: int, other: list[int]) -> None:
     first, second = _drafter(subject, target, 0), _drafter(subject, target, 1)
     p = first.propose(history, budget)
@@ -114,7 +114,7 @@ def test_chain_proposals(subject, target, history: list[int], budget: int, other
 
 
 @SETTINGS
-@given(history=histories, budget=st.integers(1, 12))
+@given(history=histories, budget=st.integers(1, 10))
 def test_tree_proposals(subject, target, history: list[int], budget: int) -> None:
     first = _drafter(subject, target, 0)
     if not getattr(first, "supports_tree", False):

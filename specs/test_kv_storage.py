@@ -25,7 +25,7 @@ def _variants() -> dict[str, RunConfig]:
 
 
 LUCE_VARIANTS = _variants()
-SETTINGS = spec_settings(20)
+SETTINGS = spec_settings(15)
 N_LAYERS = 2
 
 geometry = st.tuples(st.integers(1, 3), st.sampled_from([64, 128]))  # (n_kv_heads, head_dim)
@@ -135,7 +135,7 @@ def test_truncate_then_rewrite(subject, geo, n: int, data, seed: int) -> None:
     assert torch.equal(k1, before[1][0]) and torch.equal(v1, before[1][1])
 
 
-@spec_settings(10)
+@spec_settings(8)
 @given(geo=geometry, capacity=st.integers(1, 64), extra=st.integers(1, 64))
 def test_memory_accounting(subject, geo, capacity: int, extra: int) -> None:
     n_kv, hd = geo

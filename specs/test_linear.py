@@ -14,7 +14,7 @@ from luce_specs.oracles import linear_tolerance, reference_weight
 
 LUCE_ROLE = "linear"
 LUCE_VARIANTS = {q: RunConfig(weight_types={q}) for q in SUPPORTED}
-SETTINGS = spec_settings(25)
+SETTINGS = spec_settings(20)
 
 
 @st.composite

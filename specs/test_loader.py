@@ -18,7 +18,7 @@ from luce_specs.oracles import reference_weight
 
 LUCE_ROLE = "loader"
 LUCE_REASONS_AT_COLLECTION = False  # a loader claims a file; the files are written by the tests
-SETTINGS = spec_settings(12)
+SETTINGS = spec_settings(10)
 
 # HF name pieces -> GGUF names (llama.cpp's tensor naming)
 _LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -140,7 +140,7 @@ def _damaged(kind: str, good: bytes, rng) -> bytes:
     raise ValueError(kind)
 
 
-@spec_settings(16)
+@spec_settings(12)
 @given(kind=st.sampled_from(["empty", "random", "magic-then-garbage", "truncated"]), seed=st.integers(0, 2**31 - 1))
 def test_damaged_file_is_a_luce_error(subject, kind: str, seed: int) -> None:
     import numpy as np

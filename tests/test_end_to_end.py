@@ -1,9 +1,8 @@
 """End-to-end smoke tests on the real model (SmolLM2-135M-Instruct Q4_1): the Python API with its
 defaults, and the ``luce`` CLI in subprocesses (successes and user errors).
 
-Every CLI run starts when the module's first test asks for ``cli``: they load the model
-concurrently with each other and with the in-process tests, which keeps the file's wall time
-near that of its slowest load.
+Every CLI run is queued when the module's first test asks for ``cli``; they run two at a time
+while the in-process tests proceed, so the file's wall time stays near its CPU time / cores.
 """
 from __future__ import annotations
 
@@ -12,10 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
 import pytest
+import torch
 
 import luce
 
@@ -32,19 +33,12 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@attrs.define
+@attrs.frozen
 class CliRun:
     args: list[str]
-    proc: subprocess.Popen
-    rc: int | None = None
-    out: str = ""
-    err: str = ""
-
-    def wait(self) -> "CliRun":
-        if self.rc is None:
-            self.out, self.err = self.proc.communicate(timeout=CLI_TIMEOUT_S)
-            self.rc = self.proc.returncode
-        return self
+    rc: int
+    out: str
+    err: str
 
     def __str__(self) -> str:
         return f"luce {' '.join(self.args)} -> rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
@@ -58,16 +52,18 @@ def console_script() -> str:
     return found
 
 
-def _start(args: list[str], *, script: bool = False, **env: str) -> CliRun:
+def _run(args: list[str], script: bool = False, **env: str) -> CliRun:
     cmd = [console_script()] if script else [sys.executable, "-m", "luce_core.cli"]
-    proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_clean_env(**env))
-    return CliRun(args, proc)
+    # one thread each: several runs share the cores with the in-process tests, and oversubscribed
+    # OpenMP pools spin instead of working
+    p = subprocess.run([*cmd, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       timeout=CLI_TIMEOUT_S, env=_clean_env(OMP_NUM_THREADS="1", **env))
+    return CliRun(args, p.returncode, p.stdout, p.stderr)
 
 
 @pytest.fixture(scope="module")
 def cli(smollm2_path, tmp_path_factory):
-    """name -> CliRun, all started at once; ``cli[name].wait()`` collects one."""
+    """name -> Future[CliRun]; every run is queued at once, two at a time, slowest first."""
     tmp = tmp_path_factory.mktemp("cli")
     model = str(smollm2_path)
     truncated, not_gguf = tmp / "truncated.gguf", tmp / "notes.gguf"
@@ -75,27 +71,30 @@ def cli(smollm2_path, tmp_path_factory):
         truncated.write_bytes(src.read(os.path.getsize(smollm2_path) // 2))
     not_gguf.write_text("this is a text file, not a model\n")
     q = ["--no-progress"]
-    runs = {
-        "generate": _start(["generate", FRANCE, "-n", "16", *q]),
-        "chat": _start(["generate", "What is the capital of France?", "--chat", "-n", "16", *q]),
-        "doctor": _start(["doctor", *q], script=True),  # as users type it
-        "truncated": _start(["generate", FRANCE, "-m", str(truncated), *q]),
-        "not_gguf": _start(["generate", FRANCE, "-m", str(not_gguf), *q]),
-        "missing": _start(["generate", FRANCE, "-m", str(tmp / "nowhere.gguf"), *q]),
-        "ctx": _start(["generate", LONG_PROMPT, "-m", model, "--ctx", "16", *q]),
-        "attention": _start(["generate", FRANCE, "-m", model, "--attention", "no-such-kernel", *q]),
-        "caps": _start(["generate", FRANCE, "-m", model, *q], LUCE_CAPS="garbage"),
+    jobs: dict[str, tuple[list[str], dict]] = {
+        "generate": (["generate", FRANCE, "-n", "16", *q], {}),
+        "chat": (["generate", "What is the capital of France?", "--chat", "-n", "16", *q], {}),
+        "ctx": (["generate", LONG_PROMPT, "-m", model, "--ctx", "16", *q], {}),
+        "doctor": (["doctor", *q], {"script": True}),  # as users type it
+        "attention": (["generate", FRANCE, "-m", model, "--attention", "no-such-kernel", *q], {}),
+        "truncated": (["generate", FRANCE, "-m", str(truncated), *q], {}),
+        "caps": (["generate", FRANCE, "-m", model, *q], {"LUCE_CAPS": "garbage"}),
+        "not_gguf": (["generate", FRANCE, "-m", str(not_gguf), *q], {}),
+        "missing": (["generate", FRANCE, "-m", str(tmp / "nowhere.gguf"), *q], {}),
     }
-    yield runs
-    for r in runs.values():  # only on an early failure: reap what is still running
-        if r.proc.poll() is None:
-            r.proc.kill()
-            r.proc.wait()
+    pool = ThreadPoolExecutor(max_workers=2)
+    yield {name: pool.submit(_run, args, **kw) for name, (args, kw) in jobs.items()}
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
 def llm(cli):  # after ``cli``: the subprocesses are already loading while this one does
-    return luce.load(None, progress=False)
+    # One torch thread while the CLI pool shares the cores: two-thread OpenMP pools on busy cores
+    # spin-wait and run several times slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield luce.load(None, progress=False)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +111,19 @@ def test_default_load_greedy_knows_paris(llm, greedy_france):
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(llm):
-    greedy = list(llm.generate_ids(FRANCE, 8))
-    assert greedy == list(llm.generate_ids(FRANCE, 8, temperature=0.0, seed=123))  # seed ignored when greedy
-    differs = False
-    for seed in range(6):
-        a = list(llm.generate_ids(FRANCE, 8, temperature=1.0, seed=seed))
-        b = list(llm.generate_ids(FRANCE, 8, temperature=1.0, seed=seed))
+    n = 6
+    greedy = list(llm.generate_ids(FRANCE, n))
+    assert greedy == list(llm.generate_ids(FRANCE, n, temperature=0.0, seed=123))  # seed ignored when greedy
+    tried = []
+    for seed in range(6):  # stop at the first seed whose sample leaves the greedy path
+        a = list(llm.generate_ids(FRANCE, n, temperature=1.0, seed=seed))
+        b = list(llm.generate_ids(FRANCE, n, temperature=1.0, seed=seed))
         assert a == b, (seed, a, b)
-        differs |= a != greedy
-    assert differs, "temperature 1.0 reproduced the greedy continuation for every seed"
+        tried.append(seed)
+        if a != greedy:
+            break
+    else:
+        pytest.fail(f"temperature 1.0 reproduced the greedy continuation for seeds {tried}")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -168,7 +171,7 @@ def test_api_chat_replies(llm):
 
 # ----------------------------------------------------------------------------- CLI: success
 def test_cli_generate_prints_paris(cli, greedy_france):
-    r = cli["generate"].wait()
+    r = cli["generate"].result()
     assert r.rc == 0, r
     assert r.out.startswith(FRANCE) and "Paris" in r.out, r
     # same defaults, same greedy path: the CLI prints exactly what the API generates
@@ -177,14 +180,14 @@ def test_cli_generate_prints_paris(cli, greedy_france):
 
 
 def test_cli_chat_returns_text(cli):
-    r = cli["chat"].wait()
+    r = cli["chat"].result()
     assert r.rc == 0, r
     assert r.out.strip(), r
     assert "<|im_start|>" not in r.out and "What is the capital" not in r.out, r  # reply only, no echo
 
 
 def test_cli_doctor_names_selected_implementations(cli, llm):
-    r = cli["doctor"].wait()
+    r = cli["doctor"].result()
     assert r.rc == 0, r
     lines = r.out.splitlines()
     selected = llm.selected()
@@ -212,8 +215,8 @@ ERROR_CASES = {
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))
 def test_cli_user_error_is_one_clean_paragraph(cli, name):
-    r = cli[name].wait()
-    assert r.rc not in (0, None), r
+    r = cli[name].result()
+    assert r.rc != 0, r
     assert "Traceback" not in r.err, r
     err = r.err.strip()
     assert err.startswith("luce: error: "), r  # nothing printed before it

@@ -107,7 +107,7 @@ def _run_specs(site: Path, cwd: Path, *args: str, **env: str) -> subprocess.Comp
 
 def test_linear_spec_passes_on_example(example_site: Path, tmp_path: Path) -> None:
     # from an unrelated directory: the runner finds the specs as an installed package
-    proc = _run_specs(example_site, tmp_path, "--plugin", "example", "--max-examples", "10",
+    proc = _run_specs(example_site, tmp_path, "--plugin", "example", "--max-examples", "6",
                       LUCE_EXAMPLE_ENABLE="1")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

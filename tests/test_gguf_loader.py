@@ -122,18 +122,27 @@ def test_fingerprint_sees_weight_changes(small, tmp_path):
     assert load_gguf(other).fingerprint != load_gguf(small).fingerprint
 
 
-def test_fast_reader_parses_like_gguf(small):
+def test_fast_reader_parses_like_gguf(small, tmp_path):
     import gguf
 
     from luce_gguf.reader import _reader_class
 
-    ref, fast = gguf.GGUFReader(str(small)), _reader_class()(str(small))
+    path = tmp_path / "arrays.gguf"  # string, int32, uint32, float and bool arrays
+    rewrite_gguf(small, path, kv={"test.floats": [0.5, -1.25], "test.flags": [True, False, True],
+                                  "test.words": ["", "é", "a b"], "test.one": [7]})
+    ref, fast = gguf.GGUFReader(str(path)), _reader_class()(str(path))
     assert list(ref.fields) == list(fast.fields)
-    for key in ref.fields:
-        assert ref.fields[key].contents() == fast.fields[key].contents(), key
-        assert ref.fields[key].types == fast.fields[key].types
+    for key, a in ref.fields.items():
+        b = fast.fields[key]
+        assert a.contents() == b.contents(), key
+        assert (a.offset, a.types, a.data, len(a.parts)) == (b.offset, b.types, b.data, len(b.parts)), key
+        for x, y in zip(a.parts, b.parts):
+            assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes()), key
+    assert fast.fields["test.words"].contents() == ["", "é", "a b"]
+    assert ref.data_offset == fast.data_offset
     for a, b in zip(ref.tensors, fast.tensors, strict=True):
-        assert (a.name, a.tensor_type, a.data_offset, a.data.dtype) == (b.name, b.tensor_type, b.data_offset, b.data.dtype)
+        assert (a.name, a.tensor_type, a.data_offset, a.data.dtype) == \
+            (b.name, b.tensor_type, b.data_offset, b.data.dtype)
         np.testing.assert_array_equal(a.data, b.data)
 
 
@@ -238,20 +247,25 @@ def test_errors_through_the_loader_object(tmp_path):
 
 
 # ----------------------------------------------------------------------------- NVFP4 scales
-def test_nvfp4_scale_is_folded(tmp_path):
+def test_nvfp4_scale_is_folded(small, tmp_path):
     import gguf
 
     path = tmp_path / "nvfp4.gguf"
-    shape = dict(SMALL, arch="qwen2", hidden=128, head_dim=32, ffn=256)
-    weights = write_synthetic_gguf(path, **shape, qtype="NVFP4")
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (128, 36), dtype=np.uint8)  # ffn_up [128, 64]: one 64-block a row
+    blocks[:, :4] &= 0x7E  # the four UE4M3 sub-block scales: finite (0x7F is NaN)
+    rewrite_gguf(small, path, tensors={"blk.0.ffn_up.weight": (blocks, "NVFP4"),
+                                       "blk.0.ffn_up.weight.scale": (np.array([0.0625], np.float32), "F32")})
     m = load_gguf(path)
     assert not any(n.endswith(".scale") for n in m.tensors)
     q = m.tensors["blk.0.ffn_up.weight"]
-    assert q.qtype == "NVFP4" and q.shape == (256, 128)
-    stored = next(r for r in gguf.GGUFReader(str(path)).tensors if r.name == "blk.0.ffn_up.weight.scale")
-    assert q.scale == float(stored.data[0]) and 0 < q.scale < 1e-3
-    deq = gguf.quants.dequantize(np.asarray(q.data), gguf.GGMLQuantizationType.NVFP4) * np.float32(q.scale)
-    np.testing.assert_array_equal(deq, weights["model.layers.0.mlp.up_proj.weight"])
-    nvfp4_missing = tmp_path / "noscale.gguf"
-    rewrite_gguf(path, nvfp4_missing, drop=["blk.0.ffn_up.weight.scale"])
-    _raises(ModelFileError, nvfp4_missing, "blk.0.ffn_up.weight", "scale")
+    assert (q.qtype, q.shape, q.scale) == ("NVFP4", (128, 64), 0.0625)
+    np.testing.assert_array_equal(q.data, blocks)
+    assert m.tensors["blk.1.ffn_up.weight"].scale == 1.0
+    noscale = tmp_path / "noscale.gguf"
+    rewrite_gguf(path, noscale, drop=["blk.0.ffn_up.weight.scale"])
+    _raises(ModelFileError, noscale, "blk.0.ffn_up.weight", "scale")
+    twoscale = tmp_path / "twoscale.gguf"
+    rewrite_gguf(path, twoscale, tensors={"blk.0.ffn_up.weight.scale": (np.ones(2, np.float32), "F32")})
+    _raises(ModelFileError, twoscale, "blk.0.ffn_up.weight.scale", "one F32 value")
+    assert gguf.GGMLQuantizationType.NVFP4  # the gguf version luce pins knows the type

@@ -334,30 +334,57 @@ class FixedChain:
         return Proposal(tokens=tuple(toks.tolist()), probs=self.q)
 
 
-@pytest.mark.parametrize("kind", ["prompt-lookup-chain", "draft-model-tree", "stochastic-chain"])
+def _sampling_setup(llm, tree: bool) -> tuple[list[int], SamplingParams, np.ndarray, list[int]]:
+    """A prompt whose prompt-lookup drafts have target probability strictly between 0 and 1, a
+    temperature spreading the target over several tokens, the target distribution, and the
+    drafted first tokens. Searched, so it holds for whatever weights the synthetic model has."""
+    model, kv = llm.plan.model, llm.plan.kv
+
+    def dist(prompt: list[int]) -> tuple[SamplingParams, np.ndarray]:
+        logits = model.forward(torch.tensor(prompt), 0, kv).logits[-1]
+        top = torch.sort(logits, descending=True).values
+        params = SamplingParams(temperature=float(top[0] - top[3]) / 1.5 + 1e-3, top_k=12)
+        return params, target_distribution(logits, prompt, params).numpy()
+
+    try:
+        for x in range(3, 80):
+            _, p0 = dist([x])
+            cands = [int(t) for t in np.argsort(-p0)[:3] if int(t) != x]
+            if tree:
+                prompt = [x, cands[1], x, cands[0], x]  # 1-gram continuations of x: cands[0], cands[1]
+                drafted = cands[:2]
+            else:
+                prompt = [x, cands[0], x, cands[0], x]
+                drafted = cands[:1]
+            params, p = dist(prompt)
+            if all(0.05 < p[d] < 0.9 for d in drafted) and (p > 0.03).sum() >= 3:
+                return prompt, params, p, drafted
+    finally:
+        llm.session.truncate(0)  # the forwards above bypassed the session
+    pytest.fail("no prompt found whose drafts the target finds plausible")
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup-chain", "prompt-lookup-tree", "stochastic-chain"])
 def test_first_token_distribution_matches_the_target_at_temperature(tiny, kind):
     llm = tiny["llm"]
-    params = SamplingParams(temperature=0.03, top_k=12)
-    prompt = [17, 233, 17, 233, 17]  # prompt lookup drafts 233, ...
-    model, kv = llm.plan.model, llm.plan.kv
-    p = target_distribution(model.forward(torch.tensor(prompt), 0, kv).logits[-1], prompt, params).numpy()
-    llm.session.truncate(0)  # the forward above bypassed the session
-    assert 0.1 < p[233] < 0.9 and (p > 0.03).sum() >= 4  # drafts sometimes accepted, several outcomes
+    prompt, params, p, drafted = _sampling_setup(llm, tree=kind == "prompt-lookup-tree")
     if kind == "prompt-lookup-chain":
         dec = _decoder(tiny, "prompt-lookup", 3, False, False)
-    elif kind == "draft-model-tree":
-        dec = _decoder(tiny, "draft-model", 6, True, False)
+    elif kind == "prompt-lookup-tree":
+        opts = DrafterOptions(ngram_max=1)
+        dec = SpeculativeDecoder(llm.session, make_drafter("prompt-lookup", llm.plan, opts), budget=6, tree=True,
+                                 options=opts)
     else:
         q = torch.zeros(2, 300)
-        top = np.argsort(-p)[:3]
-        q[:, top] = torch.tensor([0.2, 0.5, 0.3])
+        q[:, np.argsort(-p)[:3]] = torch.tensor([0.2, 0.5, 0.3])
         dec = SpeculativeDecoder(llm.session, FixedChain(q), budget=2)
-    n = 800
+    n = 600
     counts = np.zeros(300)
     for i in range(n):
-        # 3 tokens: the first step drafts 2 (a 1-token request has nothing to draft)
-        toks = list(dec.generate(prompt, 3, Sampler(attrs_evolve(params, seed=i))))
+        dec.prefill(prompt[:-1])  # rolls the previous sample's tokens back (prefix reuse)
+        toks = dec.step(list(prompt), Sampler(attrs_evolve(params, seed=i)), max_depth=2)
         counts[toks[0]] += 1
+    assert dec.stats.steps == n
     s = dec.stats
     assert s.drafted >= n and 0 < s.accepted < s.drafted  # drafts were offered, some accepted, some not
     assert _chi2_ok(counts, p, n), (np.nonzero(counts)[0], counts[counts > 0], p[counts > 0])

@@ -25,7 +25,8 @@ from luce_cuda.weights import QUANTIZED, DeviceWeight, upload
 
 ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DENSE = {"F32", "F16", "BF16"}
-GEMV_WARPS = 8  # rows per GEMV block (one warp per row)
+GEMV_WARPS = 8  # warps per GEMV block
+GEMV_ROWS = 2  # rows per warp (LUCE_GEMV_ROWS in kernels/gemv.cu)
 
 
 def _dense(w: QTensor) -> torch.Tensor:
@@ -63,6 +64,11 @@ class QuantLinear:
         self._q = q
         self._gemv = programs.GEMV[q]
         self._gemm = {"f16": programs.GEMM_F16[q], "bf16": programs.GEMM_BF16[q]}
+        # warps per GEMV row group: about 2 units (64 weights) per lane, 1..8 warps
+        units = w.k // 32
+        self._wpr = 1
+        while self._wpr < GEMV_WARPS and units >= 64 * self._wpr * 2:
+            self._wpr *= 2
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -103,9 +109,10 @@ class QuantLinear:
         n, k = self.w.n, self.w.k
         y = out.view(1, n) if out is not None else torch.empty((1, n), dtype=x2.dtype, device=x2.device)
         kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}", _index(x2))
-        launch(kern, ((n + GEMV_WARPS - 1) // GEMV_WARPS,), (32 * GEMV_WARPS,),
-               (*self.w.planes, x2, y, np.int32(1), np.int32(n), np.int32(k), np.int64(x2.stride(0)),
-                np.int64(n), np.float32(self.w.alpha), np.int32(1 if accumulate and out is not None else 0)), like=x2)
+        per_block = GEMV_WARPS // self._wpr * GEMV_ROWS
+        launch(kern, ((n + per_block - 1) // per_block,), (32 * GEMV_WARPS,),
+               (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.float32(self.w.alpha),
+                np.int32(1 if accumulate and out is not None else 0), np.int32(self._wpr)), like=x2)
         return y
 
     def _gemm_call(self, x2: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:

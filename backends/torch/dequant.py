@@ -183,7 +183,8 @@ def qtensor_bytes(w: QTensor, device: torch.device | str | None = None) -> torch
 
 def dequantize_qtensor(w: QTensor, device: torch.device | str | None = None) -> torch.Tensor:
     """``w`` as float32 of ``w.shape`` on ``device`` (the bytes move, then dequantize there),
-    times the per-tensor ``w.scale`` (NVFP4's second-level scale) when it is not 1."""
+    times the per-tensor ``w.scale`` (NVFP4's second-level scale) when it is not 1. An F32
+    tensor left on the CPU is a view of ``w.data`` (no copy): clone it before writing to it."""
     if w.qtype not in BLOCKS:
         raise _unsupported(w.qtype)
     out = dequantize(qtensor_bytes(w, device), w.qtype, w.shape)

@@ -31,7 +31,9 @@ class TorchLinear:
         key = (id(w), w.name, str(device), dtype)
         hit = self._cache.get(key)
         if hit is None:
-            hit = (w, dequantize_qtensor(w, device).to(dtype))
+            # F32 on the CPU comes back as a view of the (read-only) memory map: copy it, so the
+            # cached weight is owned and an in-place op on it cannot fault or edit the file
+            hit = (w, dequantize_qtensor(w, device).to(dtype, copy=w.qtype == "F32"))
             self._cache[key] = hit
         return hit[1]
 

@@ -317,11 +317,14 @@ class DFlashDrafter:
         shape = (cfg.n_layers, target.ctx, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=tm.dtype, device=tm.device)
         self.v_cache = torch.zeros(shape, dtype=tm.dtype, device=tm.device)
-        self.cached = 0  # context rows [0, cached) have K/V in the cache (those inside the window)
+        # context rows [valid_from, cached) have K/V in the cache (rows before the window are skipped)
+        self.valid_from = self.cached = 0
 
     def truncate(self, n: int) -> None:
         """Feature rows from ``n`` on may change: forget their K/V."""
         self.cached = min(self.cached, n)
+        if self.cached <= self.valid_from:
+            self.valid_from = self.cached = 0
 
     @torch.inference_mode()
     def block_logits(self, tokens: Sequence[int], features: Any) -> torch.Tensor:
@@ -330,7 +333,9 @@ class DFlashDrafter:
         cfg, tm = self.cfg, self.target
         n = len(tokens) - 1  # committed positions; tokens[-1] is pending
         lo = max(0, n - cfg.window)
-        new = max(self.cached, lo)
+        if not self.valid_from <= lo <= self.cached:  # the window left the cached range: start over
+            self.valid_from = self.cached = lo
+        new = self.cached
         if n > new:
             if features is None or features.length < n:
                 raise ConfigError("the dflash drafter has no target features for the context",

@@ -88,7 +88,9 @@ class DraftModelDrafter:
         check_same_tokenizer(target.tokenizer, dplan.loaded.tokenizer, target_name, str(options.draft_model),
                              model.cfg.vocab, dplan.loaded.config.vocab)
         self.plan = dplan
-        self.session = Session(dplan.model, dplan.kv, dplan.ctx)
+        # the draft decodes one token at a time: CUDA-graph its steps where luce's LLM would
+        graphs = (dplan.config.cuda_graphs and dplan.device.startswith("cuda") and hasattr(dplan.kv, "write_at"))
+        self.session = Session(dplan.model, dplan.kv, dplan.ctx, graphs=graphs)
 
     def propose(self, tokens: Sequence[int], budget: int, *, request: DraftRequest | None = None) -> Proposal:
         if self.session is None:

@@ -116,7 +116,8 @@ class TrainReport:
     heldout_sequences: int
     first_loss: float
     final_loss: float
-    heldout_accuracy_at: list[float]
+    heldout_accuracy_at: list[float]  # teacher-forced accuracy per block position, after training
+    heldout_accuracy_at_init: list[float]  # ... of the freshly initialized drafter (the baseline)
     acceptance_length_chain: float
     acceptance_length_tree: float
     lossless: bool
@@ -413,6 +414,8 @@ def train(cfg: TrainConfig) -> TrainReport:
     embed = target.embed
     anchors = anchors_of(data)
     weights = position_weights(cfg.block, cfg.decay, dev)
+    held_anchors = anchors_of(held_data) if held_data is not None else None
+    acc0 = block_accuracy(model, head, held_data, held_anchors, dcfg, embed) if held_data is not None else []
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -453,12 +456,12 @@ def train(cfg: TrainConfig) -> TrainReport:
     t0 = time.perf_counter()
     acc: list[float] = []
     if held_data is not None:
-        acc = block_accuracy(model, head, held_data, anchors_of(held_data), dcfg, embed)
+        acc = block_accuracy(model, head, held_data, held_anchors, dcfg, embed)
     al_chain, al_tree, lossless = evaluate(llm, cfg, held)
     eval_s = time.perf_counter() - t0
     return TrainReport(out=cfg.out, drafter=describe(dcfg), steps=cfg.steps, train_sequences=len(train_ids),
                        train_tokens=data.n_tokens, heldout_sequences=len(held), first_loss=round(first_loss, 4),
-                       final_loss=round(final_loss, 4), heldout_accuracy_at=acc,
+                       final_loss=round(final_loss, 4), heldout_accuracy_at=acc, heldout_accuracy_at_init=acc0,
                        acceptance_length_chain=round(al_chain, 4), acceptance_length_tree=round(al_tree, 4),
                        lossless=lossless, data_s=round(data_s, 2), train_s=round(train_s, 2),
                        eval_s=round(eval_s, 2), device=str(dev))
@@ -487,3 +490,7 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]]) -> tuple[
         als.append(dec.stats.acceptance_length)
         _log(cfg, f"held-out {'tree' if tree else 'chain'} (budget {budget}): {json.dumps(dec.stats.as_dict())}")
     return als[0], als[1], lossless
+
+
+if __name__ == "__main__":
+    sys.exit(main())

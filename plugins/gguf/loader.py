@@ -6,7 +6,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from luce_core.errors import LuceError, ModelFileError, UnsupportedModelError
+from luce_core.errors import LuceError, ModelFileError
 from luce_core.formats import SUPPORTED
 from luce_core.roles import LoadedModel, QTensor
 from luce_gguf.arch import model_config, validate

@@ -1,13 +1,15 @@
 """Open a GGUF file as a memory map and turn its tensors into QTensors (views, never copies).
 
-``gguf.GGUFReader`` does the parsing; everything it may raise on a damaged file is turned into a
-``ModelFileError`` that names the file, so users never see a raw traceback.
+``gguf.GGUFReader`` does the parsing (through a subclass that reads metadata arrays in one loop
+and names the tensor a truncated file cuts off); everything it may raise on a damaged file is
+turned into a ``ModelFileError`` that names the file, so users never see a raw traceback.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import sys
 from typing import Any, Iterator
 
 import attrs
@@ -112,6 +114,9 @@ class GGUFFile:
         return h.digest()
 
 
+_STRING, _ARRAY = 8, 9  # GGUFValueType ids (plain ints: enum lookups cost per item)
+
+
 class _Truncated(Exception):
     def __init__(self, need: int, tensor: str | None = None):
         super().__init__(need, tensor)
@@ -140,6 +145,42 @@ def _reader_class() -> type:
             arr = plain[offset:end].view(dt)[:count]
             order = self.byte_order if override_order is None else override_order
             return arr if order == "I" else arr.view(dt.newbyteorder(order))
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+            # Arrays (vocabulary, merges, token types: ~10^5 items) in one tight loop; the parent
+            # recurses per item. Same parts: [item type, count, then per item (length, bytes) for
+            # strings or a 1-element array for scalars].
+            if raw_type != _ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            head = self._get(orig_offs, np.uint32)
+            item_type = int(head[0])
+            scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type)) if item_type != _STRING else None
+            if item_type != _STRING and scalar is None:
+                return super()._get_field_parts(orig_offs, raw_type)  # nested arrays: rare, small
+            count = self._get(orig_offs + 4, np.uint64)
+            n_items = int(count[0])
+            offs = orig_offs + 12
+            parts: list[Any] = [head, count]
+            # the parent learns the item type from the first item: an empty array has none
+            types = [gguf.GGUFValueType(_ARRAY)] + ([gguf.GGUFValueType(item_type)] if n_items else [])
+            if scalar is not None:
+                values = self._get(offs, scalar, n_items)
+                parts += [values[i:i + 1] for i in range(n_items)]
+                return 12 + int(values.nbytes), parts, list(range(2, 2 + n_items)), types
+            plain = self._plain
+            n_total = plain.shape[0]
+            native = self.byte_order == "I" and sys.byteorder == "little"
+            for _ in range(n_items):
+                if offs + 8 > n_total:
+                    raise _Truncated(offs + 8)
+                length_part = plain[offs:offs + 8].view(np.uint64) if native else self._get(offs, np.uint64)
+                n = int(length_part[0])
+                if offs + 8 + n > n_total:
+                    raise _Truncated(offs + 8 + n)
+                parts.append(length_part)
+                parts.append(plain[offs + 8:offs + 8 + n])
+                offs += 8 + n
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), types
 
         def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
             size = self.data.shape[0]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from luce_core.errors import LuceError
+from luce_core.formats import BLOCKS
 from luce_gguf.arch import ARCHS
 from luce_gguf.quants import dequantize_rows, quantize_rows
 from luce_gguf.tokenizer import CONTROL, NORMAL, byte_to_unicode
@@ -30,7 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
               "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K",
               "NVFP4": "MOSTLY_NVFP4"}
-MATRIX_STD = 0.02  # N(0, 0.02) rows of length d give outputs of std 0.02*sqrt(d): ~1 for d ~ 2500
+# Matrix (and embedding) entries are N(0, 0.02), as trained models of this size roughly have: a
+# unit-RMS input of width d gives outputs of RMS 0.02*sqrt(d) (~0.9 at 2048), and RMSNorm keeps
+# matrix inputs at unit RMS at any depth. Other tests calibrate their tolerances on this scale.
+MATRIX_STD = 0.02
 OUTLIER_GAIN = 16.0  # how much larger an outlier K channel is than the rest
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_TINY_VOCAB = 512
@@ -89,7 +93,6 @@ def _tokenizer_kv(out: StreamWriter, tokenizer_from: str | None, vocab: int | No
     from luce_gguf.reader import open_gguf
 
     src = open_gguf(tokenizer_from)
-    n = 0
     for key in src.keys():
         if key.startswith("tokenizer."):
             types = src.field_types(key)
@@ -103,7 +106,8 @@ def _tokenizer_kv(out: StreamWriter, tokenizer_from: str | None, vocab: int | No
 
 # ----------------------------------------------------------------------------- weights
 def _rng(seed: int, index: int) -> np.random.Generator:
-    # One stream per tensor: values do not depend on which other tensors exist or their order.
+    # One stream per planned tensor: its values do not depend on how much earlier tensors drew,
+    # and a tensor can be regenerated alone.
     return np.random.default_rng([seed, index])
 
 
@@ -116,7 +120,7 @@ def write_synthetic_gguf(path: str | os.PathLike[str], *, arch: str = "llama", h
     """Write a random ``arch`` model to ``path``; return its float32 weights in HF naming.
 
     Matrices (attention, MLP) are stored as ``qtype``; the embedding (and untied output) as
-    ``embed_qtype`` (default: Q8_0 under 8-bit matrix types, like SmolLM2's file, else ``qtype``);
+    ``embed_qtype`` (default: Q8_0 when matrices are below 8 bits, like SmolLM2's file, else ``qtype``);
     norms and biases as F32. The returned weights are the dequantized stored values (llama Q/K
     un-permuted), so transformers built from them computes what the file describes.
     ``outlier_channels`` K-projection output channels (same ones in every layer) are made
@@ -160,6 +164,11 @@ def write_synthetic_gguf(path: str | os.PathLike[str], *, arch: str = "llama", h
                n_rope_heads: int = 0) -> None:
         """Plan one tensor; ``make`` draws its HF-order values, ``n_rope_heads`` permutes llama Q/K."""
         index = next(counter)
+        if qt not in BLOCKS:
+            raise ValueError(f"qtype {qt!r} is not one of {', '.join(FILE_TYPES)}")
+        if shape[-1] % BLOCKS[qt][0]:
+            raise ValueError(f"{gguf_name}: rows of {shape[-1]} elements are not whole {qt} blocks "
+                             f"of {BLOCKS[qt][0]}; choose sizes that are multiples of it")
 
         def draw() -> np.ndarray:
             rng = _rng(seed, index)

@@ -118,8 +118,9 @@ def rewrite_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                  drop: Iterable[str] = (),
                  tensors: Mapping[str, tuple[np.ndarray, str]] | None = None) -> None:
     """Copy GGUF ``src`` to ``dst`` with edits: metadata ``kv`` set (typed like the existing key
-    when there is one), tensors in ``drop`` left out, and ``tensors`` (name -> (float array in
-    logical shape, qtype)) replacing or adding tensors, quantized to their qtype."""
+    when there is one), tensors in ``drop`` left out, and ``tensors`` (name -> (values, qtype))
+    replacing or adding tensors: float values in logical shape are quantized to qtype, uint8
+    values are taken as the raw blocks."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(src), "r")
@@ -148,6 +149,12 @@ def rewrite_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         shape = tuple(int(d) for d in reversed(rt.shape.tolist()))
         out.add_tensor(rt.name, shape, rt.tensor_type.name, lambda rt=rt: rt.data.view(np.uint8))
     for name, (values, qtype) in replace.items():
-        values = np.asarray(values, dtype=np.float32)
-        out.add_tensor(name, values.shape, qtype, lambda v=values, q=qtype: quantize_rows(v, q)[0])
+        values = np.asarray(values)
+        if values.dtype == np.uint8:  # raw ggml blocks [rows, row_bytes], written as they are
+            elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+            shape = (*values.shape[:-1], values.shape[-1] // nbytes * elems)
+            out.add_tensor(name, shape, qtype, lambda v=values: v)
+        else:
+            values = values.astype(np.float32)
+            out.add_tensor(name, values.shape, qtype, lambda v=values, q=qtype: quantize_rows(v, q)[0])
     out.write()

@@ -41,7 +41,7 @@ struct GemmSmem {
 template <class F>
 __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, MT* __restrict__ y, int M, int N,
                                           i64 xs, i64 ys, float alpha, int add_y) {
-    __shared__ __align__(16) GemmSmem sm;
+    __shared__ __align__(128) GemmSmem sm;  // WMMA pointers must be 32-byte aligned
     const int tid = threadIdx.x, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -53,14 +53,31 @@ __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, 
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    for (int kt = 0; kt < K; kt += BK) {
-        // x tile: 64 rows x 128 k, 16-byte chunks of 8 elements; out of range -> 0.
+    // Register double buffering: the global loads of tile kt+BK (x chunks and raw W units) are
+    // issued before the MMAs of tile kt, so their latency hides behind tensor-core work.
+    constexpr int XCH = (BM * BK / 8) / 128;  // 16-byte x chunks per thread and tile
+    uint4 xa[XCH];
+    typename F::Raw wr[2];
+    auto load_tile = [&](int kt) {
 #pragma unroll
-        for (int i = 0; i < (BM * BK / 8) / 128; ++i) {
+        for (int i = 0; i < XCH; ++i) {
             const int idx = tid + i * 128, r = idx >> 4, c = (idx & 15) * 8;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (m0 + r < M && kt + c < K) v = __ldg(reinterpret_cast<const uint4*>(x + (i64)(m0 + r) * xs + kt + c));
-            *reinterpret_cast<uint4*>(&sm.ab.a[r][c]) = v;
+            xa[i] = make_uint4(0, 0, 0, 0);
+            if (m0 + r < M && kt + c < K) xa[i] = __ldg(reinterpret_cast<const uint4*>(x + (i64)(m0 + r) * xs + kt + c));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int idx = tid + i * 128, r = idx >> 2, u = (kt >> 5) + (idx & 3);
+            if (n0 + r < N && u < U) wr[i] = F::load(w, n0 + r, u);
+        }
+    };
+    load_tile(0);
+    for (int kt = 0; kt < K; kt += BK) {
+        // x tile: 64 rows x 128 k (out of range -> 0), stored as loaded.
+#pragma unroll
+        for (int i = 0; i < XCH; ++i) {
+            const int idx = tid + i * 128, r = idx >> 4, c = (idx & 15) * 8;
+            *reinterpret_cast<uint4*>(&sm.ab.a[r][c]) = xa[i];
         }
         // W tile: 64 rows x 4 units of 32 weights (units whose first k lies in this tile).
 #pragma unroll
@@ -68,7 +85,7 @@ __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, 
             const int idx = tid + i * 128, r = idx >> 2, u = (kt >> 5) + (idx & 3);
             const bool live = n0 + r < N && u < U;
             float q[32], s[F::NRUN], o[F::NRUN];
-            if (live) F::decode(w, n0 + r, u, q, s, o);
+            if (live) F::unpack(wr[i], u, q, s, o);
             const int kb = F::k0(u) - kt;
 #pragma unroll
             for (int rr = 0; rr < F::NRUN; ++rr)
@@ -88,6 +105,7 @@ __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, 
                 }
         }
         __syncthreads();
+        if (kt + BK < K) load_tile(kt + BK);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa[2];

@@ -1,65 +1,113 @@
 // Decode GEMV straight from quantized weights, and whole-weight dequantization.
 //
-// y[m, n] = alpha * sum_k x[m, k] * W[n, k]  (+ y[m, n] when add_y), for M <= MAXM rows of x.
-// One warp per output row; lane l takes units l, l+32, ... (32 weights = one 16- or 32-byte load
-// of packed quants), two units in flight per lane. Every weight byte is read once; the rows of
-// x are re-read from L1/L2. Accumulation is FP32; the block scale is applied once per run.
+// y[n] = alpha * sum_k x[k] * W[n, k]  (+ y[n] when add_y), one row of x.
+// A group of wpr warps (1, 2, 4 or 8; the host picks it so each lane gets about two units)
+// computes R rows; its lanes take units l, l+32*wpr, ... (a unit is 32 weights: one 16-byte
+// load of packed quants plus its scales). Each step first issues the loads of UN units for all
+// R rows (R*UN independent 16-byte loads in flight per lane), then reads the matching x chunk
+// once and uses it for the R rows. Every weight byte is read once; x comes from L1/L2.
+// Accumulation is FP32; the block scale is applied once per run of 16-32 weights.
 #include "quant.cuh"
 
-template <class F, class T, int MAXM>
-__device__ __forceinline__ void unit_dot(const QW& w, int row, int u, const T* __restrict__ x, int M,
-                                         i64 xs, float* acc) {
-    float q[32], s[F::NRUN], o[F::NRUN];
-    F::decode(w, row, u, q, s, o);
-    const int k0 = F::k0(u);
+template <class F, class T>
+__device__ __forceinline__ float run_dot(const float* q, const float* s, const float* o, const float* xv) {
+    float part = 0.f;
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        if (m < M) {
-            const T* xr = x + m * xs + k0;
-            float part = 0.f;
+    for (int r = 0; r < F::NRUN; ++r) {
+        float sq = 0.f, sx = 0.f;
 #pragma unroll
-            for (int r = 0; r < F::NRUN; ++r) {
-                float xv[F::RLEN];
-#pragma unroll
-                for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + c);
-                float sq = 0.f, sx = 0.f;
-#pragma unroll
-                for (int i = 0; i < F::RLEN; ++i) {
-                    sq = fmaf(q[r * F::RLEN + i], xv[i], sq);
-                    if (F::HAS_OFFSET) sx += xv[i];
-                }
-                part = fmaf(s[r], sq, part);
-                if (F::HAS_OFFSET) part = fmaf(o[r], sx, part);
-            }
-            acc[m] += part;
+        for (int i = 0; i < F::RLEN; ++i) {
+            sq = fmaf(q[r * F::RLEN + i], xv[r * F::RLEN + i], sq);
+            if (F::HAS_OFFSET) sx += xv[r * F::RLEN + i];
         }
+        part = fmaf(s[r], sq, part);
+        if (F::HAS_OFFSET) part = fmaf(o[r], sx, part);
     }
+    return part;
 }
 
-template <class F, class T, int MAXM>
+template <class F, class T, int R, int UN>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
-                                          const T* __restrict__ x, T* __restrict__ y, int M, int N, int K,
-                                          i64 xs, i64 ys, float alpha, int add_y) {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= N) return;  // whole warps leave together
-    QW w{p0, p1, p2, p3, K};
-    const int U = K >> 5;
-    float acc[MAXM];
+                                          const T* __restrict__ x, T* __restrict__ y, int N, int K,
+                                          float alpha, int add_y, int wpr) {
+    // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
+    // their partial sums meet in shared memory.
+    __shared__ float red[8][R];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = warp / wpr, wig = warp % wpr, groups = (blockDim.x >> 5) / wpr;
+    const int row0 = (blockIdx.x * groups + group) * R;
+    const bool active = row0 < N;
+    const QW w{p0, p1, p2, p3, K};
+    const int U = K >> 5, stride = 32 * wpr;
+    int rows[R];
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-    int u = lane;
-    for (; u + 32 < U; u += 64) {  // two independent units per lane keep two loads in flight
-        unit_dot<F, T, MAXM>(w, row, u, x, M, xs, acc);
-        unit_dot<F, T, MAXM>(w, row, u + 32, x, M, xs, acc);
+    for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // a missing row re-reads the last one
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+
+    for (int u0 = wig * 32 + lane; active && u0 < U; u0 += stride * UN) {
+        typename F::Raw raw[UN][R];
+#pragma unroll
+        for (int i = 0; i < UN; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (u0 + stride * i < U) raw[i][r] = F::load(w, rows[r], u0 + stride * i);
+#pragma unroll
+        for (int i = 0; i < UN; ++i) {
+            const int u = u0 + stride * i;
+            if (u < U) {
+                float xv[32];
+                const T* xr = x + F::k0(u);
+#pragma unroll
+                for (int r = 0; r < F::NRUN; ++r)
+#pragma unroll
+                    for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                if constexpr (F::NIBBLE) {
+                    float sx_lo = 0.f, sx_hi = 0.f;
+#pragma unroll
+                    for (int t = 0; t < 16; ++t) {
+                        sx_lo += xv[t];
+                        sx_hi += xv[16 + t];
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        float a, b;
+                        nibble_dot(raw[i][r].q, xv, a, b);
+                        acc[r] += F::combine(raw[i][r], u, 128.f * (a - sx_lo), 128.f * (b - sx_hi), sx_lo, sx_hi);
+                    }
+                } else {
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        float q[32], sc[F::NRUN], of[F::NRUN];
+                        F::unpack(raw[i][r], u, q, sc, of);
+                        acc[r] += run_dot<F, T>(q, sc, of, xv);
+                    }
+                }
+            }
+        }
     }
-    if (u < U) unit_dot<F, T, MAXM>(w, row, u, x, M, xs, acc);
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        if (m < M) {
-            float v = warp_sum(acc[m]) * alpha;
-            if (lane == 0) {
-                T* dst = y + m * ys + row;
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    if (wpr > 1) {  // block-uniform
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; ++r) red[warp][r] = acc[r];
+        __syncthreads();
+        if (wig == 0 && lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float v = 0.f;
+                for (int j = 0; j < wpr; ++j) v += red[warp + j][r];
+                acc[r] = v;
+            }
+    }
+    if (active && wig == 0 && lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (row0 + r < N) {
+                float v = acc[r] * alpha;
+                T* dst = y + row0 + r;
                 if (add_y) v += to_f(*dst);
                 *dst = from_f<T>(v);
             }
@@ -77,7 +125,7 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
         const int row = (int)(t / U), u = (int)(t % U);
         float q[32], s[F::NRUN], o[F::NRUN];
-        F::decode(w, row, u, q, s, o);
+        decode<F>(w, row, u, q, s, o);
         T* dst = out + (i64)row * K + F::k0(u);
 #pragma unroll
         for (int r = 0; r < F::NRUN; ++r)
@@ -95,17 +143,18 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 // One program per weight format: the host passes -DLUCE_QNAME=q4_0 -DLUCE_QFMT=FQ4_0 (see
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32;
 // dequantization writes f32.
-#define DEF_GEMV(QN, F, AN, T)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN(                               \
-        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int M, int N, int K, \
-        i64 xs, i64 ys, float alpha, int add_y) {                                                      \
-        gemv_impl<F, T, 1>(p0, p1, p2, p3, x, y, M, N, K, xs, ys, alpha, add_y);                       \
+#define DEF_GEMV(QN, F, AN, T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN(                                 \
+        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K,          \
+        float alpha, int add_y, int wpr) {                                                               \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2>(p0, p1, p2, p3, x, y, N, K, alpha, add_y, wpr);               \
     }
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \
         dequant_impl<F, float>(p0, p1, p2, p3, out, N, K, alpha);                                        \
     }
+#define LUCE_GEMV_ROWS 2  // rows per warp; the host sizes the grid with the same number
 #define EXPAND(M, ...) M(__VA_ARGS__)  // expands LUCE_QNAME before ## pastes it
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, f16, __half)
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, bf16, __nv_bfloat16)

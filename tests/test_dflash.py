@@ -1,0 +1,148 @@
+"""DFlash block drafter: config, files, inference == training path, binding checks, training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from luce_core.errors import ConfigError, ModelFileError
+from luce_core.sampling import Sampler, SamplingParams
+from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target, make_drafter
+from luce_drafters import testing
+from luce_drafters.dflash import (DFlashConfig, DFlashDrafter, DFlashModel, build_model, default_capture,
+                                  load_drafter, save_drafter)
+from luce_drafters.train import Head, Sequences, batch_of, block_hidden
+from luce_drafters.train import main as train_main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dflash")
+    path = testing.write_tiny(d / "t.gguf", seed=3, n_layers=3)
+    # f32 KV: the mirror-vs-full-forward comparison below is then exact to f32 rounding
+    return dict(dir=d, path=path, llm=testing.load(path, ctx=128, kv_k="f32", kv_v="f32"))
+
+
+def _cfg(**kw) -> DFlashConfig:
+    base = dict(target_hidden=64, target_vocab=300, target_layers=3, capture=(2, 3), width=32, n_layers=2,
+                n_heads=2, n_kv_heads=1, head_dim=16, ffn=64, block=4, window=8)
+    base.update(kw)
+    return DFlashConfig(**base)
+
+
+def test_default_capture_spreads_over_the_target():
+    assert default_capture(30) == (2, 9, 16, 23, 30)  # outputs of layers 1, 8, 15, 22, 29
+    assert default_capture(64) == (2, 17, 33, 49, 64)
+    assert default_capture(2) == (2,) and default_capture(1) == (1,)
+    assert default_capture(3) == (2, 3)
+
+
+def test_config_rejects_bad_shapes():
+    for kw, msg in [(dict(block=1), "block size must be >= 2"), (dict(block=0), "block must be a positive"),
+                    (dict(capture=(4,)), "outside 0..3"), (dict(n_heads=3, n_kv_heads=2), "multiple"),
+                    (dict(capture=()), "at least one"), (dict(width=-1), "width must be a positive")]:
+        with pytest.raises(ConfigError, match=msg):
+            _cfg(**kw)
+    cfg = _cfg()
+    assert DFlashConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "gguf"])
+def test_files_round_trip(tmp_path, ext):
+    cfg = _cfg()
+    m = DFlashModel(cfg)
+    m.reset_parameters(1)
+    path = tmp_path / f"d.{ext}"
+    save_drafter(path, cfg, m)
+    cfg2, state = load_drafter(path)
+    assert cfg2 == cfg
+    ref = m.state_dict()
+    assert set(state) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(state[k].float(), v), k
+    save_drafter(tmp_path / f"h.{ext}", cfg, m, dtype="f16")
+    _, half = load_drafter(tmp_path / f"h.{ext}")
+    torch.testing.assert_close(build_model(cfg, half).fc.weight, m.fc.weight, atol=1e-4, rtol=1e-3)
+    (tmp_path / "junk.bin").write_bytes(b"not a drafter at all")
+    with pytest.raises(ModelFileError):
+        load_drafter(tmp_path / "junk.bin")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_drafter(tmp_path / "missing.safetensors")
+
+
+def test_inference_path_equals_training_path(tiny):
+    """The cached, incremental drafting path and the batched training path compute the same
+    block logits (windowed context, absolute positions, target head)."""
+    llm = tiny["llm"]
+    model = llm.plan.model
+    cfg = _cfg(window=6)
+    dm = DFlashModel(cfg)
+    dm.reset_parameters(5)
+    d = DFlashDrafter()
+    d.bind_model(Target(model, llm.tokenizer, 128, llm.plan), cfg, dm)
+    dec = SpeculativeDecoder(llm.session, d, budget=3)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    list(dec.generate(ids, 12, Sampler(SamplingParams())))  # fills the feature mirror step by step
+    L = len(dec._mirror_tokens)
+    seq = dec._mirror_tokens + [llm.session.tokens[-1]]
+    feats = dec.mirror.read(0, L)
+    # the mirror holds what a plain full forward captures
+    llm.session.truncate(0)
+    full = model.forward(torch.tensor(seq[:L]), 0, llm.session.kv, capture=cfg.capture).features
+    torch.testing.assert_close(feats, full, atol=1e-5, rtol=1e-5)
+    data = Sequences(torch.tensor(seq[:L]), feats, [0], [1], [L])
+    head = Head(model)
+    for n in (3, 9, L - 1):  # context shorter and longer than the window
+        d.truncate(n - 2)  # keep a partly filled cache: incremental update from row n-2
+        inf = d.block_logits(seq[: n + 1], dec.mirror)
+        tr = head(block_hidden(d.model, batch_of(data, torch.tensor([n]), cfg), model.embed))[0]
+        torch.testing.assert_close(inf, tr, atol=1e-4, rtol=1e-4)
+    llm.session.truncate(0)
+
+
+def test_binding_to_another_target_is_refused(tiny, tmp_path):
+    path = tmp_path / "d.safetensors"
+    cfg = _cfg(target_hidden=96)
+    save_drafter(path, cfg, DFlashModel(cfg))
+    with pytest.raises(ConfigError, match="hidden size 96, but this target has 64"):
+        make_drafter("dflash", tiny["llm"].plan, DrafterOptions(draft_model=str(path)))
+    with pytest.raises(ConfigError, match="--draft-model"):
+        make_drafter("dflash", tiny["llm"].plan)
+
+
+@pytest.mark.parametrize("bad", [["--block", "1"], ["--steps", "0"], ["--batch", "-2"]])
+def test_train_rejects_bad_options(tiny, tmp_path, bad):
+    with pytest.raises(ConfigError):
+        train_main(["--target", tiny["path"], "--out", str(tmp_path / "x.safetensors"), *bad])
+
+
+def test_train_drafter_smoke_learns_and_reports(tiny, tmp_path, capsys):
+    out = tmp_path / "drafter.safetensors"
+    rc = train_main(["--target", tiny["path"], "--out", str(out), "--steps", "60", "--block", "4",
+                     "--n-prompts", "8", "--heldout", "2", "--gen-tokens", "20", "--batch", "16", "--window", "24",
+                     "--eval-tokens", "12", "--device", "cpu", "--lr", "3e-3", "--warmup", "5", "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 60 and report["train_sequences"] == 6 and report["heldout_sequences"] == 2
+    assert report["final_loss"] < report["first_loss"]
+    # training beats the untrained drafter on held-out text (teacher-forced, first draft position)
+    assert report["heldout_accuracy_at"][0] > report["heldout_accuracy_at_init"][0]
+    assert report["lossless"] is True and report["acceptance_length_chain"] >= 1.0
+    cfg, _ = load_drafter(out)
+    assert cfg.block == 4 and cfg.capture == default_capture(3) and cfg.target_layers == 3
+    # the trained file drives speculative decoding through the plugin, losslessly
+    llm = tiny["llm"]
+    ids = llm.encode("Explain the water cycle in simple terms.")
+    ref = list(llm.session.generate(ids, 16, Sampler(SamplingParams())))
+    opts = DrafterOptions(draft_model=str(out))
+    dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, opts), budget=3, options=opts)
+    assert list(dec.generate(ids, 16, Sampler(SamplingParams()))) == ref

@@ -1,0 +1,115 @@
+"""Drafter plugins: descriptors, prompt lookup, draft-model tokenizer checks, and lossless
+speculative decoding on the real SmolLM2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import attrs
+import pytest
+import torch
+
+from luce_core import plugins
+from luce_core.errors import ConfigError
+from luce_core.sampling import Sampler, SamplingParams
+from luce_core.speculative import DrafterOptions, DraftRequest, SpeculativeDecoder, make_drafter
+from luce_drafters import testing
+from luce_drafters.draft_model import check_same_tokenizer
+from luce_drafters.prompt_lookup import PromptLookupDrafter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_plugin_declares_the_three_drafters_and_imports_nothing_heavy():
+    names = {i.name for i in plugins.host().impls("drafter")}
+    assert {"prompt-lookup", "draft-model", "dflash"} <= names
+    code = "import sys, luce_drafters.plugin as p; p.provide_drafter(); print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def _req(depth: int, tree: bool = False, budget: int = 8) -> DraftRequest:
+    return DraftRequest(tokens=(), budget=budget, tree=tree, params=SamplingParams(), generator=torch.Generator(),
+                        max_depth=depth)
+
+
+def test_prompt_lookup_drafts_the_most_recent_continuation_of_the_longest_ngram():
+    d = PromptLookupDrafter()
+    toks = [1, 2, 3, 4, 1, 2, 3, 5, 9, 1, 2, 3]
+    n, starts = d.matches(toks)
+    assert n == 3 and list(starts) == [7, 3]
+    assert d.propose(toks, 2, request=_req(8)).tokens == (5, 9)
+    assert d.propose(toks, 8, request=_req(1)).tokens == (5,)  # capped by the depth that can be emitted
+    p = d.propose(toks, 5, request=_req(3, tree=True, budget=5))
+    # trie of the continuations [5, 9, 1] and [4, 1, 2] under a 5-node budget, most recent first
+    assert p.tree.tokens == (3, 5, 9, 1, 4, 1) and p.tree.parents == (-1, 0, 1, 2, 0, 4)
+    # shorter n-grams when the long ones do not recur; nothing when nothing recurs
+    assert d.propose([7, 8, 9, 8], 3, request=_req(3)).tokens == (9, 8)
+    assert d.propose([1, 2, 3], 3, request=_req(3)).tokens == ()
+
+
+@attrs.define
+class FakeTok:
+    tokens: list[str]
+    bos_id: int | None = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def decode(self, ids):
+        return "".join(self.tokens[i] for i in ids)
+
+
+def test_tokenizer_mismatches_are_config_errors_naming_the_difference():
+    a = FakeTok(["<s>", "a", "b", "c"])
+    check_same_tokenizer(a, FakeTok(["<s>", "a", "b", "c"]), "T", "D", 4, 4)
+    with pytest.raises(ConfigError, match=r"5 tokens.*has 4"):
+        check_same_tokenizer(a, FakeTok(["<s>", "a", "b", "c", "d"]), "T", "D")
+    with pytest.raises(ConfigError, match=r"1 token ids differ, first id 2: 'x' \(draft\) vs 'b' \(target\)"):
+        check_same_tokenizer(a, FakeTok(["<s>", "a", "x", "c"]), "T", "D")
+    with pytest.raises(ConfigError, match="outputs 8 logits but the target T outputs 4"):
+        check_same_tokenizer(a, FakeTok(["<s>", "a", "b", "c"]), "T", "D", 4, 8)
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tmp_path):
+    target = testing.load(testing.write_tiny(tmp_path / "t.gguf", vocab=300), ctx=64)
+    other = testing.write_tiny(tmp_path / "d.gguf", vocab=320)
+    with pytest.raises(ConfigError, match=r"vocabulary of 320 tokens but the target .* has 300"):
+        make_drafter("draft-model", target.plan, DrafterOptions(draft_model=other))
+    # a drafter that needs weights, forced without them, says which flag is missing
+    with pytest.raises(ConfigError, match="--draft-model"):
+        make_drafter("draft-model", target.plan)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    return testing.load(smollm2_path, ctx=192)
+
+
+PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_greedy_equals_plain_greedy(smol, tmp_path):
+    ids = smol.encode(PROMPT)
+    ref = list(smol.session.generate(ids, 16, Sampler(SamplingParams())))
+    dflash = testing.random_dflash(smol.plan.model, tmp_path / "d.safetensors", block=4, window=32)
+    # (drafter, tree, budget, weights, tokens): the untrained DFlash drafter accepts nothing, so
+    # it runs fewer tokens; it checks that captured real-model features flow through a tree verify
+    runs = [("prompt-lookup", False, 6, None, 16), ("prompt-lookup", True, 8, None, 16), ("dflash", True, 6, dflash, 6)]
+    for name, tree, budget, path, n in runs:
+        opts = DrafterOptions(draft_model=path, tree_topk=2)
+        dec = SpeculativeDecoder(smol.session, make_drafter(name, smol.plan, opts), budget=budget, tree=tree,
+                                 options=opts)
+        out = list(dec.generate(ids, n, Sampler(SamplingParams())))
+        assert out == ref[:n], (name, tree, smol.tokenizer.decode(out), smol.tokenizer.decode(ref))
+        if name == "prompt-lookup":  # text that repeats itself: lookup drafts get accepted
+            assert dec.stats.acceptance_length > 1.4, dec.stats.as_dict()

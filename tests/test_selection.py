@@ -1,0 +1,135 @@
+"""Selection over random candidate sets: deterministic, order-independent, never an impl with
+reasons, highest priority (ties by name); forced choices never fall back; errors list reasons."""
+from __future__ import annotations
+
+import os
+import string
+from typing import Callable
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.errors import SelectionError
+from luce_core.impl import ROLES, Impl
+from luce_core.selection import explain, forced_name, select
+
+SETTINGS = settings(max_examples=50, deadline=None)
+CAPS = Caps()
+# reasons are free text; letters, digits, punctuation and spaces, never empty
+reasons_text = st.text(string.ascii_letters + string.digits + " .,:=<>()-_", min_size=1, max_size=30).map(
+    lambda s: s.strip() or "x")
+
+
+def _requires(reasons: tuple[str, ...]) -> Callable[[Caps, RunConfig], list[str]]:
+    return lambda caps, config: list(reasons)
+
+
+@st.composite
+def candidate_sets(draw: st.DrawFn, role: str = "linear") -> list[Impl]:
+    names = draw(st.lists(st.text("abcdefgh-", min_size=1, max_size=4), min_size=1, max_size=7, unique=True))
+    impls = []
+    for name in names:
+        reasons = tuple(draw(st.lists(reasons_text, max_size=2)))
+        impls.append(Impl(role, name, f"pkg.{name}:Factory", priority=draw(st.integers(-2, 2)),
+                          requires=_requires(reasons)))
+    return impls
+
+
+def _runnable(impls: list[Impl]) -> list[Impl]:
+    return [i for i in impls if not i.reasons(CAPS, RunConfig())]
+
+
+@SETTINGS
+@given(impls=candidate_sets(), data=st.data())
+def test_picks_max_priority_then_name_whatever_the_order(impls: list[Impl], data: st.DataObject) -> None:
+    shuffled = data.draw(st.permutations(impls))
+    ok = _runnable(impls)
+    if not ok:
+        with pytest.raises(SelectionError) as e:
+            select("linear", shuffled, CAPS, RunConfig())
+        for impl in impls:  # one error listing every candidate's reasons
+            assert impl.name in str(e.value)
+            assert all(r in str(e.value) for r in impl.reasons(CAPS, RunConfig()))
+        return
+    chosen = select("linear", shuffled, CAPS, RunConfig())
+    assert chosen == select("linear", impls, CAPS, RunConfig())  # order-independent, deterministic
+    assert chosen in ok  # never one with reasons
+    best = max(i.priority for i in ok)
+    assert chosen.priority == best
+    assert chosen.name == min(i.name for i in ok if i.priority == best)
+    cands = explain("linear", shuffled, CAPS, RunConfig())
+    assert [c.impl.name for c in cands if c.selected] == [chosen.name]
+    assert {c.impl.name: c.reasons for c in cands} == {i.name: tuple(i.reasons(CAPS, RunConfig())) for i in impls}
+
+
+@SETTINGS
+@given(impls=candidate_sets(), data=st.data(), via_env=st.booleans())
+def test_forced_choice_is_used_or_fails_with_its_reasons(impls: list[Impl], data: st.DataObject, via_env: bool) -> None:
+    forced = data.draw(st.sampled_from([i.name for i in impls] + ["zz-not-installed"]))
+    config = RunConfig() if via_env else RunConfig(overrides={"linear": forced})
+    with mock.patch.dict(os.environ, {"LUCE_LINEAR": forced} if via_env else {}, clear=False):
+        if not via_env:
+            os.environ.pop("LUCE_LINEAR", None)
+        target = next((i for i in impls if i.name == forced), None)
+        if target is None:
+            with pytest.raises(SelectionError, match="not installed"):
+                select("linear", impls, CAPS, config)
+        elif target.reasons(CAPS, config):  # no fallback to another candidate
+            with pytest.raises(SelectionError, match="forced") as e:
+                select("linear", impls, CAPS, config)
+            assert all(r in str(e.value) for r in target.reasons(CAPS, config))
+        else:
+            assert select("linear", impls, CAPS, config) is target
+            others = [c for c in explain("linear", impls, CAPS, config) if c.impl is not target]
+            assert all(c.reasons and not c.selected for c in others)
+
+
+@SETTINGS
+@given(impls=candidate_sets(), data=st.data())
+def test_excluded_impl_is_never_selected(impls: list[Impl], data: st.DataObject) -> None:
+    excluded = data.draw(st.sets(st.sampled_from([i.name for i in impls])))
+    rest = [i for i in _runnable(impls) if i.name not in excluded]
+    if not rest:
+        with pytest.raises(SelectionError, match="failed at first use" if excluded else "can run here"):
+            select("linear", impls, CAPS, RunConfig(), exclude=tuple(excluded))
+        return
+    chosen = select("linear", impls, CAPS, RunConfig(), exclude=tuple(excluded))
+    assert chosen.name not in excluded and chosen in rest
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_env_override_per_role(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    impls = [Impl(role, "high", "m:f", priority=9), Impl(role, "low", "m:f", priority=1)]
+    monkeypatch.setenv(f"LUCE_{role.upper()}", "low")
+    assert forced_name(role, RunConfig()) == "low"
+    assert select(role, impls, CAPS, RunConfig()).name == "low"
+    # the explicit option (CLI flag / API keyword) beats the environment
+    assert select(role, impls, CAPS, RunConfig(overrides={role: "high"})).name == "high"
+    monkeypatch.setenv(f"LUCE_{role.upper()}", "auto")  # "auto" means: let luce choose
+    assert forced_name(role, RunConfig()) is None
+    assert select(role, impls, CAPS, RunConfig()).name == "high"
+
+
+def test_env_of_another_role_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUCE_ATTENTION", "low")
+    impls = [Impl("linear", "high", "m:f", priority=9), Impl("linear", "low", "m:f", priority=1)]
+    assert select("linear", impls, CAPS, RunConfig()).name == "high"
+
+
+def test_no_candidates_at_all() -> None:
+    with pytest.raises(SelectionError, match="no candidates installed"):
+        select("drafter", [], CAPS, RunConfig())
+
+
+def test_crashing_requires_becomes_a_reason() -> None:
+    def broken(caps: Caps, config: RunConfig) -> list[str]:
+        raise KeyError("cc")
+
+    impls = [Impl("linear", "crashy", "m:f", priority=5, requires=broken), Impl("linear", "safe", "m:f")]
+    assert select("linear", impls, CAPS, RunConfig()).name == "safe"
+    crashy = next(c for c in explain("linear", impls, CAPS, RunConfig()) if c.impl.name == "crashy")
+    assert crashy.reasons == ("requires() raised KeyError: 'cc'",)
