@@ -54,8 +54,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         pieces = llm.chat(messages, a.n, **sampling)
     else:
         pieces = llm.generate(prompt, a.n, **sampling)
-        if not a.no_echo:
-            sys.stdout.write(prompt)
+    first = next(pieces, "")  # runs the prefill: a prompt error surfaces before anything is echoed
+    if not a.chat and not a.no_echo:
+        sys.stdout.write(prompt)
+    sys.stdout.write(first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -1,6 +1,7 @@
 """Planning: probe, select one implementation per role, load, size and build everything once."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
@@ -10,7 +11,7 @@ import attrs
 from luce_core import plugins, selection
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, DeviceMemoryError, LuceError
+from luce_core.errors import ConfigError, DeviceMemoryError, LuceError, ModelFileError
 from luce_core.impl import Impl
 from luce_core.roles import KVSpec, LoadedModel
 
@@ -100,6 +101,9 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     from luce_core.model import Transformer
     from luce_torch.kv import TORCH_DTYPES  # dtype names -> torch dtypes (reference vocabulary)
 
+    if not os.path.exists(config.model_path):
+        raise ModelFileError(f"model file not found: {config.model_path}",
+                             remedy="check the path, or leave out --model to use the embedded default model")
     ch = Chooser(caps, config)
     _, loader = ch.create("loader")
     loaded: LoadedModel = loader.load(config.model_path, config)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import luce
 from hf_oracle import Agreement, compare, hf_from_gguf, hf_from_weights, hf_logits, luce_logits, luce_stepwise_logits

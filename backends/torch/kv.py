@@ -81,6 +81,14 @@ class TorchKVStore:
         self.k[layer, start:start + T] = _encode(k, s.k_dtype)
         self.v[layer, start:start + T] = _encode(v, s.v_dtype)
 
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """write() with the slots given as a device tensor [T]: no host sync, so a decode step
+        that uses it can be captured in a CUDA graph. Slots are not range-checked here."""
+        if self.hadamard is not None:
+            k = self.hadamard.rotate(k.to(torch.float32))
+        self.k[layer].index_copy_(0, pos, _encode(k, self.spec.k_dtype))
+        self.v[layer].index_copy_(0, pos, _encode(v, self.spec.v_dtype))
+
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.read_range(layer, 0, end)
 
