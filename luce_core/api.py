@@ -46,6 +46,8 @@ class LLM:
                   and hasattr(plan.kv, "write_at") and hasattr(plan.model.attention, "forward"))
         self.session = Session(plan.model, plan.kv, plan.ctx, graphs=graphs)
         self.last_stats = Stats()
+        self.last_spec_stats = None
+        self._spec, self._spec_key = None, None
 
     @property
     def config(self):
@@ -58,14 +60,39 @@ class LLM:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
+    def speculative(self, drafter: str, *, budget: int = 8, tree: bool = False, draft_model: str | None = None):
+        """The speculative decoder for ``drafter`` (kept between calls, so a draft model stays loaded)."""
+        from luce_core.speculative import DrafterOptions, decoder_for
+
+        key = (drafter, budget, tree, draft_model)
+        if self._spec_key != key:
+            self._spec = decoder_for(self.plan, self.session, drafter, budget=budget, tree=tree,
+                                     options=DrafterOptions(draft_model=draft_model))
+            self._spec_key = key
+        return self._spec
+
     def generate_ids(self, prompt: str | Sequence[int], max_tokens: int = 128, *,
-                     stop_ids: Sequence[int] | None = None, **sampling: Any) -> Iterator[int]:
+                     stop_ids: Sequence[int] | None = None, drafter: str | None = None, draft_budget: int = 8,
+                     draft_tree: bool = False, draft_model: str | None = None, **sampling: Any) -> Iterator[int]:
+        """Stream token ids. With ``drafter`` (or load(drafter=...) / LUCE_DRAFTER) decoding is
+        speculative: drafts are verified by the target, so at temperature 0 the ids are the
+        target's own greedy ids and at temperature > 0 they follow the target's distribution."""
+        from luce_core.selection import forced_name
+
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stops = frozenset(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         if max_tokens < 0:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         self.last_stats = Stats()
-        yield from self.session.generate(ids, max_tokens, Sampler(SamplingParams(**sampling)), stops, self.last_stats)
+        sampler = Sampler(SamplingParams(**sampling))
+        drafter = drafter or forced_name("drafter", self.plan.config)
+        if drafter is None:
+            self.last_spec_stats = None
+            yield from self.session.generate(ids, max_tokens, sampler, stops, self.last_stats)
+            return
+        dec = self.speculative(drafter, budget=draft_budget, tree=draft_tree, draft_model=draft_model)
+        self.last_spec_stats = dec.reset_stats()
+        yield from dec.generate(ids, max_tokens, sampler, stops, self.last_stats)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, *, stop: Sequence[str] = (),
                  **sampling: Any) -> Iterator[str]:

@@ -49,6 +49,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm = luce.load(a.model, caps=a.caps, **_overrides(a))
     sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                     repetition_penalty=a.repeat_penalty, seed=a.seed)
+    if a.role_drafter:
+        sampling.update(drafter=a.role_drafter, draft_budget=a.draft_budget, draft_tree=a.draft_tree,
+                        draft_model=a.draft_model)
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         pieces = llm.chat(messages, a.n, **sampling)
@@ -64,7 +67,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if a.stats:
         s = llm.last_stats
-        print(json.dumps({**s.as_dict(), "selected": llm.selected()}, indent=None), file=sys.stderr)
+        extra = {"speculative": llm.last_spec_stats.as_dict()} if llm.last_spec_stats else {}
+        print(json.dumps({**s.as_dict(), "selected": llm.selected(), **extra}), file=sys.stderr)
     return 0
 
 
@@ -103,6 +107,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench_main(a)
 
 
+def cmd_train_drafter(a: argparse.Namespace) -> int:
+    from luce_drafters.train import main as train_main
+
+    return train_main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="luce", description="Fast local LLM inference on GGUF models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message (with --chat)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
     g.add_argument("--stats", action="store_true", help="print timing and selection as JSON on stderr")
+    g.add_argument("--draft-budget", type=int, default=8, metavar="N",
+                   help="speculative: drafts per step, or draft-tree nodes with --draft-tree (default %(default)s)")
+    g.add_argument("--draft-model", metavar="PATH",
+                   help="speculative: the draft GGUF (--drafter draft-model) or drafter file (--drafter dflash)")
+    g.add_argument("--draft-tree", action="store_true", help="speculative: verify a draft tree (DDTree), not a chain")
     _run_flags(g)
     g.set_defaults(func=cmd_generate)
 
@@ -134,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("specs", help="run the conformance specs (optionally on one plugin's implementations)")
     s.add_argument("--plugin", help="only implementations from this plugin (entry-point name)")
     s.set_defaults(func=cmd_specs)
+
+    t = sub.add_parser("train-drafter", help="distill a DFlash drafter from a target's own greedy generations")
+    from luce_drafters.train import add_arguments as add_train_args
+    add_train_args(t)
+    t.set_defaults(func=cmd_train_drafter)
 
     b = sub.add_parser("bench", help="benchmark prefill/decode; JSON out")
     from luce_core.bench_args import add_bench_args

@@ -351,7 +351,12 @@ class SpeculativeDecoder:
                                         feature_dtype, model.device)
         self._mirror_tokens: list[int] = []  # the tokens whose features the mirror holds
         self._exact_copy = exact_copy_store(session.kv)
-        self.stats = SpecStats(drafter=drafter.name, mode="tree" if tree else "chain", budget=budget)
+        self.stats = self.reset_stats()
+
+    def reset_stats(self) -> SpecStats:
+        """Start a fresh SpecStats (e.g. per request); returns it."""
+        self.stats = SpecStats(drafter=self.drafter.name, mode="tree" if self.tree else "chain", budget=self.budget)
+        return self.stats
 
     # ------------------------------------------------------------------ prefill
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:

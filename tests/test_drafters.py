@@ -29,7 +29,8 @@ def _one_thread():
 def test_plugin_declares_the_three_drafters_and_imports_nothing_heavy():
     names = {i.name for i in plugins.host().impls("drafter")}
     assert {"prompt-lookup", "draft-model", "dflash"} <= names
-    code = "import sys, luce_drafters.plugin as p; p.provide_drafter(); print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))"
+    code = ("import sys, luce_drafters.plugin as p; p.provide_drafter(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

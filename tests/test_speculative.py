@@ -39,7 +39,8 @@ def tiny(tmp_path_factory):
     target = testing.write_tiny(d / "target.gguf", seed=0)
     draft = testing.write_tiny(d / "draft.gguf", seed=7)  # same tokenizer, other weights: real rejections
     llm = testing.load(target, ctx=96)
-    dflash = {b: testing.random_dflash(llm.plan.model, d / f"dflash{b}.safetensors", block=b, seed=b) for b in (2, 4, 8)}
+    dflash = {b: testing.random_dflash(llm.plan.model, d / f"dflash{b}.safetensors", block=b, seed=b)
+              for b in (2, 4, 8)}
     return dict(dir=d, target=target, draft=draft, llm=llm, dflash=dflash)
 
 
@@ -193,7 +194,8 @@ def test_a_wrong_rejection_rule_fails_the_statistical_check():
     counts = np.zeros(5)
     for _ in range(n):
         d = int(torch.multinomial(q, 1, generator=g))
-        tok = d if float(torch.rand((), generator=g)) < min(1.0, float(p[d] / q[d])) else int(torch.multinomial(p, 1, generator=g))
+        accept = float(torch.rand((), generator=g)) < min(1.0, float(p[d] / q[d]))
+        tok = d if accept else int(torch.multinomial(p, 1, generator=g))
         counts[tok] += 1
     assert not _chi2_ok(counts, p.numpy(), n)
 
@@ -271,11 +273,13 @@ def test_stop_and_context_limits_match_plain_decoding(tiny):
         for max_tokens in (20, 500):  # 500 runs into the context (96)
             a, b = Stats(), Stats()
             want = list(llm.session.generate(prompt, max_tokens, Sampler(SamplingParams()), stop, a))
-            got = list(_decoder(tiny, "draft-model", 5, tree, False).generate(prompt, max_tokens, Sampler(SamplingParams()), stop, b))
+            dec = _decoder(tiny, "draft-model", 5, tree, False)
+            got = list(dec.generate(prompt, max_tokens, Sampler(SamplingParams()), stop, b))
             assert got == want and b.finish_reason == a.finish_reason == "stop"
             a, b = Stats(), Stats()
             want = list(llm.session.generate(prompt, max_tokens, Sampler(SamplingParams()), frozenset(), a))
-            got = list(_decoder(tiny, "draft-model", 5, tree, True).generate(prompt, max_tokens, Sampler(SamplingParams()), frozenset(), b))
+            dec = _decoder(tiny, "draft-model", 5, tree, True)
+            got = list(dec.generate(prompt, max_tokens, Sampler(SamplingParams()), frozenset(), b))
             assert got == want and b.finish_reason == a.finish_reason
     assert a.finish_reason == "context" and len(got) == 96 - len(prompt)
 
@@ -432,3 +436,18 @@ def test_stats_are_consistent_and_json_ready(tiny):
     assert s.draft_s > 0 and s.verify_s > 0
     empty = SpecStats()
     assert empty.acceptance_length == 0.0 and empty.as_dict()["draft_fraction"] == 0.0
+
+
+def test_decoder_for_builds_the_mirror_through_the_plan(tiny):
+    """The wiring the API/CLI use: drafter by name, feature mirror from the plan's kv_storage."""
+    from luce_core.speculative import decoder_for
+
+    llm = tiny["llm"]
+    prompt = _prompt(random.Random(2), 9)
+    ref = list(llm.session.generate(prompt, 20, Sampler(SamplingParams())))
+    dec = decoder_for(llm.plan, llm.session, "dflash", budget=3, tree=True,
+                      options=DrafterOptions(draft_model=tiny["dflash"][4]))
+    assert dec.mirror is not None and dec.mirror.dtype == llm.plan.config.feature_dtype
+    assert dec.mirror.width == len(dec.capture) * llm.plan.model.cfg.hidden
+    assert list(dec.generate(prompt, 20, Sampler(SamplingParams()))) == ref
+    assert dec.mirror.length == len(llm.session.tokens)  # one feature row per committed token

@@ -110,10 +110,28 @@ class QuantLinear:
         y = out.view(1, n) if out is not None else torch.empty((1, n), dtype=x2.dtype, device=x2.device)
         kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}", _index(x2))
         per_block = GEMV_WARPS // self._wpr * GEMV_ROWS
-        launch(kern, ((n + per_block - 1) // per_block,), (32 * GEMV_WARPS,),
+        blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2))
+        launch(kern, (blocks,), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.float32(self.w.alpha),
                 np.int32(1 if accumulate and out is not None else 0), np.int32(self._wpr)), like=x2)
         return y
+
+    _resident_cache: dict[int, int] = {}
+
+    @classmethod
+    def _resident(cls, kern, like: torch.Tensor) -> int:
+        """Blocks of this GEMV that fit on the GPU at once (the persistent grid size)."""
+        key = id(kern)
+        got = cls._resident_cache.get(key)
+        if got is None:
+            idx = _index(like)
+            sms = torch.cuda.get_device_properties(idx).multi_processor_count
+            try:
+                per_sm = int(kern.occupancy.max_active_blocks_per_multiprocessor(32 * GEMV_WARPS, 0))
+            except Exception:  # occupancy query unavailable: a safe guess
+                per_sm = 2
+            got = cls._resident_cache[key] = max(1, per_sm) * sms
+        return got
 
     def _gemm_call(self, x2: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
         n, k = self.w.n, self.w.k

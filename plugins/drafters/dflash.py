@@ -81,7 +81,8 @@ class DFlashConfig:
 
     def __attrs_post_init__(self) -> None:
         if self.block < 2:
-            raise ConfigError(f"DFlash block size must be >= 2 (the pending token + at least one draft), got {self.block}",
+            raise ConfigError(f"DFlash block size must be >= 2 (the pending token + at least one draft), "
+                              f"got {self.block}",
                               remedy="use --block 2 or more (8 or 16 are typical)")
         if not self.capture:
             raise ConfigError("DFlash needs at least one captured target layer")
@@ -105,7 +106,8 @@ class DFlashConfig:
     def from_json(cls, text: str) -> "DFlashConfig":
         d = json.loads(text)
         if int(d.get("version", 0)) != CONFIG_VERSION:
-            raise ModelFileError(f"DFlash drafter config version {d.get('version')} is not supported (want {CONFIG_VERSION})",
+            raise ModelFileError(f"DFlash drafter config version {d.get('version')} is not supported "
+                                 f"(want {CONFIG_VERSION})",
                                  remedy="retrain the drafter with this luce (luce train-drafter)")
         names = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -289,7 +291,8 @@ def check_target(cfg: DFlashConfig, target_cfg: Any, where: str) -> None:
         if mine != theirs:
             raise ConfigError(f"the DFlash drafter {where} was trained for a target with {what} {mine}, "
                               f"but this target has {theirs}",
-                              remedy="train a drafter for this model: luce train-drafter --target MODEL.gguf --out FILE")
+                              remedy="train a drafter for this model: "
+                                     "luce train-drafter --target MODEL.gguf --out FILE")
 
 
 # ----------------------------------------------------------------------------- the drafter

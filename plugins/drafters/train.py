@@ -18,7 +18,7 @@ Recipe:
    tenth, gradient clipping at 1.
 5. **Report.** Teacher-forced per-position accuracy on the held-out data, and acceptance length
    of real speculative decoding (chain with budget block-1, and a DDTree) on the held-out
-   prompts, with a check that the speculative output equals plain greedy decoding. Printed as
+   prompts, and how many of those outputs equal plain greedy decoding. Printed as
    one JSON line; the weights are written to ``--out`` (.safetensors, or .gguf).
 
 CPU is fine for a smoke run on a tiny model; real drafters want a GPU (``--device cuda``).
@@ -120,7 +120,10 @@ class TrainReport:
     heldout_accuracy_at_init: list[float]  # ... of the freshly initialized drafter (the baseline)
     acceptance_length_chain: float
     acceptance_length_tree: float
-    lossless: bool
+    # held-out prompts whose speculative output (chain, tree) equalled plain greedy decoding: all
+    # of them in f32; in bf16/f16 a verify over several rows can round a near-tie differently
+    # from a one-row decode step, so a few may differ there
+    matched_plain_greedy: list[int]
     data_s: float
     train_s: float
     eval_s: float
@@ -136,7 +139,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="the target GGUF the drafter serves")
     p.add_argument("--out", required=True, help="output file (.safetensors, or .gguf)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default %(default)s)")
-    p.add_argument("--block", type=int, default=8, help="block size: pending token + block-1 drafts (default %(default)s)")
+    p.add_argument("--block", type=int, default=8,
+                   help="block size: pending token + block-1 drafts (default %(default)s)")
     p.add_argument("--layers", type=int, default=2, help="drafter layers (default %(default)s)")
     p.add_argument("--width", type=int, default=0, help="drafter hidden size (default: the target's)")
     p.add_argument("--heads", type=int, default=0, help="attention heads (default: width / head-dim)")
@@ -144,7 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--ffn", type=int, default=0, help="MLP size (default: 3 x width)")
     p.add_argument("--capture", default="", help="target capture indices, comma-separated (default: 5 spread layers)")
-    p.add_argument("--window", type=int, default=256, help="context positions the drafter attends (default %(default)s)")
+    p.add_argument("--window", type=int, default=256,
+                   help="context positions the drafter attends (default %(default)s)")
     p.add_argument("--prompts", help="prompt file, one per line (default: built-in topic x task prompts)")
     p.add_argument("--n-prompts", type=int, default=0, help="use only this many prompts (0: all)")
     p.add_argument("--heldout", type=int, default=8, help="prompts kept out for the report (default %(default)s)")
@@ -153,7 +158,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--decay", type=float, default=4.0, help="loss weight exp(-(i-1)/decay) per block position; 0 = uniform")
+    p.add_argument("--decay", type=float, default=4.0,
+                   help="loss weight exp(-(i-1)/decay) per block position; 0 = uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="target compute dtype: auto | f32 | f16 | bf16")
@@ -457,39 +463,41 @@ def train(cfg: TrainConfig) -> TrainReport:
     acc: list[float] = []
     if held_data is not None:
         acc = block_accuracy(model, head, held_data, held_anchors, dcfg, embed)
-    al_chain, al_tree, lossless = evaluate(llm, cfg, held)
+    al_chain, al_tree, matched = evaluate(llm, cfg, held)
     eval_s = time.perf_counter() - t0
     return TrainReport(out=cfg.out, drafter=describe(dcfg), steps=cfg.steps, train_sequences=len(train_ids),
                        train_tokens=data.n_tokens, heldout_sequences=len(held), first_loss=round(first_loss, 4),
                        final_loss=round(final_loss, 4), heldout_accuracy_at=acc, heldout_accuracy_at_init=acc0,
                        acceptance_length_chain=round(al_chain, 4), acceptance_length_tree=round(al_tree, 4),
-                       lossless=lossless, data_s=round(data_s, 2), train_s=round(train_s, 2),
+                       matched_plain_greedy=matched, data_s=round(data_s, 2), train_s=round(train_s, 2),
                        eval_s=round(eval_s, 2), device=str(dev))
 
 
-def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]]) -> tuple[float, float, bool]:
-    """Acceptance length (chain, tree) of the saved drafter on ``prompts``, and whether every
-    speculative output equalled plain greedy decoding."""
+def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]]) -> tuple[float, float, list[int]]:
+    """Acceptance length (chain, tree) of the saved drafter on ``prompts``, and per mode how many
+    speculative outputs equalled plain greedy decoding."""
     from luce_core.sampling import Sampler, SamplingParams
     from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target
     from luce_drafters.dflash import DFlashDrafter
 
     if not prompts:
-        return 0.0, 0.0, True
+        return 0.0, 0.0, [0, 0]
     opts = DrafterOptions(draft_model=cfg.out)
-    lossless = True
+    matched: list[int] = []
     als = []
     for tree, budget in ((False, cfg.block - 1), (True, cfg.tree_budget or 2 * (cfg.block - 1))):
         d = DFlashDrafter()
         d.bind(Target(llm.plan.model, llm.tokenizer, llm.plan.ctx, llm.plan), opts)
         dec = SpeculativeDecoder(llm.session, d, budget=budget, tree=tree, options=opts)
+        same = 0
         for ids in prompts:
             ref = list(llm.session.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), llm.tokenizer.eos_ids))
             out = list(dec.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), llm.tokenizer.eos_ids))
-            lossless &= out == ref
+            same += out == ref
+        matched.append(same)
         als.append(dec.stats.acceptance_length)
         _log(cfg, f"held-out {'tree' if tree else 'chain'} (budget {budget}): {json.dumps(dec.stats.as_dict())}")
-    return als[0], als[1], lossless
+    return als[0], als[1], matched
 
 
 if __name__ == "__main__":

@@ -35,81 +35,86 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     __shared__ float red[8][R];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = warp / wpr, wig = warp % wpr, groups = (blockDim.x >> 5) / wpr;
-    const int row0 = (blockIdx.x * groups + group) * R;
-    const bool active = row0 < N;
     const QW w{p0, p1, p2, p3, K};
     const int U = K >> 5, stride = 32 * wpr;
-    int rows[R];
+    // Persistent grid: the host launches about as many blocks as fit at once, and each block
+    // walks row groups, so no half-empty last wave. The loop bound is block-uniform.
+    for (int base = blockIdx.x; base * groups * R < N; base += gridDim.x) {
+        const int row0 = (base * groups + group) * R;
+        const bool active = row0 < N;
+        int rows[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // a missing row re-reads the last one
-    float acc[R];
+        for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // a missing row re-reads the last one
+        float acc[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+        for (int r = 0; r < R; ++r) acc[r] = 0.f;
 
-    for (int u0 = wig * 32 + lane; active && u0 < U; u0 += stride * UN) {
-        typename F::Raw raw[UN][R];
+        for (int u0 = wig * 32 + lane; active && u0 < U; u0 += stride * UN) {
+            typename F::Raw raw[UN][R];
 #pragma unroll
-        for (int i = 0; i < UN; ++i)
+            for (int i = 0; i < UN; ++i)
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-                if (u0 + stride * i < U) raw[i][r] = F::load(w, rows[r], u0 + stride * i);
+                for (int r = 0; r < R; ++r)
+                    if (u0 + stride * i < U) raw[i][r] = F::load(w, rows[r], u0 + stride * i);
 #pragma unroll
-        for (int i = 0; i < UN; ++i) {
-            const int u = u0 + stride * i;
-            if (u < U) {
-                float xv[32];
-                const T* xr = x + F::k0(u);
+            for (int i = 0; i < UN; ++i) {
+                const int u = u0 + stride * i;
+                if (u < U) {
+                    float xv[32];
+                    const T* xr = x + F::k0(u);
 #pragma unroll
-                for (int r = 0; r < F::NRUN; ++r)
+                    for (int r = 0; r < F::NRUN; ++r)
 #pragma unroll
-                    for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
-                if constexpr (F::NIBBLE) {
-                    float sx_lo = 0.f, sx_hi = 0.f;
+                        for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                    if constexpr (F::NIBBLE) {
+                        float sx_lo = 0.f, sx_hi = 0.f;
 #pragma unroll
-                    for (int t = 0; t < 16; ++t) {
-                        sx_lo += xv[t];
-                        sx_hi += xv[16 + t];
-                    }
+                        for (int t = 0; t < 16; ++t) {
+                            sx_lo += xv[t];
+                            sx_hi += xv[16 + t];
+                        }
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        float a, b;
-                        nibble_dot(raw[i][r].q, xv, a, b);
-                        acc[r] += F::combine(raw[i][r], u, 128.f * (a - sx_lo), 128.f * (b - sx_hi), sx_lo, sx_hi);
-                    }
-                } else {
+                        for (int r = 0; r < R; ++r) {
+                            float a, b;
+                            nibble_dot(raw[i][r].q, xv, a, b);
+                            acc[r] += F::combine(raw[i][r], u, 128.f * (a - sx_lo), 128.f * (b - sx_hi), sx_lo, sx_hi);
+                        }
+                    } else {
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        float q[32], sc[F::NRUN], of[F::NRUN];
-                        F::unpack(raw[i][r], u, q, sc, of);
-                        acc[r] += run_dot<F, T>(q, sc, of, xv);
+                        for (int r = 0; r < R; ++r) {
+                            float q[32], sc[F::NRUN], of[F::NRUN];
+                            F::unpack(raw[i][r], u, q, sc, of);
+                            acc[r] += run_dot<F, T>(q, sc, of, xv);
+                        }
                     }
                 }
             }
         }
-    }
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-    if (wpr > 1) {  // block-uniform
-        if (lane == 0)
+        for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+        if (wpr > 1) {  // block-uniform
+            if (lane == 0)
 #pragma unroll
-            for (int r = 0; r < R; ++r) red[warp][r] = acc[r];
-        __syncthreads();
-        if (wig == 0 && lane == 0)
+                for (int r = 0; r < R; ++r) red[warp][r] = acc[r];
+            __syncthreads();
+            if (wig == 0 && lane == 0)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float v = 0.f;
+                    for (int j = 0; j < wpr; ++j) v += red[warp + j][r];
+                    acc[r] = v;
+                }
+            __syncthreads();  // red is reused by the next row group
+        }
+        if (active && wig == 0 && lane == 0) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                float v = 0.f;
-                for (int j = 0; j < wpr; ++j) v += red[warp + j][r];
-                acc[r] = v;
-            }
-    }
-    if (active && wig == 0 && lane == 0) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (row0 + r < N) {
-                float v = acc[r] * alpha;
-                T* dst = y + row0 + r;
-                if (add_y) v += to_f(*dst);
-                *dst = from_f<T>(v);
+                if (row0 + r < N) {
+                    float v = acc[r] * alpha;
+                    T* dst = y + row0 + r;
+                    if (add_y) v += to_f(*dst);
+                    *dst = from_f<T>(v);
+                }
             }
         }
     }
