@@ -89,7 +89,7 @@ def test_disk_cache_hits_and_keys(tmp_path, monkeypatch):
     def no_nvrtc():
         raise AssertionError("cache miss: NVRTC was called")
 
-    monkeypatch.setattr(cc, "_nvrtc_api", no_nvrtc)
+    monkeypatch.setattr(cc, "_program_class", no_nvrtc)
     assert cc.compile_program(prog, 80) == first  # served from disk
     # anything that changes the binary changes the key
     keys = {cc.cache_key(prog, 80), cc.cache_key(prog, 86),
@@ -165,8 +165,11 @@ def test_attention_requires_reasons():
     assert _reasons("attention", h100)["cuda"] == ()
     assert any("q8_0" in r for r in _reasons("attention", h100, RunConfig(kv_k="q8_0"))["cuda"])
     sm75 = Caps(**GPU).with_overrides("cc=7.5")
-    assert _reasons("attention", sm75)["cuda"] == ()  # f16 cache: FP16 mma.sync
-    assert any("BF16" in r for r in _reasons("attention", sm75, RunConfig(kv_k="bf16", kv_v="bf16"))["cuda"])
+    assert _reasons("attention", sm75)["cuda"] == ()  # FP16 mma.sync from SM 7.5
+    assert _reasons("attention", sm75, RunConfig(kv_k="bf16", kv_v="bf16"))["cuda"] == ()
+    assert any("f32" in r for r in _reasons("attention", h100, RunConfig(kv_k="f32", kv_v="f32"))["cuda"])
+    sm70 = Caps(**GPU).with_overrides("cc=7.0")
+    assert "needs SM >= 7.5 (have 7.0)" in _reasons("attention", sm70)["cuda"]
     m = ModelConfig("llama", 2, 256, 512, 4, 2, 96, 100, 128)
     assert any("head_dim 96" in r for r in _reasons("attention", h100, RunConfig(model=m))["cuda"])
 

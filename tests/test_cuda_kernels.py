@@ -121,7 +121,7 @@ def test_planar_layout_is_lossless_and_decodes_like_gguf(qtype, n, blocks, seed,
     # lossless: the planes put back together are the original block bytes
     per_block = [None if p is None else p.reshape(n, blocks, -1) for p in planes]
     rebuilt = np.zeros((n, blocks, nbytes), np.uint8)
-    for p, sl in zip(per_block, PLANE_SLICES[qtype]):
+    for p, sl in zip(per_block, PLANE_SLICES[qtype], strict=True):
         if sl is not None:
             rebuilt[:, :, sl[0]:sl[1]] = p
     assert np.array_equal(rebuilt.reshape(n, -1), data)
@@ -272,16 +272,15 @@ def test_forced_sm75_path_runs_here(monkeypatch):
             assert rel_err(lin(x).cpu(), x.double().cpu() @ ref_w.T) < (GEMM_TOL["f16"] if dtype == torch.float16
                                                                          else GEMM_TOL["bf16"])
     att = select("attention", [i for i in host().impls("attention") if i.plugin in ("cuda", "torch")], caps,
-                 RunConfig())
-    assert att.name == "cuda" and att.create(caps, RunConfig()).bf16_mma is False
+                 RunConfig(kv_k="bf16", kv_v="bf16"))
+    assert att.name == "cuda"  # FP16 mma.sync serves f16 and bf16 caches on SM 7.5 too
 
 
 # ----------------------------------------------------------------------------- attention
 def _store(n_layers, cap, hkv, d, dtype: str):
     from luce_torch.kv import TorchKVStore
 
-    spec = KVSpec(n_layers, hkv, d, cap, dtype, dtype, device="cuda",
-                  compute_dtype={"f16": "f16", "bf16": "bf16"}[dtype])
+    spec = KVSpec(n_layers, hkv, d, cap, dtype, dtype, device="cuda", compute_dtype=dtype)
     return TorchKVStore(spec)
 
 
@@ -290,10 +289,11 @@ att_st = st.tuples(st.sampled_from([(9, 3), (8, 8), (32, 8), (16, 1), (12, 4)]),
 
 
 @settings(max_examples=25, deadline=None)
-@given(case=att_st, start=st.integers(0, 1400), t=st.sampled_from([1, 1, 1, 2, 7, 64, 65, 150]))
+@given(case=att_st, start=st.integers(0, 1400), t=st.sampled_from([1, 1, 1, 2, 7, 64, 65, 150]),
+       sharp=st.sampled_from([0.5, 1.0, 2.5]))
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
-def test_attention_matches_torch_reference(case, start, t):
+def test_attention_matches_torch_reference(case, start, t, sharp):
     from luce_cuda.attention import CudaAttention
     from luce_torch.attention import TorchAttention
 
@@ -306,14 +306,15 @@ def test_attention_matches_torch_reference(case, start, t):
     store.write(1, 0, k, v)
     store.set_length(start + t)
     q = torch.randn(t, h, d, device="cuda", generator=g).to(dt) * 2
-    scale = 1 / math.sqrt(d)
+    scale = sharp / math.sqrt(d)
     att = CudaAttention()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernel path must be taken: no fallback warning
         got = att.forward(q, store, 1, start, scale=scale)
     ref = TorchAttention().forward(q.float(), _float_view(store), 1, start, scale=scale)
     assert got.shape == (t, h, d) and got.dtype == dt
-    assert rel_err(got.float(), ref) < (4e-3 if kvdt == "f16" else 2e-2), (h, hkv, d, kvdt, start, t)
+    # FP16 operands (also for bf16 caches), FP32 softmax; bf16 output rounding dominates there
+    assert rel_err(got.float(), ref) < (4e-3 if kvdt == "f16" else 6e-3), (h, hkv, d, kvdt, start, t)
 
 
 def _float_view(store):
@@ -334,14 +335,12 @@ def test_attention_fallbacks_agree_with_reference():
     from luce_cuda.attention import CudaAttention
     from luce_torch.attention import TorchAttention
 
-    store = _store(1, 64, 2, 64, "bf16")
-    k = torch.randn(40, 2, 64, device="cuda").bfloat16()
+    store = _store(1, 64, 2, 64, "f32")  # no kernel reads an f32 cache
+    k = torch.randn(40, 2, 64, device="cuda")
     store.write(0, 0, k, k.flip(0))
-    q = torch.randn(8, 4, 64, device="cuda").bfloat16()
-    sm75 = CudaAttention()
-    sm75.bf16_mma = False  # the SM 7.5 path has no BF16 MMA: bf16 caches go to the reference
-    with pytest.warns(UserWarning, match="BF16"):
-        got = sm75.forward(q, store, 0, 32, scale=0.125)
+    q = torch.randn(8, 4, 64, device="cuda")
+    with pytest.warns(UserWarning, match="KV cache dtype"):
+        got = CudaAttention().forward(q, store, 0, 32, scale=0.125)
     torch.testing.assert_close(got, TorchAttention().forward(q, store, 0, 32, scale=0.125))
     mask = torch.rand(8, 40, device="cuda") > 0.5
     mask[:, 0] = True

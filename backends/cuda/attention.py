@@ -3,8 +3,7 @@
 The kernels read the store's per-layer K/V tensors directly (``kv.k[layer]``, ``kv.v[layer]``
 of shape [capacity, n_kv_heads, head_dim], f16 or bf16). Anything else is served by the torch
 reference with one warning per cause: an explicit mask (tree verification), a store that does
-not expose float tensors (quantized KV), a head_dim without a kernel, an f32 cache, or a bf16
-cache on the FP16-only (SM 7.5) path.
+not expose float tensors (quantized KV), a head_dim without a kernel, or an f32 cache.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from luce_cuda import ops
 
 class CudaAttention:
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
-        self.bf16_mma = bool(caps.bf16_tc) if caps is not None else True
         self._ref = None
         self._warned: set[str] = set()
         self._ws: dict[tuple, ops.DecodeWorkspace] = {}
@@ -49,7 +47,7 @@ class CudaAttention:
             return [f"K and V dtypes differ ({k.dtype}, {v.dtype})"]
         if q.dtype not in ops.DT_CODE:
             return [f"query dtype {q.dtype}"]
-        return ops.attention_supported(int(k.shape[-1]), k.dtype, self.bf16_mma)
+        return ops.attention_supported(int(k.shape[-1]), k.dtype)
 
     def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *,
                 scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,4 +66,4 @@ class CudaAttention:
             if ws is None:
                 ws = self._ws[key] = ops.DecodeWorkspace(q.shape[1], q.shape[2], k.shape[0], q.device)
             return ops.flash_decode(q, k, v, start + 1, scale, workspace=ws)
-        return ops.flash_prefill(q, k, v, start, scale, bf16_mma=self.bf16_mma)
+        return ops.flash_prefill(q, k, v, start, scale)

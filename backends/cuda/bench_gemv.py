@@ -97,7 +97,8 @@ def main() -> None:
         for n, k in ((2048, 8192), (8192, 2048)):
             for dt in ((torch.float16, torch.bfloat16) if qtype in ("Q4_0", "Q8_0") else (torch.float16,)):
                 gbs, us = gemv_gbps(qtype, n, k, dt)
-                print(f"{qtype:<8}{f'{n}x{k}':>14}{str(dt)[6:]:>6}{us:>9.2f}{gbs:>9.0f}{100 * gbs / cp:>10.0f}%")
+                act = {torch.float16: "f16", torch.bfloat16: "bf16"}[dt]
+                print(f"{qtype:<8}{f'{n}x{k}':>14}{act:>6}{us:>9.2f}{gbs:>9.0f}{100 * gbs / cp:>10.0f}%")
     for qtype, n, k in (("Q4_1", 576, 576), ("Q4_1", 1536, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576)):
         gbs, us = gemv_gbps(qtype, n, k)  # SmolLM2-135M shapes
         print(f"{qtype:<8}{f'{n}x{k}':>14}{'f16':>6}{us:>9.2f}{gbs:>9.0f}{100 * gbs / cp:>10.0f}%")

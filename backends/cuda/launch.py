@@ -6,8 +6,9 @@
 * Scalars must be numpy scalars of the exact C type (``np.int32``, ``np.float32``,
   ``np.int64``): cuda.core packs a Python int as 8 bytes, which silently corrupts an ``int``
   parameter. :func:`launch` refuses plain Python numbers.
-* Modules are loaded once per (program, device); call :meth:`KernelSet.preload` before any
-  CUDA-graph capture so no module load happens while capturing.
+* Modules are loaded once per (program, device) by :func:`get_kernel`; get every kernel (the
+  ``warmup`` of luce_cuda.linear / luce_cuda.ops does) before any CUDA-graph capture so no
+  module load happens while capturing.
 """
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ def get_kernel(prog: KernelProgram, name: str, index: int = 0) -> Any:
         except KernelCompileError:
             raise
         except Exception as e:
-            raise KernelCompileError(f"loading kernel {name!r} of {prog.name!r} failed: {e}",
-                                     remedy="force the torch implementation (e.g. LUCE_LINEAR=torch) and report it") from e
+            raise KernelCompileError(
+                f"loading kernel {name!r} of {prog.name!r} failed: {e}",
+                remedy="force the torch implementation (e.g. LUCE_LINEAR=torch) and report it") from e
         _kernels[key] = k
     return k
 
@@ -135,19 +137,3 @@ def launch(kernel: Any, grid: tuple[int, ...] | int, block: tuple[int, ...] | in
             raise TypeError(f"kernel argument {a!r} must be a tensor, None or a numpy scalar of the exact C type")
     cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
     cu_launch(stream_for(like), cfg, kernel, *packed)
-
-
-class KernelSet:
-    """The kernels of some programs on one device, loaded together (before graph capture)."""
-
-    def __init__(self, programs: dict[str, KernelProgram], index: int = 0):
-        self.programs = programs
-        self.index = index
-
-    def kernel(self, program: str, name: str) -> Any:
-        return get_kernel(self.programs[program], name, self.index)
-
-    def preload(self, names: dict[str, tuple[str, ...]] | None = None) -> None:
-        for pname, prog in self.programs.items():
-            for k in (names or {}).get(pname, prog.kernels):
-                get_kernel(prog, k, self.index)

@@ -5,6 +5,12 @@
   (kernels/gemm.cu): BF16 WMMA on SM 8.0+ (impl "cuda"), FP16 WMMA on SM 7.5+ (impl "cuda-sm75");
 * F32/F16/BF16 weights are stored in the compute dtype and multiplied by torch (cuBLAS).
 
+Precision: the GEMV accumulates in FP32 from the exact block values. The GEMM rounds x and the
+decoded W tile to the MMA type (BF16, or FP16 on the SM 7.5 path; f16 inputs always use FP16),
+so f32 inputs lose precision there; up to ``F32_GEMV_ROWS`` rows of f32 input therefore run
+row by row through the GEMV instead. Weights of several projections with the same input (QKV,
+gate+up) can be concatenated row-wise into one QTensor before ``prepare`` to save launches.
+
 Kernel launches take no host sync and allocate nothing but their outputs, so a decode step is
 capturable in a CUDA graph once :meth:`QuantLinear.warmup` (or one call) has loaded the kernels.
 """
@@ -27,6 +33,7 @@ ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DENSE = {"F32", "F16", "BF16"}
 GEMV_WARPS = 8  # warps per GEMV block
 GEMV_ROWS = 2  # rows per warp (LUCE_GEMV_ROWS in kernels/gemv.cu)
+F32_GEMV_ROWS = 16  # f32 inputs up to this many rows run row by row through the exact GEMV
 
 
 def _dense(w: QTensor) -> torch.Tensor:
@@ -101,6 +108,11 @@ class QuantLinear:
             return out if out is not None else x.new_empty((*lead, n))
         if m == 1:
             y = self._gemv_call(x2, out, accumulate)
+        elif x2.dtype == torch.float32 and m <= F32_GEMV_ROWS:
+            # f32 has no tensor-core operand type (bar TF32): a few rows stay exact via the GEMV
+            y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+            for i in range(m):
+                self._gemv_call(x2[i:i + 1], y[i:i + 1], accumulate and out is not None)
         else:
             y = self._gemm_call(x2, out, accumulate)
         return y.reshape(*lead, n)

@@ -133,15 +133,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_supported(head_dim: int, kv_dtype: torch.dtype, bf16_mma: bool) -> list[str]:
+def attention_supported(head_dim: int, kv_dtype: torch.dtype) -> list[str]:
     """Reasons the attention kernels cannot serve this cache (empty: they can)."""
     out = []
     if head_dim not in programs.HEAD_DIMS:
         out.append(f"head_dim {head_dim} not in {programs.HEAD_DIMS}")
     if kv_dtype not in (torch.float16, torch.bfloat16):
         out.append(f"KV cache dtype {kv_dtype} (kernels read f16/bf16)")
-    elif kv_dtype == torch.bfloat16 and not bf16_mma:
-        out.append("bf16 KV cache needs BF16 tensor cores (SM >= 8.0) for prefill")
     return out
 
 
@@ -200,29 +198,28 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
 
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, *,
-                  bf16_mma: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] at positions start.. over K/V rows [0, start+T) of
-    k, v [capacity, Hkv, D] (f16: FP16 MMA; bf16: BF16 MMA, SM 8.0+)."""
+    k, v [capacity, Hkv, D] in f16 or bf16 (FP16 tensor-core operands, FP32 softmax/accumulate)."""
     t, h, d = q.shape
     cap, hkv, dk = k.shape
     if dk != d or v.shape != k.shape or v.dtype != k.dtype or h % hkv or start + t > cap:
         raise ConfigError(f"flash_prefill: q {tuple(q.shape)} at {start} does not fit k/v {tuple(k.shape)}")
-    why = attention_supported(d, k.dtype, bf16_mma)
+    why = attention_supported(d, k.dtype)
     if why:
         raise ConfigError(f"flash_prefill cannot run: {'; '.join(why)}")
     if k.stride(2) != 1 or k.stride(1) != d or v.stride() != k.stride():
         raise ConfigError("flash_prefill: k/v must be [capacity, n_kv_heads, head_dim] with contiguous rows")
     q = q.contiguous()
     o = out if out is not None else torch.empty_like(q)
-    prog = programs.ATTN_PREFILL_BF16 if k.dtype == torch.bfloat16 else programs.ATTN_PREFILL_F16
-    launch(_k(prog, f"flash_prefill_{ACT[k.dtype]}_d{d}", q), (-(-t // 64), h), (128,),
+    launch(_k(programs.ATTN_PREFILL, f"flash_prefill_{ACT[k.dtype]}_d{d}", q), (-(-t // 64), h), (128,),
            (q, o, np.int32(DT_CODE[q.dtype]), k, v, np.int32(t), np.int32(start), np.int32(h), np.int32(hkv),
             np.int64(k.stride(0)), np.float32(scale * LOG2E)), like=q)
     return o
 
 
 def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16),
-           head_dims: tuple[int, ...] = programs.HEAD_DIMS, bf16_mma: bool = True) -> None:
+           head_dims: tuple[int, ...] = programs.HEAD_DIMS) -> None:
     """Load the op kernels for these dtypes before any CUDA-graph capture."""
     idx = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index or 0
     for dt in dtypes:
@@ -233,10 +230,7 @@ def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...]
         if dt in (torch.float16, torch.bfloat16):
             for d in head_dims:
                 get_kernel(programs.ATTN_DECODE, f"flash_decode_{a}_d{d}", idx)
-                if dt == torch.float16:
-                    get_kernel(programs.ATTN_PREFILL_F16, f"flash_prefill_f16_d{d}", idx)
-                elif bf16_mma:
-                    get_kernel(programs.ATTN_PREFILL_BF16, f"flash_prefill_bf16_d{d}", idx)
+                get_kernel(programs.ATTN_PREFILL, f"flash_prefill_{a}_d{d}", idx)
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_inv_freq", "swiglu", "flash_decode", "flash_prefill",

@@ -2,7 +2,7 @@
 
 linear    "cuda"       SM >= 8.0: GEMV for decode, BF16/FP16 WMMA GEMM for prefill
           "cuda-sm75"  SM >= 7.5: same GEMV, FP16 WMMA GEMM only (e.g. RTX 2080 Ti)
-attention "cuda"       SM >= 7.5: flash-decode + mma.sync flash-prefill over f16 (bf16 on SM 8.0+) caches
+attention "cuda"       SM >= 7.5: flash-decode + FP16 mma.sync flash-prefill over f16/bf16 caches
 """
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ def _attention_requires(caps: Caps, config: RunConfig) -> list[str]:
     for name, dt in (("K", config.kv_k), ("V", config.kv_v)):
         if dt not in ("f16", "bf16"):
             out.append(f"kernels read f16/bf16 caches, not {name}={dt}")
-        elif dt == "bf16" and caps.cc is not None and not caps.bf16_tc:
-            out.append(f"{name}=bf16 cache needs BF16 tensor cores (SM >= 8.0)")
     if config.model is not None and config.model.head_dim not in HEAD_DIMS:
         out.append(f"no kernel for head_dim {config.model.head_dim} (have {', '.join(map(str, HEAD_DIMS))})")
     return out

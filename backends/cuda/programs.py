@@ -44,17 +44,14 @@ ATTN_DECODE = KernelProgram(
     kernels=tuple(f"flash_decode_{kv}_d{d}" for kv in _KV for d in HEAD_DIMS)
     + tuple(f"flash_decode_combine_{a}" for a in ACTS.values()))
 
-# Causal prefill attention with mma.sync m16n8k8: FP16 operands from SM 7.5, BF16 from SM 8.0.
-ATTN_PREFILL_F16 = KernelProgram(
-    name="attn_prefill_f16", source="attention_prefill.cu", min_sm=75, defines=(("LUCE_MMA_BF16", "0"),),
-    kernels=tuple(f"flash_prefill_f16_d{d}" for d in HEAD_DIMS))
-ATTN_PREFILL_BF16 = KernelProgram(
-    name="attn_prefill_bf16", source="attention_prefill.cu", min_sm=80, defines=(("LUCE_MMA_BF16", "1"),),
-    kernels=tuple(f"flash_prefill_bf16_d{d}" for d in HEAD_DIMS))
+# Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.
+ATTN_PREFILL = KernelProgram(
+    name="attn_prefill", source="attention_prefill.cu", min_sm=75,
+    kernels=tuple(f"flash_prefill_{kv}_d{d}" for kv in _KV for d in HEAD_DIMS))
 
 OPS = KernelProgram(
     name="ops", source="ops.cu", min_sm=75,
     kernels=tuple(f"{op}_{a}" for op in ("rms_norm", "rope_normal", "rope_neox", "swiglu") for a in ACTS.values()))
 
 ALL: tuple[KernelProgram, ...] = (*GEMV.values(), *GEMM_F16.values(), *GEMM_BF16.values(), ATTN_DECODE,
-                                  ATTN_PREFILL_F16, ATTN_PREFILL_BF16, OPS)
+                                  ATTN_PREFILL, OPS)

@@ -6,21 +6,11 @@
 // the running max/sum and the output accumulators in registers (the C fragment of S = Q K^T is
 // reused as the A fragment of P V, so P never leaves registers). K and V tiles of 64 keys are
 // staged in shared memory in the MMA type. Softmax runs in log2 units with FP32 accumulation.
-// LUCE_MMA_BF16=1: BF16 operands (SM 8.0+); 0: FP16 operands (SM 7.5+).
+// Operands are FP16 on every arch (SM 7.5+): a bf16 cache is converted tile by tile (exact for
+// values in FP16's normal range), because P = softmax rounded to BF16 would cost ~0.4% per
+// weight where FP16 costs ~0.05%; accumulation is FP32 either way.
 #include "luce_common.cuh"
 
-#if LUCE_MMA_BF16
-typedef __nv_bfloat16 MT;
-__device__ __forceinline__ u32 pack2(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<u32*>(&h);
-}
-__device__ __forceinline__ void mma8(float* c, u32 a0, u32 a1, u32 b0) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-}
-#else
 typedef __half MT;
 __device__ __forceinline__ u32 pack2(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);
@@ -31,7 +21,6 @@ __device__ __forceinline__ void mma8(float* c, u32 a0, u32 a1, u32 b0) {
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(b0));
 }
-#endif
 
 __device__ __forceinline__ float ld_any(const void* p, int dt, i64 i) {
     if (dt == 0) return __half2float(reinterpret_cast<const __half*>(p)[i]);
@@ -191,12 +180,7 @@ __device__ __forceinline__ void flash_prefill_impl(const void* __restrict__ q, v
         i64 kvs, float scale_log2) {                                                                      \
         flash_prefill_impl<TKV, D>(q, out, dt, k, v, T, start, H, Hkv, kvs, scale_log2);                  \
     }
-// BF16 operands for bf16 caches (SM 8.0+), FP16 operands for f16 caches (SM 7.5+). Other
-// combinations (f32 caches, bf16 caches below SM 8.0) take the torch reference path.
-#if LUCE_MMA_BF16
-DEF_PREFILL(bf16, __nv_bfloat16, 64)
-DEF_PREFILL(bf16, __nv_bfloat16, 128)
-#else
 DEF_PREFILL(f16, __half, 64)
 DEF_PREFILL(f16, __half, 128)
-#endif
+DEF_PREFILL(bf16, __nv_bfloat16, 64)
+DEF_PREFILL(bf16, __nv_bfloat16, 128)
