@@ -44,3 +44,8 @@ class SnapshotError(LuceError):
 
 class DeviceMemoryError(LuceError):
     """The plan needs more device memory than is free."""
+
+
+class KernelError(LuceError):
+    """An implementation failed at first use (a kernel that does not compile or load). Unless
+    the user forced that implementation, luce falls back to the next candidate with a warning."""

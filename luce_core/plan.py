@@ -11,7 +11,7 @@ import attrs
 from luce_core import plugins, selection
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, DeviceMemoryError, LuceError, ModelFileError
+from luce_core.errors import ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError
 from luce_core.impl import Impl
 from luce_core.roles import KVSpec, LoadedModel
 
@@ -57,8 +57,11 @@ class Chooser:
             impl = selection.select(role, self.impls(role), self.caps, config, self.failed.get(role, ()))
             try:
                 obj = impl.create(self.caps, config)
-            except LuceError:
-                raise
+            except LuceError as e:
+                if not isinstance(e, KernelError):
+                    raise
+                self.fail(role, impl, e)
+                continue
             except Exception as e:
                 self.fail(role, impl, e)
                 continue
@@ -124,9 +127,11 @@ def build(config: RunConfig, caps: Caps) -> Plan:
             model = Transformer(loaded, linear, attention, tdev, tdtype, max_positions=ctx,
                                 progress=_progress_wrapper(config.progress, "preparing weights"))
             break
-        except (LuceError, torch.cuda.OutOfMemoryError):
+        except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # a kernel that fails at first use falls back (unless forced)
+            if isinstance(e, LuceError) and not isinstance(e, KernelError):
+                raise
             culprits = [(r, i) for r, i in (("linear", linear_impl), ("attention", attn_impl))
                         if i.plugin != REFERENCE_PLUGIN]
             if not culprits:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from luce_core.errors import LuceError
+from luce_core.errors import KernelError, LuceError
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 # Bump when the meaning of a cache entry changes (key layout, options policy).
@@ -33,7 +33,7 @@ _DIGEST_HEADERS = ("cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp
                    "crt/mma.h", "crt/mma.hpp", "cuda_runtime_api.h", "nv/target")
 
 
-class KernelCompileError(LuceError):
+class KernelCompileError(KernelError):
     """NVRTC rejected a kernel source, or the CUDA compile toolchain is missing."""
 
 
