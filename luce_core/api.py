@@ -1,7 +1,9 @@
 """The Python API: ``luce.load()`` and the ``LLM`` it returns."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 import attrs
@@ -88,11 +90,27 @@ class LLM:
         drafter = drafter or forced_name("drafter", self.plan.config)
         if drafter is None:
             self.last_spec_stats = None
-            yield from self.session.generate(ids, max_tokens, sampler, stops, self.last_stats)
+            with self._prefill_bar(len(ids)) as bar:
+                tokens = self.session.generate(ids, max_tokens, sampler, stops, self.last_stats,
+                                               progress=bar.update if bar else None)
+                first = next(tokens, None)  # the prefill happens here, under the progress bar
+            if first is not None:
+                yield first
+                yield from tokens
             return
         dec = self.speculative(drafter, budget=draft_budget, tree=draft_tree, draft_model=draft_model)
         self.last_spec_stats = dec.reset_stats()
         yield from dec.generate(ids, max_tokens, sampler, stops, self.last_stats)
+
+    @contextlib.contextmanager
+    def _prefill_bar(self, n: int):
+        """A progress bar on stderr for prompts long enough to take a while (several chunks)."""
+        if not self.plan.config.progress or n <= 2 * self.session.prefill_chunk:
+            yield None
+            return
+        from tqdm import tqdm
+        with tqdm(total=n, desc="prefill", unit="tok", leave=False, file=sys.stderr) as bar:
+            yield bar
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, *, stop: Sequence[str] = (),
                  **sampling: Any) -> Iterator[str]:

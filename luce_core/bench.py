@@ -139,8 +139,9 @@ def check_baseline(result: dict[str, Any], path: str) -> list[str]:
     base = json.loads(Path(path).read_text())
     fails = []
     thr = base.get("thresholds", {})
-    if base.get("device") and base["device"] != result["device"]:
-        return [f"baseline was recorded on {base['device']!r}, this run is on {result['device']!r}: not comparable"]
+    for key in ("device", "model"):
+        if base.get(key) and base[key] != result[key]:
+            return [f"baseline was recorded with {key} {base[key]!r}, this run has {result[key]!r}: not comparable"]
     for key, ref in base.get("tok_s", {}).items():
         got = result["results"].get(key, {}).get("tok_s")
         if got is None:

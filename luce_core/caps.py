@@ -77,6 +77,7 @@ class Caps:
         if unknown:
             raise ConfigError(f"unknown capability field(s) {', '.join(unknown)}",
                               remedy=f"known fields: {', '.join(f for f in fields if f != 'overridden')}")
+        given = set(items)  # what the user forced (derived flags are not listed as overridden)
         try:  # a malformed value is the user's error: ConfigError, never a bare ValueError
             if "cc" in items:  # derived flags follow the forced compute capability
                 items = {**tensor_core_flags(_cc(items["cc"])), **items}
@@ -91,7 +92,7 @@ class Caps:
             device = items.get("device", self.device)
             if device not in ("cpu", "cuda"):
                 raise ValueError(f"device must be cpu or cuda, got {device!r}")
-            return attrs.evolve(self, **items, overridden=tuple(sorted(set(self.overridden) | set(items))))
+            return attrs.evolve(self, **items, overridden=tuple(sorted(set(self.overridden) | given)))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"capability override {spec!r} has an invalid value: {e}",
                               remedy='write e.g. LUCE_CAPS="cc=7.5,sm_count=68,bf16_tc=0"') from None

@@ -82,7 +82,11 @@ def _text(out: dict[str, Any]) -> str:
         if not rows:
             lines.append("  (no implementation installed)")
         for r in rows:
-            state = "selected" if r["selected"] else "; ".join(r["reasons"]) or "runnable (lower priority)"
-            lines.append(f"  {'*' if r['selected'] else ' '} {r['name']:<14} [{r['plugin']}, prio {r['priority']}]  {state}")
+            if optional:  # nothing is chosen until the user names one (--drafter / --chunk-selector)
+                state, mark = "; ".join(r["reasons"]) or "available", " "
+            else:
+                state = "selected" if r["selected"] else "; ".join(r["reasons"]) or "runnable (lower priority)"
+                mark = "*" if r["selected"] else " "
+            lines.append(f"  {mark} {r['name']:<14} [{r['plugin']}, prio {r['priority']}]  {state}")
     lines += [f"note: {n}" for n in out["notes"]]
     return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""`luce bench` emits reproducible JSON, and the baseline gate fails on each kind of regression."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from luce_core.bench import check_baseline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from luce_gguf.synth import write_synthetic_gguf
+
+    path = tmp_path_factory.mktemp("bench") / "tiny.gguf"
+    write_synthetic_gguf(path, arch="llama", hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                         ffn=128, qtype="Q8_0", seed=1)
+    return path
+
+
+def test_bench_json(tiny, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--pp", "16,32",
+                           "--tg", "8", "--reps", "2", "--ctx", "64", "--kv-k", "q8_0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == r
+    assert set(r["results"]) == {"pp16", "pp32", "tg8"}
+    assert all(v["tok_s"] > 0 and len(v["runs_s"]) == 2 for v in r["results"].values())
+    assert r["model"] == "tiny.gguf" and r["command"].startswith("luce bench")
+    # 2 layers x 2 kv heads x (q8_0 K: one 34-byte block + f16 V: 32 x 2 bytes)
+    assert r["kv"]["k"] == "q8_0" and r["kv"]["bytes_per_token"] == 2 * 2 * (34 + 64)
+    assert r["kv"]["allocated_bytes"] == 64 * r["kv"]["bytes_per_token"]
+    assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False
+
+
+def _result(**kw):
+    r = {"device": "GPU X", "model": "m.gguf", "peak_memory_bytes": 100, "graphs_ratio": 2.0, "smoke": " Paris.",
+         "results": {"tg128": {"tok_s": 1000.0}, "pp512": {"tok_s": 5000.0}}}
+    r.update(kw)
+    return r
+
+
+def test_baseline_gate(tmp_path) -> None:
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps({"device": "GPU X", "model": "m.gguf", "tok_s": {"tg128": 1000.0, "pp512": 5000.0},
+                                "max_peak_memory_bytes": 150, "smoke_contains": "Paris",
+                                "thresholds": {"regression": 0.1, "graphs_ratio_min": 1.3}}))
+    assert check_baseline(_result(), str(base)) == []
+    assert check_baseline(_result(results={"tg128": {"tok_s": 950.0}, "pp512": {"tok_s": 5000.0}}), str(base)) == []
+    slow = check_baseline(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 5000.0}}), str(base))
+    assert len(slow) == 1 and "tg128" in slow[0]
+    assert "graphs" in check_baseline(_result(graphs_ratio=1.1), str(base))[0]
+    assert "Paris" in check_baseline(_result(smoke=" Lyon."), str(base))[0]
+    assert "peak memory" in check_baseline(_result(peak_memory_bytes=200), str(base))[0]
+    assert "not comparable" in check_baseline(_result(device="GPU Y"), str(base))[0]
+    assert "not measured" in check_baseline(_result(results={"tg128": {"tok_s": 1000.0}}), str(base))[0]
