@@ -39,6 +39,26 @@ class Stats:
         return d
 
 
+def check_prompt_fits(n: int, ctx: int, ctx_train: int) -> None:
+    """A prompt must leave room for at least one generated token."""
+    if n == 0:
+        raise ContextOverflowError("the prompt is empty", remedy="give a prompt with at least one token")
+    if n >= ctx:
+        raise ContextOverflowError(
+            f"the prompt has {n} tokens but the context holds {ctx} (one more is needed to generate)",
+            remedy=f"shorten the prompt, or raise the context with --ctx (the model was trained for {ctx_train})")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest shared prefix of two id sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,18 +85,8 @@ class Session:
 
     def prefill(self, ids: Sequence[int], progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
         """Make the KV store hold ``ids``; returns (logits after the last id, ids reused)."""
-        if not ids:
-            raise ContextOverflowError("the prompt is empty", remedy="give a prompt with at least one token")
-        if len(ids) >= self.ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.ctx} (one more is needed to generate)",
-                remedy=f"shorten the prompt, or raise the context with --ctx (the model was trained for "
-                       f"{self.model.cfg.ctx_train})")
-        common = 0
-        for a, b in zip(self.tokens, ids[:-1]):  # keep >= 1 id to run: its logits are needed
-            if a != b:
-                break
-            common += 1
+        check_prompt_fits(len(ids), self.ctx, self.model.cfg.ctx_train)
+        common = common_prefix(self.tokens, ids[:-1])  # keep >= 1 id to run: its logits are needed
         self.truncate(common)
         logits = None
         for s in range(common, len(ids), self.prefill_chunk):

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 import attrs
 import torch
 
-from luce_core.errors import ConfigError, ContextOverflowError
+from luce_core.engine import check_prompt_fits, common_prefix
+from luce_core.errors import ConfigError
 from luce_core.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
 from luce_core.tree import DraftTree, build_ddtree, chain_tree, topk_logprobs
 
@@ -365,9 +366,9 @@ class SpeculativeDecoder:
     def prefill(self, ids: Sequence[int]) -> int:
         """Make the KV store (and mirror) hold ``ids``; returns how many were reused."""
         s = self.session
-        common = _common_prefix(s.tokens, ids)
+        common = common_prefix(s.tokens, ids)
         if self.mirror is not None:
-            common = min(common, _common_prefix(self._mirror_tokens, ids))
+            common = min(common, common_prefix(self._mirror_tokens, ids))
         s.truncate(common)
         if self.mirror is not None:
             del self._mirror_tokens[common:]
@@ -509,13 +510,7 @@ class SpeculativeDecoder:
         s = self.session
         stats = stats if stats is not None else Stats()
         ids = [int(t) for t in prompt]
-        if not ids:
-            raise ContextOverflowError("the prompt is empty", remedy="give a prompt with at least one token")
-        if len(ids) >= s.ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(ids)} tokens but the context holds {s.ctx} (one more is needed to generate)",
-                remedy=f"shorten the prompt, or raise the context with --ctx (the model was trained for "
-                       f"{s.model.cfg.ctx_train})")
+        check_prompt_fits(len(ids), s.ctx, s.model.cfg.ctx_train)
         if max_tokens < 0:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         stats.prompt_tokens = len(ids)
@@ -548,14 +543,6 @@ class SpeculativeDecoder:
             _sync(s.model.device)
             stats.decode_s = time.perf_counter() - t0
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _sync(device: torch.device) -> None:

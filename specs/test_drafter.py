@@ -3,6 +3,7 @@ target's vocabulary, within the budget, and the same for the same input (a draft
 between calls, e.g. a KV cache; that state must not change what it proposes)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
 import pytest
@@ -50,7 +51,10 @@ def _drafter(subject, target, copy: int) -> Any:
 
             tgt, path = target
             try:
-                d.bind(tgt, DrafterOptions(draft_model=path))
+                # a drafter that needs its own weights says how to make test ones (spec_options);
+                # the others get the target itself as their draft model
+                make = getattr(d, "spec_options", None)
+                d.bind(tgt, make(tgt, os.path.dirname(path)) if make else DrafterOptions(draft_model=path))
             except LuceError as e:  # e.g. needs a trained drafter file: it says which
                 _bound[key] = e
             else:
@@ -61,6 +65,30 @@ def _drafter(subject, target, copy: int) -> Any:
     if isinstance(d, LuceError):
         pytest.skip(f"drafter {subject.impl.name!r} cannot serve a generic target: {d}")
     return d
+
+
+def _request(d: Any, target: Any, history: list[int], budget: int, tree: bool) -> Any:
+    """The DraftRequest the speculative engine would pass. A drafter that reads target features
+    (``capture``) gets them for the committed prefix, computed by the target as the engine does."""
+    from luce_core.sampling import SamplingParams
+    from luce_core.speculative import DraftRequest
+
+    features = None
+    capture = tuple(getattr(d, "capture", ()))
+    if capture and len(history) > 1:
+        from luce_core.feature_mirror import FeatureMirror
+        from luce_core.roles import KVSpec
+        from luce_torch.kv import TorchKVStorage
+
+        tgt, _ = target
+        m = tgt.model
+        kv = TorchKVStorage().allocate(KVSpec(m.cfg.n_layers, m.cfg.n_kv_heads, m.cfg.head_dim, len(history)))
+        feats = m.forward(torch.tensor(history[:-1]), 0, kv, capture=capture).features
+        features = FeatureMirror(TorchKVStorage(), len(history), feats.shape[-1])
+        features.write(0, feats)
+        features.set_length(len(history) - 1)
+    return DraftRequest(tokens=history, budget=budget, tree=tree, params=SamplingParams(),
+                        generator=torch.Generator().manual_seed(0), max_depth=budget, features=features)
 
 
 def _chain(p: Any) -> tuple[int, ...]:
@@ -106,11 +134,15 @@ def _same(a: Any, b: Any) -> bool:
 @given(history=histories, budget=st.integers(0, 6), other=histories)
 def test_chain_proposals(subject, target, history: list[int], budget: int, other: list[int]) -> None:
     first, second = _drafter(subject, target, 0), _drafter(subject, target, 1)
-    p = first.propose(history, budget)
+
+    def ask(d: Any, h: list[int]) -> Any:
+        return d.propose(h, budget, request=_request(d, target, h, budget, tree=False))
+
+    p = ask(first, history)
     _assert_valid(p, history, budget)
-    first.propose(other, budget)  # whatever state that leaves must not leak into the next answer
-    assert _same(first.propose(history, budget), p)
-    assert _same(second.propose(history, budget), p)
+    ask(first, other)  # whatever state that leaves must not leak into the next answer
+    assert _same(ask(first, history), p)
+    assert _same(ask(second, history), p)
 
 
 @SETTINGS
@@ -119,13 +151,7 @@ def test_tree_proposals(subject, target, history: list[int], budget: int) -> Non
     first = _drafter(subject, target, 0)
     if not getattr(first, "supports_tree", False):
         pytest.skip(f"drafter {subject.impl.name!r} drafts chains only")
-    from luce_core.sampling import SamplingParams
-    from luce_core.speculative import DraftRequest
-
-    def request() -> Any:
-        return DraftRequest(tokens=history, budget=budget, tree=True, params=SamplingParams(),
-                            generator=torch.Generator().manual_seed(0), max_depth=budget)
-
-    p = first.propose(history, budget, request=request())
+    p = first.propose(history, budget, request=_request(first, target, history, budget, tree=True))
     _assert_valid(p, history, budget)
-    assert _same(_drafter(subject, target, 1).propose(history, budget, request=request()), p)
+    second = _drafter(subject, target, 1)
+    assert _same(second.propose(history, budget, request=_request(second, target, history, budget, tree=True)), p)

@@ -23,3 +23,14 @@ def _fresh_plugin_host():
     plugins.reset()
     yield
     plugins.reset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: thread wake-ups cost more than they save (and CI's 2 cores are shared)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

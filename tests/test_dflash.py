@@ -16,12 +16,7 @@ from luce_drafters.train import Head, Sequences, batch_of, block_hidden
 from luce_drafters.train import main as train_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from luce_drafters.draft_model import check_same_tokenizer
 from luce_drafters.prompt_lookup import PromptLookupDrafter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_plugin_declares_the_three_drafters_and_imports_nothing_heavy():

@@ -24,13 +24,7 @@ from luce_drafters import testing
 FEW = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny ops: thread wake-ups cost more than they save (and the 2 CI cores are shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

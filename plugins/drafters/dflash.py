@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from luce_core.engine import common_prefix
 from luce_core.errors import ConfigError, ModelFileError
 from luce_core.speculative import DrafterOptions, DraftRequest, Proposal, Target
 
@@ -311,6 +312,14 @@ class DFlashDrafter:
         cfg, state = load_drafter(options.draft_model)
         self.bind_model(target, cfg, build_model(cfg, state), where=str(options.draft_model))
 
+    def spec_options(self, target: Target, workdir: str) -> DrafterOptions:
+        """For the role's conformance spec: options naming an untrained drafter sized for
+        ``target`` (random weights are enough for the protocol properties it checks)."""
+        from luce_drafters.testing import random_dflash
+
+        path = random_dflash(target.model, f"{workdir}/spec-dflash.safetensors", block=4)
+        return DrafterOptions(draft_model=path)
+
     def bind_model(self, target: Target, cfg: DFlashConfig, model: DFlashModel, where: str = "(in memory)") -> None:
         check_target(cfg, target.model.cfg, where)
         tm = target.model
@@ -322,6 +331,7 @@ class DFlashDrafter:
         self.v_cache = torch.zeros(shape, dtype=tm.dtype, device=tm.device)
         # context rows [valid_from, cached) have K/V in the cache (rows before the window are skipped)
         self.valid_from = self.cached = 0
+        self._ctx_tokens: list[int] = []
 
     def truncate(self, n: int) -> None:
         """Feature rows from ``n`` on may change: forget their K/V."""
@@ -335,6 +345,10 @@ class DFlashDrafter:
         assert self.model is not None
         cfg, tm = self.cfg, self.target
         n = len(tokens) - 1  # committed positions; tokens[-1] is pending
+        # cached K/V is valid only for the prefix this call shares with the one it was built for:
+        # check it here rather than trust every caller to report rollbacks
+        self.truncate(common_prefix(self._ctx_tokens, tokens[:n]))
+        self._ctx_tokens = list(tokens[:n])
         lo = max(0, n - cfg.window)
         if not self.valid_from <= lo <= self.cached:  # the window left the cached range: start over
             self.valid_from = self.cached = lo
