@@ -128,7 +128,13 @@ def build(config: RunConfig, caps: Caps) -> Plan:
                                 progress=_progress_wrapper(config.progress, "preparing weights"))
             break
         except torch.cuda.OutOfMemoryError:
-            raise
+            need = sum(t.nbytes for t in loaded.tensors.values())
+            free = torch.cuda.mem_get_info(tdev)[0]
+            raise DeviceMemoryError(
+                f"out of GPU memory while loading the weights ({need / 2**30:.2f} GiB stored in the file; "
+                f"{free / 2**30:.2f} GiB free now)",
+                remedy="free GPU memory (other processes), use a smaller or more quantized GGUF, "
+                       "or run on the CPU with --device cpu") from None
         except Exception as e:  # a kernel that fails at first use falls back (unless forced)
             if isinstance(e, LuceError) and not isinstance(e, KernelError):
                 raise

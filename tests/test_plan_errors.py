@@ -1,0 +1,67 @@
+"""Planning turns device failures into errors that say what to do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import luce
+from luce_core.errors import DeviceMemoryError, KernelError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from luce_gguf.synth import write_synthetic_gguf
+
+    path = tmp_path_factory.mktemp("plan") / "tiny.gguf"
+    write_synthetic_gguf(path, arch="llama", hidden=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                         ffn=64, vocab=300, return_weights=False)
+    return path
+
+
+def test_out_of_memory_while_loading_weights(tiny, monkeypatch) -> None:
+    from luce_torch import linear
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(linear.TorchLinear, "prepare", oom)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 << 20, 80 << 30))
+    with pytest.raises(DeviceMemoryError, match="out of GPU memory while loading the weights") as e:
+        luce.load(tiny, device="cpu", progress=False)
+    assert "--device cpu" in e.value.remedy
+
+
+def test_out_of_memory_for_the_kv_cache(tiny, monkeypatch) -> None:
+    from luce_torch import kv
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(kv.TorchKVStorage, "allocate", oom)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
+    with pytest.raises(DeviceMemoryError, match="KV cache needs") as e:
+        luce.load(tiny, device="cpu", ctx=1000, progress=False)
+    assert "--ctx" in e.value.remedy
+
+
+def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
+    """An implementation failing at first use (KernelError) gives way to the next candidate with
+    a warning; the same failure of a forced implementation is an error."""
+    from luce_core import plugins
+    from luce_core.impl import Impl
+
+    class Broken:
+        def __init__(self, caps, config):
+            raise KernelError("kernel does not compile here")
+
+    class Plugin:
+        @staticmethod
+        @luce.hookimpl
+        def provide_attention():
+            return [Impl("attention", "broken", f"{__name__}:Broken", priority=50)]
+
+    globals()["Broken"] = Broken
+    plugins.host().register(Plugin, "broken-test")
+    with pytest.warns(UserWarning, match="'broken' failed"):
+        llm = luce.load(tiny, device="cpu", progress=False)
+    assert llm.selected()["attention"] == "torch"
+    with pytest.raises(luce.LuceError, match="forced"):
+        luce.load(tiny, device="cpu", attention="broken", progress=False)
