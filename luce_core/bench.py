@@ -86,6 +86,40 @@ def bench_decode(llm, n: int, reps: int) -> dict[str, Any]:
     return {"tokens": n, "tok_s": round(n / med, 1), "runs_s": [round(x, 5) for x in runs]}
 
 
+def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str | None) -> dict[str, Any]:
+    """Greedy decode tok/s with ``drafter`` vs plain decoding on the same prompt sets
+    (luce_core.prompt_sets), plus acceptance length; outputs must be identical to count."""
+    from luce_core.prompt_sets import SETS
+
+    out: dict[str, Any] = {"drafter": drafter, "budget": budget, "tokens_per_prompt": n}
+    for name, prompts in SETS.items():
+        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if name == "chat" else p
+                 for p in prompts]
+        ids = [llm.encode(t) for t in texts]
+        times = {"plain": 0.0, "spec": 0.0}
+        gen = {"plain": 0, "spec": 0}
+        same, acc = 0, []
+        for prompt in ids:
+            runs = {}
+            for mode in ("plain", "spec"):
+                kw = dict(drafter=drafter, draft_budget=budget, draft_model=draft_model) if mode == "spec" else {}
+                llm.session.truncate(0)
+                list(llm.generate_ids(prompt[:4], 2, **kw))  # warm-up (graph capture, kernels)
+                llm.session.truncate(0)
+                toks = []
+                t = _timed(llm, lambda: toks.extend(llm.generate_ids(prompt, n, **kw)))
+                times[mode] += t - llm.last_stats.prefill_s
+                gen[mode] += len(toks)
+                runs[mode] = toks
+                if mode == "spec":
+                    acc.append(llm.last_spec_stats.acceptance_length)
+            same += runs["plain"] == runs["spec"]
+        plain, spec = gen["plain"] / times["plain"], gen["spec"] / times["spec"]
+        out[name] = {"plain_tok_s": round(plain, 1), "spec_tok_s": round(spec, 1), "speedup": round(spec / plain, 3),
+                     "acceptance_length": round(sum(acc) / len(acc), 3), "identical_outputs": f"{same}/{len(ids)}"}
+    return out
+
+
 def smoke(llm) -> str:
     llm.session.truncate(0)
     return "".join(llm.generate("The capital of France is", 12))
@@ -115,6 +149,8 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             results[f"tg{a.tg}_eager"] = bench_decode(llm, a.tg, a.reps)
             llm.session.graphs = graphs
             graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
+    drafter = a.role_drafter
+    spec = bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model) if drafter else None
     caps = llm.plan.caps
     cfg = llm.plan.config
     peak = (torch.cuda.max_memory_allocated() if llm.plan.device.startswith("cuda")
@@ -130,7 +166,7 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
                "bytes_per_token": kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v),
                "allocated_bytes": llm.plan.kv.nbytes},
         "cuda_graphs": llm.session.graphs is not None, "graphs_ratio": graphs_ratio,
-        "results": results, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
+        "results": results, "speculative": spec, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
     }
 
 
@@ -165,6 +201,7 @@ def main(a: argparse.Namespace) -> int:
 
     overrides = _overrides(a)
     overrides["progress"] = False
+    overrides.pop("drafter", None)  # plain decoding is the baseline: the drafter runs only in bench_speculative
     result = run(a, overrides)
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,9 +1,10 @@
 """One-graph decode: each decode step is a single CUDA-graph replay.
 
-A graph is captured per attention window (powers of two up to the context), so a step at
-position p replays the smallest window > p: static shapes, no allocation and no host sync
-inside, and short contexts do not pay for attending over the whole cache. The token and
-position live in static device buffers that are filled before replay.
+A graph is captured per attention window (powers of two up to the context) and per number of
+tokens T (1 for plain decode, budget + 1 for a speculative chain verify), so a step whose last
+position is p replays the smallest window > p: static shapes, no allocation and no host sync
+inside, and short contexts do not pay for attending over the whole cache. Tokens and positions
+live in static device buffers that are filled before replay.
 """
 from __future__ import annotations
 
@@ -28,33 +29,40 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.model, self.kv, self.ctx = model, kv, ctx
-        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.windows = windows(ctx)
 
-    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, window: int, n: int):
+        tokens = torch.zeros(n, dtype=torch.long, device=self.model.device)
+        pos = torch.arange(n, dtype=torch.long, device=self.model.device)
         # Warm up on a side stream (compiles/loads kernels, settles the allocator), then capture.
-        # The warm-up writes slot pos's K/V, which the real step rewrites before reading.
+        # The warm-up writes slots 0..n-1, which are rewritten before any real step reads them.
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.model.decode_static(self.token, self.pos, self.kv, window)
+                self.model.decode_static(tokens, pos, self.kv, window)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            out = self.model.decode_static(self.token, self.pos, self.kv, window)
-        return g, out
+            out = self.model.decode_static(tokens, pos, self.kv, window)
+        return g, tokens, pos, out
+
+    def run(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Logits [T, vocab] after ``tokens`` at positions start..start+T-1 (their K/V land in
+        those slots)."""
+        n = len(tokens)
+        window = next(w for w in self.windows if w >= start + n)
+        key = (window, n)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(window, n)
+        g, tok_buf, pos_buf, out = self.graphs[key]
+        tok_buf.copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)
+        torch.arange(start, start + n, out=pos_buf)
+        g.replay()
+        return out
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [vocab] after ``token`` at ``position`` (its K/V lands in slot ``position``)."""
-        window = next(w for w in self.windows if w > position)
-        self.token.fill_(token)
-        self.pos.fill_(position)
-        if window not in self.graphs:
-            self.graphs[window] = self._capture(window)
-        g, out = self.graphs[window]
-        g.replay()
-        return out[0]
+        return self.run([token], position)[0]

@@ -107,16 +107,16 @@ class Transformer:
                          start, mask, logits_rows, capture)
 
     @torch.inference_mode()
-    def decode_static(self, token: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int) -> torch.Tensor:
-        """One decode step with static shapes, for CUDA-graph capture.
+    def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int) -> torch.Tensor:
+        """Decode (or chain-verify) T consecutive tokens with static shapes, for CUDA-graph capture.
 
-        token and pos are device tensors [1] (no host sync reads them); the K/V goes to slot
-        ``pos`` via ``kv.write_at`` and attention spans the fixed ``window`` slots with the
-        ones past ``pos`` masked out. Returns logits [1, vocab].
+        tokens and pos are device tensors [T] (no host sync reads them); each token's K/V goes to
+        slot pos[i] via ``kv.write_at`` and attention spans the fixed ``window`` slots, a query
+        seeing the slots up to its own position. Returns logits [T, vocab].
         """
-        mask = (torch.arange(window, device=self.device) <= pos)[None, :]
-        return self._run(token, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
-                         window - 1, mask, None, ()).logits
+        mask = torch.arange(window, device=self.device)[None, :] <= pos[:, None]
+        return self._run(tokens, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
+                         window - tokens.shape[0], mask, None, ()).logits
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
              write: Callable[[int, torch.Tensor, torch.Tensor], None], attn_start: int,

@@ -427,16 +427,21 @@ class SpeculativeDecoder:
         toks = [history[-1], *drafts]
         if self.static and len(toks) < budget + 1:
             toks += [history[-1]] * (budget + 1 - len(toks))  # padding rows follow the drafts: ignored
-        out = s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture)
+        graphs = getattr(s, "graphs", None) if self.static and not self.capture else None
+        if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
+            logits, feats = graphs.run(toks, n), None
+        else:
+            out = s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture)
+            logits, feats = out.logits, out.features
         s.kv.set_length(n + len(toks))
         _sync(s.model.device)
         t2 = time.perf_counter()
-        a, bonus = accept_chain(out.logits, drafts, history, sampler.params, sampler.generator, probs)
+        a, bonus = accept_chain(logits, drafts, history, sampler.params, sampler.generator, probs)
         kept = toks[: a + 1]
         s.tokens += kept
         s.kv.set_length(len(s.tokens))
         if self.mirror is not None:
-            self._commit_features(n, kept, out.features[: a + 1])
+            self._commit_features(n, kept, feats[: a + 1])
         t3 = time.perf_counter()
         self.stats.verify_s += t2 - t1
         self.stats.accept_s += t3 - t2

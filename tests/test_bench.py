@@ -23,7 +23,8 @@ def tiny(tmp_path_factory):
 def test_bench_json(tiny, tmp_path) -> None:
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--pp", "16,32",
-                           "--tg", "8", "--reps", "2", "--ctx", "64", "--kv-k", "q8_0", "--out", str(out)],
+                           "--tg", "8", "--reps", "2", "--ctx", "256", "--kv-k", "q8_0", "--out", str(out),
+                           "--drafter", "prompt-lookup", "--spec-tokens", "8"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
@@ -33,8 +34,12 @@ def test_bench_json(tiny, tmp_path) -> None:
     assert r["model"] == "tiny.gguf" and r["command"].startswith("luce bench")
     # 2 layers x 2 kv heads x (q8_0 K: one 34-byte block + f16 V: 32 x 2 bytes)
     assert r["kv"]["k"] == "q8_0" and r["kv"]["bytes_per_token"] == 2 * 2 * (34 + 64)
-    assert r["kv"]["allocated_bytes"] == 64 * r["kv"]["bytes_per_token"]
+    assert r["kv"]["allocated_bytes"] == 256 * r["kv"]["bytes_per_token"]
     assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False
+    spec = r["speculative"]
+    for name in ("code", "chat"):  # speculative greedy decoding must reproduce plain greedy decoding
+        assert spec[name]["identical_outputs"] == "4/4", spec
+        assert spec[name]["plain_tok_s"] > 0 and spec[name]["acceptance_length"] >= 1.0
 
 
 def _result(**kw):

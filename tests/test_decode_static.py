@@ -36,6 +36,19 @@ def test_static_step_equals_eager_step(tiny, kv) -> None:
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_static_chain_of_tokens_equals_forward(tiny) -> None:
+    """T > 1 (a speculative chain verify): every row equals the eager forward's row."""
+    llm = luce.load(tiny, device="cpu", ctx=64, progress=False)
+    model, s = llm.plan.model, llm.session
+    prompt = [5, 9, 17, 33, 2, 8]
+    s.prefill(prompt)
+    chain = torch.tensor([40, 41, 7, 3])
+    n = len(prompt)
+    eager = model.forward(chain, n, s.kv).logits
+    static = model.decode_static(chain, torch.arange(n, n + 4), s.kv, 32)
+    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_windows_cover_context() -> None:
     assert windows(100) == [100]
     assert windows(4096) == [256, 512, 1024, 2048, 4096]

@@ -45,3 +45,15 @@ def test_cuda_backend_greedy_matches_torch_reference(smollm2_path) -> None:
     margin = float(logits[b[n]] - logits[a[n]])
     print(f"divergence at token {n}: reference {b[n]} vs cuda {a[n]}, reference logit margin {margin:.4f}")
     assert margin < 0.25, f"divergence at token {n} is not a near-tie (margin {margin:.3f})"
+
+
+def test_graphed_speculative_chain_equals_plain_greedy(smollm2_path) -> None:
+    """Prompt-lookup chain verify replayed as CUDA graphs keeps the target's greedy tokens (f32,
+    where batched and single-row rounding agree) and actually accepts drafts."""
+    prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add("
+    llm = luce.load(smollm2_path, device="cuda", dtype="f32", ctx=1024, progress=False)
+    plain = list(llm.generate_ids(prompt, 96))
+    spec = list(llm.generate_ids(prompt, 96, drafter="prompt-lookup", draft_budget=8))
+    assert spec == plain
+    assert llm.last_spec_stats.acceptance_length > 1.5
+    assert any(n > 1 for _, n in llm.session.graphs.graphs)  # the verify ran as a captured graph
