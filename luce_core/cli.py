@@ -33,11 +33,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
-    import os
-    rotation = not a.no_kv_rotation and os.environ.get("LUCE_KV_ROTATION", "1") not in ("0", "false", "off")
     kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
-                              kv_rotation=rotation, feature_dtype=a.feature_dtype, progress=not a.no_progress,
+                              feature_dtype=a.feature_dtype, progress=not a.no_progress,
                               cuda_graphs=not a.no_cuda_graphs)
+    if a.no_kv_rotation:  # otherwise RunConfig's default applies (on, unless LUCE_KV_ROTATION=0)
+        kw["kv_rotation"] = False
     kw.update({role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")})
     return kw
 

@@ -1,6 +1,7 @@
 """What the user asked for in one run: the input of selection and planning."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -15,6 +16,11 @@ KV_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 FEATURE_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # The one documented default KV pair (README, tests and code all read it from here).
 DEFAULT_KV = ("f16", "f16")
+
+
+def _rotation_default() -> bool:
+    """On unless LUCE_KV_ROTATION turns it off (so the API and the CLI honour the same switch)."""
+    return os.environ.get("LUCE_KV_ROTATION", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _choice(options: tuple[str, ...]):
@@ -32,7 +38,7 @@ class RunConfig:
     ctx: int = 0  # context length; 0 = min(model's trained context, 4096)
     kv_k: str = attrs.field(default=DEFAULT_KV[0], validator=_choice(KV_DTYPES))
     kv_v: str = attrs.field(default=DEFAULT_KV[1], validator=_choice(KV_DTYPES))
-    kv_rotation: bool = True  # Hadamard-rotate quantized K (ignored for float K)
+    kv_rotation: bool = attrs.field(factory=_rotation_default)  # Hadamard-rotate quantized K (ignored for float K)
     feature_dtype: str = attrs.field(default="f32", validator=_choice(FEATURE_DTYPES))
     weights: str = "native"  # native | nvfp4 (repack at load)
     cuda_graphs: bool = True

@@ -20,16 +20,12 @@ each head vector on its own, so ``head_dim`` must be a multiple of 32 for them.
 """
 from __future__ import annotations
 
+from luce_core.config import KV_DTYPES
 from luce_core.errors import ConfigError
+from luce_core.formats import BLOCKS
 
-# dtype -> (elements per block, bytes per block)
-KV_BLOCKS: dict[str, tuple[int, int]] = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-}
+# dtype -> (elements per block, bytes per block): the ggml geometry of the same-named type
+KV_BLOCKS: dict[str, tuple[int, int]] = {d: BLOCKS[d.upper()] for d in KV_DTYPES}
 QUANTIZED = frozenset(d for d, (elems, _) in KV_BLOCKS.items() if elems > 1)
 
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from luce_core import Impl, hookimpl
 from luce_core.caps import Caps
-from luce_core.config import RunConfig
+from luce_core.config import KV_DTYPES, RunConfig
 from luce_core.formats import SUPPORTED
-
-KV_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def _linear_requires(caps: Caps, config: RunConfig) -> list[str]:
