@@ -68,12 +68,15 @@ def bench_prefill(llm, n: int, reps: int) -> dict[str, Any]:
     return {"tokens": n, "tok_s": round(n / med, 1), "ttft_ms": round(med * 1e3, 2), "runs_s": [round(x, 5) for x in runs]}
 
 
-def bench_decode(llm, n: int, reps: int) -> dict[str, Any]:
+def bench_decode(llm, n: int, reps: int, depth: int = 1) -> dict[str, Any]:
+    """tok/s of ``n`` greedy decode steps after a ``depth``-token prompt (the context depth the
+    steps attend over)."""
     s = llm.session
+    ids = [llm.tokenizer.bos_id or 1] if depth <= 1 else _prompt(llm, depth, seed=1)
     runs = []
     for r in range(reps + 1):
         s.truncate(0)
-        s.prefill([llm.tokenizer.bos_id or 1])
+        s.prefill(ids)
 
         def steps() -> None:
             tok = 100
@@ -118,6 +121,38 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
         out[name] = {"plain_tok_s": round(plain, 1), "spec_tok_s": round(spec, 1), "speedup": round(spec / plain, 3),
                      "acceptance_length": round(sum(acc) / len(acc), 3), "identical_outputs": f"{same}/{len(ids)}"}
     return out
+
+
+def bench_kv_sweep(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Decode tok/s and KV memory per KV dtype pair at each context depth, one model load per
+    pair (the pair fixes the store's layout). Memory: the formula (bytes per token x capacity)
+    next to what the store allocated."""
+    import torch
+
+    import luce
+    from luce_core.kv_memory import kv_bytes_per_token
+
+    depths = [int(x) for x in str(a.kv_depths).split(",") if x.strip()]
+    ctx = max(depths) + a.tg + 2
+    rows = []
+    for pair in str(a.kv_sweep).split(","):
+        k_dt, _, v_dt = pair.strip().partition("/")
+        kw = dict(overrides, kv_k=k_dt, kv_v=v_dt or k_dt, ctx=ctx)
+        llm = luce.load(a.model, caps=a.caps, **kw)
+        m, cfg = llm.config, llm.plan.config
+        bpt = kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v)
+        row: dict[str, Any] = {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation, "ctx": llm.plan.ctx,
+                               "selected": {r: llm.selected()[r] for r in ("attention", "kv_storage")},
+                               "bytes_per_token": bpt, "allocated_bytes": llm.plan.kv.nbytes,
+                               "formula_bytes": bpt * llm.plan.ctx}
+        for d in depths:
+            r = bench_decode(llm, a.tg, a.reps, depth=d)
+            row[f"d{d}"] = {"tok_s": r["tok_s"], "kv_bytes_at_depth": bpt * d}
+        rows.append(row)
+        del llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"depths": depths, "tg": a.tg, "pairs": rows}
 
 
 def smoke(llm) -> str:
@@ -170,6 +205,14 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _device_of(result: dict[str, Any]) -> None:
+    import torch
+    from luce_core.caps import probe
+    caps = probe()
+    result["device"] = caps.gpu_name if torch.cuda.is_available() else f"cpu: {caps.cpu_name}"
+    result["torch"] = torch.__version__
+
+
 def check_baseline(result: dict[str, Any], path: str) -> list[str]:
     """Failures of ``result`` against a baseline file (empty list = pass)."""
     base = json.loads(Path(path).read_text())
@@ -202,7 +245,13 @@ def main(a: argparse.Namespace) -> int:
     overrides = _overrides(a)
     overrides["progress"] = False
     overrides.pop("drafter", None)  # plain decoding is the baseline: the drafter runs only in bench_speculative
-    result = run(a, overrides)
+    if a.kv_sweep:
+        result = {"luce": __import__("luce").__version__, "commit": _commit(),
+                  "command": " ".join(["luce", *sys.argv[1:]]), "host": platform.node(),
+                  "kv_sweep": bench_kv_sweep(a, overrides)}
+        _device_of(result)
+    else:
+        result = run(a, overrides)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

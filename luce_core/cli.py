@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from luce_core.config import DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES
+from luce_core.config import DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS
 from luce_core.errors import LuceError
 from luce_core.impl import ROLES
 
@@ -26,6 +26,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-v", default=DEFAULT_KV[1], choices=KV_DTYPES, help="V cache dtype (default %(default)s)")
     p.add_argument("--no-kv-rotation", action="store_true", help="do not Hadamard-rotate quantized K")
     p.add_argument("--feature-dtype", default="f32", choices=FEATURE_DTYPES, help="DFlash feature mirror dtype")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="matmul weights: native (as stored, default) or nvfp4 (repacked at load); env LUCE_WEIGHTS")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (no CUDA-graph replay)")
     p.add_argument("--caps", help='force capabilities, e.g. "cc=7.5" (like LUCE_CAPS)')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -36,6 +38,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
                               feature_dtype=a.feature_dtype, progress=not a.no_progress,
                               cuda_graphs=not a.no_cuda_graphs)
+    if a.weights:  # otherwise RunConfig's default applies (LUCE_WEIGHTS, else native)
+        kw["weights"] = a.weights
     if a.no_kv_rotation:  # otherwise RunConfig's default applies (on, unless LUCE_KV_ROTATION=0)
         kw["kv_rotation"] = False
     kw.update({role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")})

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
 KV_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 FEATURE_DTYPES = ("f32", "f16", "bf16", "q8_0")
+WEIGHT_FORMATS = ("native", "nvfp4")  # native: as stored; nvfp4: matmul weights repacked at load (luce_core.repack)
 # The one documented default KV pair (README, tests and code all read it from here).
 DEFAULT_KV = ("f16", "f16")
 
@@ -21,6 +22,11 @@ DEFAULT_KV = ("f16", "f16")
 def _rotation_default() -> bool:
     """On unless LUCE_KV_ROTATION turns it off (so the API and the CLI honour the same switch)."""
     return os.environ.get("LUCE_KV_ROTATION", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _weights_default() -> str:
+    """LUCE_WEIGHTS, else native (so the API and the CLI honour the same switch)."""
+    return os.environ.get("LUCE_WEIGHTS", "").strip().lower() or "native"
 
 
 def _choice(options: tuple[str, ...]):
@@ -40,7 +46,7 @@ class RunConfig:
     kv_v: str = attrs.field(default=DEFAULT_KV[1], validator=_choice(KV_DTYPES))
     kv_rotation: bool = attrs.field(factory=_rotation_default)  # Hadamard-rotate quantized K (ignored for float K)
     feature_dtype: str = attrs.field(default="f32", validator=_choice(FEATURE_DTYPES))
-    weights: str = "native"  # native | nvfp4 (repack at load)
+    weights: str = attrs.field(factory=_weights_default, validator=_choice(WEIGHT_FORMATS))  # native | nvfp4
     cuda_graphs: bool = True
     overrides: dict[str, str] = attrs.field(factory=dict)  # role -> forced implementation name
     model: "ModelConfig | None" = None  # filled in after loading; linear/attention check it

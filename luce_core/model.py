@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import attrs
+import numpy as np
 import torch
 
-from luce_core import rope
+from luce_core import layer_ops, rope
 from luce_core.errors import ModelFileError
 from luce_core.roles import Attention, KVStore, Linear, LoadedModel, ModelConfig, QTensor
 
@@ -19,14 +20,16 @@ Proj = Callable[[torch.Tensor], torch.Tensor]
 
 @attrs.define
 class Block:
+    """One layer. Projections that read the same input run as one matmul: ``qkv`` (Q, K, V rows
+    concatenated) and ``gate_up``; ``split`` gives the column widths of their outputs."""
+
     attn_norm: torch.Tensor
-    q: Proj
-    k: Proj
-    v: Proj
+    qkv: Proj
+    qkv_split: tuple[int, int, int]
     o: Proj
     ffn_norm: torch.Tensor
-    gate: Proj
-    up: Proj
+    gate_up: Proj
+    ffn: int
     down: Proj
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
@@ -34,10 +37,43 @@ class Block:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
 
+    # One projection at a time, for code that wants them apart (drafter training, inspection).
+    def q(self, h: torch.Tensor) -> torch.Tensor:
+        return self.qkv(h)[..., : self.qkv_split[0]]
+
+    def k(self, h: torch.Tensor) -> torch.Tensor:
+        a, b, _ = self.qkv_split
+        return self.qkv(h)[..., a:a + b]
+
+    def v(self, h: torch.Tensor) -> torch.Tensor:
+        a, b, _ = self.qkv_split
+        return self.qkv(h)[..., a + b:]
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate_up(h)[..., : self.ffn]
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate_up(h)[..., self.ffn:]
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+    return layer_ops.rms_norm(x, w, eps)
+
+
+def fuse_rows(name: str, parts: Sequence[QTensor]) -> list[QTensor]:
+    """Matrices with the same input concatenated row-wise into one QTensor, when their storage
+    allows it (same type, per-tensor scale and row length: every ggml row is whole blocks), so
+    one kernel reads them all; otherwise the parts unchanged."""
+    first = parts[0]
+    if all(p.qtype == first.qtype and p.scale == first.scale and len(p.shape) == 2
+           and p.shape[1] == first.shape[1] and p.data.shape[1] == first.data.shape[1] for p in parts):
+        data = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
+        return [QTensor(name, first.qtype, (sum(p.shape[0] for p in parts), first.shape[1]), data, first.scale)]
+    return list(parts)
+
+
+def _joined(projs: Sequence[Proj]) -> Proj:
+    return projs[0] if len(projs) == 1 else (lambda h: torch.cat([p(h) for p in projs], dim=-1))
 
 
 @attrs.frozen
@@ -69,11 +105,15 @@ class Transformer:
         self.blocks: list[Block] = []
         for i in progress(range(cfg.n_layers)):
             p = f"blk.{i}."
-            mat = lambda n: linear.prepare(get(p + n + ".weight"), device, dtype)  # noqa: E731
+            mats = lambda names, fused: _joined([linear.prepare(w, device, dtype)  # noqa: E731
+                                                 for w in fuse_rows(p + fused, [get(p + n + ".weight") for n in names])])
             self.blocks.append(Block(
-                attn_norm=vec(p + "attn_norm.weight"), q=mat("attn_q"), k=mat("attn_k"), v=mat("attn_v"),
-                o=mat("attn_output"), ffn_norm=vec(p + "ffn_norm.weight"), gate=mat("ffn_gate"),
-                up=mat("ffn_up"), down=mat("ffn_down"),
+                attn_norm=vec(p + "attn_norm.weight"),
+                qkv=mats(("attn_q", "attn_k", "attn_v"), "attn_qkv.weight"),
+                qkv_split=(cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim),
+                o=linear.prepare(get(p + "attn_output.weight"), device, dtype), ffn_norm=vec(p + "ffn_norm.weight"),
+                gate_up=mats(("ffn_gate", "ffn_up"), "ffn_gate_up.weight"), ffn=cfg.ffn,
+                down=linear.prepare(get(p + "ffn_down.weight"), device, dtype),
                 q_bias=opt_vec(p + "attn_q.bias"), k_bias=opt_vec(p + "attn_k.bias"), v_bias=opt_vec(p + "attn_v.bias"),
                 q_norm=opt_vec(p + "attn_q_norm.weight"), k_norm=opt_vec(p + "attn_k_norm.weight")))
         self.out_norm = vec("output_norm.weight")
@@ -81,6 +121,7 @@ class Transformer:
         factors = vec("rope_freqs.weight") if "rope_freqs.weight" in t else None
         self.cos, self.sin = rope.rope_tables(rope.inv_frequencies(cfg, None if factors is None else factors.cpu()), max_positions, device)
         self.scale = cfg.head_dim ** -0.5
+        self.ops: layer_ops.LayerOps = getattr(attention, "layer_ops", None) or layer_ops.TORCH_LAYER_OPS
 
     @property
     def config(self) -> ModelConfig:
@@ -111,43 +152,46 @@ class Transformer:
         """Decode (or chain-verify) T consecutive tokens with static shapes, for CUDA-graph capture.
 
         tokens and pos are device tensors [T] (no host sync reads them); each token's K/V goes to
-        slot pos[i] via ``kv.write_at`` and attention spans the fixed ``window`` slots, a query
-        seeing the slots up to its own position. Returns logits [T, vocab].
+        slot pos[i] via ``kv.write_at`` and attention, given the positions, lets each query see
+        the slots up to its own (``window`` bounds what a reference implementation reads).
+        Returns logits [T, vocab].
         """
-        mask = torch.arange(window, device=self.device)[None, :] <= pos[:, None]
         return self._run(tokens, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
-                         window - tokens.shape[0], mask, None, ()).logits
+                         window - tokens.shape[0], None, None, (), positions=pos).logits
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
              write: Callable[[int, torch.Tensor, torch.Tensor], None], attn_start: int,
              mask: torch.Tensor | None, logits_rows: slice | torch.Tensor | None,
-             capture: Sequence[int]) -> ForwardOut:
-        cfg = self.cfg
+             capture: Sequence[int], positions: torch.Tensor | None = None) -> ForwardOut:
+        cfg, ops = self.cfg, self.ops
         T = tokens.shape[0]
-        cos, sin = self.cos[pos], self.sin[pos]
+        hd = cfg.head_dim
         x = self.embed_tokens(tokens)
         feats: list[torch.Tensor] = []
+        h = ops.rms_norm(x, self.blocks[0].attn_norm, cfg.rms_eps)
         for i, b in enumerate(self.blocks):
             if i in capture:
-                feats.append(x)
-            h = rms_norm(x, b.attn_norm, cfg.rms_eps)
-            q, k, v = b.q(h), b.k(h), b.v(h)
+                feats.append(x.clone())  # ops may update x in place below
+            nq, nk, _ = b.qkv_split
+            qkv = b.qkv(h)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
             if b.q_bias is not None:
                 q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
-            q = q.view(T, cfg.n_heads, cfg.head_dim)
-            k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
-            v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
+            q = q.view(T, cfg.n_heads, hd)
+            k = k.view(T, cfg.n_kv_heads, hd)
+            v = v.view(T, cfg.n_kv_heads, hd)
             if b.q_norm is not None:
-                q, k = rms_norm(q, b.q_norm, cfg.rms_eps), rms_norm(k, b.k_norm, cfg.rms_eps)
-            q = rope.apply_rope(q, cos, sin, cfg.rope_style)
-            k = rope.apply_rope(k, cos, sin, cfg.rope_style)
+                q, k = ops.rms_norm(q, b.q_norm, cfg.rms_eps), ops.rms_norm(k, b.k_norm, cfg.rms_eps)
+            q, k = ops.rope_qk(q, k, self.cos, self.sin, pos, cfg.rope_style)
             write(i, k, v)
-            a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask)
-            x = x + b.o(a.reshape(T, cfg.n_heads * cfg.head_dim).to(x.dtype))
-            h = rms_norm(x, b.ffn_norm, cfg.rms_eps)
-            x = x + b.down(torch.nn.functional.silu(b.gate(h)) * b.up(h))
+            a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
+            h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
+            gu = b.gate_up(h)
+            d = b.down(ops.swiglu(gu[:, : b.ffn], gu[:, b.ffn:]))
+            nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
+            h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
         if cfg.n_layers in capture:
             feats.append(x)
-        rows = x if logits_rows is None else x[logits_rows]
-        logits = self.lm_head(rms_norm(rows, self.out_norm, cfg.rms_eps)).float()
+        rows = h if logits_rows is None else h[logits_rows]
+        logits = self.lm_head(rows).float()
         return ForwardOut(logits, torch.cat(feats, dim=-1) if feats else None)

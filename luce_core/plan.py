@@ -110,6 +110,9 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     ch = Chooser(caps, config)
     _, loader = ch.create("loader")
     loaded: LoadedModel = loader.load(config.model_path, config)
+    if config.weights == "nvfp4":  # before selection: linear implementations see the NVFP4 types
+        from luce_core.repack import repack_nvfp4
+        loaded = repack_nvfp4(loaded, progress=config.progress)
     types = {t.qtype for t in loaded.tensors.values()}
     config = config.with_model(loaded.config, types)
     ch.config = config

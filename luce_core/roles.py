@@ -147,11 +147,18 @@ class KVStorage(Protocol):
 # ----------------------------------------------------------------------------- attention
 class Attention(Protocol):
     def forward(self, q: "torch.Tensor", kv: KVStore, layer: int, start: int, *,
-                scale: float, mask: "torch.Tensor | None" = None) -> "torch.Tensor":
+                scale: float, mask: "torch.Tensor | None" = None,
+                positions: "torch.Tensor | None" = None) -> "torch.Tensor":
         """Queries q [T, n_heads, head_dim] at positions [start, start+T) attend over kv
         positions [0, start+T) of ``layer`` (GQA: n_heads is a multiple of n_kv_heads).
         Causal unless ``mask`` (bool [T, start+T], True = may attend) is given, e.g. a tree.
-        Returns [T, n_heads, head_dim]."""
+        ``positions`` (int64 device tensor [T], no mask) instead lets query t see slots
+        [0, positions[t]]: the static-shape form a CUDA-graph replay uses, so an implementation
+        must not read it on the host. Returns [T, n_heads, head_dim].
+
+        An implementation may also offer ``layer_ops`` (see ``luce_core.layer_ops.LayerOps``):
+        fused RMSNorm, RoPE and SwiGLU for the rest of the layer; the model uses the torch ones
+        otherwise."""
 
 
 # ----------------------------------------------------------------------------- drafter

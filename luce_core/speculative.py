@@ -137,7 +137,8 @@ class SpecStats:
     steps: int = 0  # target verify forwards
     drafted: int = 0  # draft tokens shown to the target (tree: real draft nodes)
     accepted: int = 0  # draft tokens accepted
-    emitted: int = 0  # tokens produced (accepted + bonus), before stop/length cuts
+    emitted: int = 0  # tokens produced by steps (accepted + bonus), before stop/length cuts; the
+    # first token of a generation comes from the prefill's logits, not from a step
     offered_at: list[int] = attrs.field(factory=list)  # per draft depth: steps offering a draft there
     accepted_at: list[int] = attrs.field(factory=list)  # per draft depth: steps accepting one there
     moved_steps: int = 0  # tree steps whose accepted K/V had to move
@@ -363,10 +364,12 @@ class SpeculativeDecoder:
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long, device=self.session.model.device)
 
-    def prefill(self, ids: Sequence[int]) -> int:
-        """Make the KV store (and mirror) hold ``ids``; returns how many were reused."""
+    def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor | None, int]:
+        """Make the KV store (and mirror) hold ``ids``; returns (logits after the last id, or None
+        when ``ids`` is empty, and how many ids were reused). At least the last id is run, as in
+        ``Session.prefill``, so the first token comes from the same forward as plain decoding's."""
         s = self.session
-        common = common_prefix(s.tokens, ids)
+        common = common_prefix(s.tokens, ids[:-1])
         if self.mirror is not None:
             common = min(common, common_prefix(self._mirror_tokens, ids))
         s.truncate(common)
@@ -376,13 +379,15 @@ class SpeculativeDecoder:
             truncate = getattr(self.drafter, "truncate", None)
             if truncate is not None:
                 truncate(common)
+        logits = None
         for st in range(common, len(ids), s.prefill_chunk):
             chunk = list(ids[st:st + s.prefill_chunk])
             out = s.model.forward(self._tensor(chunk), st, s.kv, logits_rows=slice(-1, None), capture=self.capture)
             s.tokens += chunk
             s.kv.set_length(len(s.tokens))
             self._commit_features(st, chunk, out.features)
-        return common
+            logits = out.logits[-1]
+        return logits, common
 
     def _commit_features(self, start: int, toks: Sequence[int], feats: torch.Tensor | None) -> None:
         if self.mirror is None:
@@ -425,8 +430,8 @@ class SpeculativeDecoder:
         drafts = [int(t) for t in prop.tokens[:budget]]
         probs = None if prop.probs is None else prop.probs[: len(drafts)]
         toks = [history[-1], *drafts]
-        if self.static and len(toks) < budget + 1:
-            toks += [history[-1]] * (budget + 1 - len(toks))  # padding rows follow the drafts: ignored
+        if self.static:  # padding rows follow the drafts: ignored
+            toks += [history[-1]] * (static_rows(len(toks), budget) - len(toks))
         graphs = getattr(s, "graphs", None) if self.static and not self.capture else None
         if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
             logits, feats = graphs.run(toks, n), None
@@ -520,7 +525,8 @@ class SpeculativeDecoder:
             raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         stats.prompt_tokens = len(ids)
         t0 = time.perf_counter()
-        stats.reused_tokens = self.prefill(ids[:-1])
+        # the whole prompt runs as plain decoding runs it; its logits give the first token
+        logits, stats.reused_tokens = self.prefill(ids)
         _sync(s.model.device)
         stats.prefill_s = time.perf_counter() - t0
         # the plain engine emits at most ctx - len(prompt) tokens: match it exactly
@@ -530,6 +536,14 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         stats.finish_reason = "length"
         try:
+            if limit > 0:
+                first = sampler(logits, history)
+                if first in stop_ids:
+                    stats.finish_reason = "stop"
+                    return
+                history.append(first)
+                emitted = stats.generated_tokens = 1
+                yield first
             while emitted < limit:
                 for tok in self.step(history, sampler, max_depth=limit - emitted - 1):
                     if tok in stop_ids:
@@ -548,6 +562,16 @@ class SpeculativeDecoder:
             _sync(s.model.device)
             stats.decode_s = time.perf_counter() - t0
 
+
+
+def static_rows(n: int, budget: int) -> int:
+    """Rows a static-shape chain verify of ``n`` tokens (pending + drafts) runs: 1 with no draft,
+    else the next power of two, at most budget + 1. A few shapes keep the CUDA graphs few, and a
+    step whose drafter found nothing costs a plain decode step, not a full-budget verify."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return min(rows, budget + 1)
 
 
 def _sync(device: torch.device) -> None:

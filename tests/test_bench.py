@@ -42,6 +42,22 @@ def test_bench_json(tiny, tmp_path) -> None:
         assert spec[name]["plain_tok_s"] > 0 and spec[name]["acceptance_length"] >= 1.0
 
 
+def test_bench_kv_sweep(tiny, tmp_path) -> None:
+    out = tmp_path / "kv.json"
+    proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--tg", "4",
+                           "--reps", "1", "--kv-sweep", "f16/f16,q4_0/f16,q8_0/q4_0", "--kv-depths", "16,40",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())["kv_sweep"]
+    assert r["depths"] == [16, 40] and [(p["k"], p["v"]) for p in r["pairs"]] == [
+        ("f16", "f16"), ("q4_0", "f16"), ("q8_0", "q4_0")]
+    # per layer per kv head: f16 32 x 2 = 64 bytes, q8_0 one 34-byte block, q4_0 one 18-byte block
+    assert [p["bytes_per_token"] for p in r["pairs"]] == [2 * 2 * (64 + 64), 2 * 2 * (18 + 64), 2 * 2 * (34 + 18)]
+    for p in r["pairs"]:
+        assert p["ctx"] == 40 + 4 + 2 and p["allocated_bytes"] == p["formula_bytes"] == p["bytes_per_token"] * p["ctx"]
+        assert p["d16"]["tok_s"] > 0 and p["d40"]["kv_bytes_at_depth"] == 40 * p["bytes_per_token"]
+
+
 def _result(**kw):
     r = {"device": "GPU X", "model": "m.gguf", "peak_memory_bytes": 100, "graphs_ratio": 2.0, "smoke": " Paris.",
          "results": {"tg128": {"tok_s": 1000.0}, "pp512": {"tok_s": 5000.0}}}

@@ -144,7 +144,8 @@ GPU = dict(torch_cuda=True, nvrtc=(13, 0), nvrtc_archs=(75, 80, 86, 89, 90, 100,
 
 
 def test_requires_reasons():
-    assert _reasons("linear", Caps()) == {"cuda": ("no NVIDIA GPU",), "cuda-sm75": ("no NVIDIA GPU",)}
+    r = _reasons("linear", Caps())
+    assert r["cuda"] == r["cuda-sm75"] == ("no NVIDIA GPU",) and "no NVIDIA GPU" in r["cuda-fp4tc"]
     no_nvrtc = Caps(torch_cuda=True).with_overrides({"cc": "9.0"})
     assert any("NVRTC not installed (pip install luce[cuda])" in r for r in _reasons("linear", no_nvrtc)["cuda"])
     no_torch = Caps(nvrtc=(13, 0)).with_overrides({"cc": "9.0"})
@@ -163,11 +164,12 @@ def test_requires_reasons():
 def test_attention_requires_reasons():
     h100 = Caps(**GPU).with_overrides("cc=9.0")
     assert _reasons("attention", h100)["cuda"] == ()
-    assert any("q8_0" in r for r in _reasons("attention", h100, RunConfig(kv_k="q8_0"))["cuda"])
+    # every KV format luce stores is read by the decode kernel, K and V independently
+    for k, v in (("q8_0", "q4_0"), ("q4_0", "f16"), ("f32", "f32"), ("bf16", "q8_0")):
+        assert _reasons("attention", h100, RunConfig(kv_k=k, kv_v=v))["cuda"] == (), (k, v)
     sm75 = Caps(**GPU).with_overrides("cc=7.5")
     assert _reasons("attention", sm75)["cuda"] == ()  # FP16 mma.sync from SM 7.5
     assert _reasons("attention", sm75, RunConfig(kv_k="bf16", kv_v="bf16"))["cuda"] == ()
-    assert any("f32" in r for r in _reasons("attention", h100, RunConfig(kv_k="f32", kv_v="f32"))["cuda"])
     sm70 = Caps(**GPU).with_overrides("cc=7.0")
     assert "needs SM >= 7.5 (have 7.0)" in _reasons("attention", sm70)["cuda"]
     m = ModelConfig("llama", 2, 256, 512, 4, 2, 96, 100, 128)

@@ -1,9 +1,18 @@
 """The ``attention`` role on CUDA: flash-decode and causal flash-prefill over the KV store.
 
-The kernels read the store's per-layer K/V tensors directly (``kv.k[layer]``, ``kv.v[layer]``
-of shape [capacity, n_kv_heads, head_dim], f16 or bf16). Anything else is served by the torch
-reference with one warning per cause: an explicit mask (tree verification), a store that does
-not expose float tensors (quantized KV), a head_dim without a kernel, or an f32 cache.
+The kernels read the store's per-layer K/V tensors directly (``kv.k[layer]``, ``kv.v[layer]`` of
+shape [capacity, n_kv_heads, row]): f16, bf16 or f32 rows, or q8_0 / q4_0 ggml blocks (the format
+named by ``kv.spec``), K and V independently. A Hadamard-rotated K (``kv.rotated``) gets the query
+rotated inside the decode kernel, from ``kv.hadamard`` (signs and group).
+
+* ``positions`` given (graph-captured decode, chain verification) or one token: the multi-query
+  flash-decode kernel, any format, no host sync. Keys are bounded by ``start + T`` (the window
+  the reference reads too); query t sees [0, positions[t]], or [0, start + t] without positions.
+* causal T > 1 without positions: flash-prefill (FP16 tensor cores) over f16/bf16 caches; over
+  other formats, up to DECODE_MAX_T tokens take flash-decode, more take flash-prefill on an f16
+  copy of rows [0, start+T) (dequantized by torch).
+* an explicit mask (tree verification), a head_dim without a kernel, a store without K/V
+  tensors: the torch reference, with one warning per cause.
 """
 from __future__ import annotations
 
@@ -13,15 +22,42 @@ import torch
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
+from luce_core.errors import ConfigError
 from luce_core.roles import KVStore
 from luce_cuda import ops
+
+DECODE_MAX_T = 32  # causal chunks this short over non-f16/bf16 caches use flash-decode
+_DIRECT_PREFILL = (("f16", "f16"), ("bf16", "bf16"))  # caches flash-prefill reads as they are
+
+
+def _kv_formats(kv: KVStore, head_dim: int) -> tuple[str, str]:
+    """(K format, V format) of the store's tensors; uint8 ones are named by kv.spec."""
+    spec = getattr(kv, "spec", None)
+    k, v = kv.k, kv.v  # type: ignore[attr-defined]
+    return (ops.kv_format(k, head_dim, getattr(spec, "k_dtype", None) if k.dtype == torch.uint8 else None),
+            ops.kv_format(v, head_dim, getattr(spec, "v_dtype", None) if v.dtype == torch.uint8 else None))
+
+
+def _as_f16(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Cache rows [n, Hkv, row] of format fmt as f16 [n, Hkv, D] (a view when already f16)."""
+    if fmt == "f16":
+        return x
+    if fmt in ("bf16", "f32"):
+        return x.to(torch.float16)
+    from luce_torch.kv_blocks import DEQUANTIZE
+
+    return DEQUANTIZE[fmt](x).to(torch.float16)
 
 
 class CudaAttention:
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
         self._ref = None
         self._warned: set[str] = set()
+        # Split workspaces; never freed, since a captured graph keeps their addresses.
         self._ws: dict[tuple, ops.DecodeWorkspace] = {}
+        # the rest of the layer as fused kernels (RMSNorm+residual, RoPE on q and k, SwiGLU)
+        from luce_cuda.layer_ops import CudaLayerOps
+        self.layer_ops = CudaLayerOps()
 
     def _reference(self):
         if self._ref is None:
@@ -30,40 +66,67 @@ class CudaAttention:
             self._ref = TorchAttention()
         return self._ref
 
-    def _fallback(self, why: str, q, kv, layer, start, scale, mask):
+    def _fallback(self, why: str, q, kv, layer, start, scale, mask, positions):
         if why not in self._warned:
             self._warned.add(why)
             warnings.warn(f"luce_cuda attention: {why}; using the torch reference for these calls", stacklevel=3)
-        return self._reference().forward(q, kv, layer, start, scale=scale, mask=mask)
+        extra = {} if positions is None else {"positions": positions}
+        return self._reference().forward(q, kv, layer, start, scale=scale, mask=mask, **extra)
 
     def kernel_reasons(self, q: torch.Tensor, kv: KVStore) -> list[str]:
+        return self._plan(q, kv)[0]
+
+    def _plan(self, q: torch.Tensor, kv: KVStore) -> tuple[list[str], str, str]:
+        """(reasons the kernels cannot serve this call, K format, V format)."""
         k = getattr(kv, "k", None)
         v = getattr(kv, "v", None)
-        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) or k.dim() != 4:
-            return [f"KV store {type(kv).__name__} exposes no [layers, capacity, heads, dim] K/V tensors"]
-        if not q.is_cuda or not k.is_cuda:
-            return ["tensors are not on a CUDA device"]
-        if k.dtype != v.dtype:
-            return [f"K and V dtypes differ ({k.dtype}, {v.dtype})"]
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) or k.dim() != 4 or v.dim() != 4:
+            return [f"KV store {type(kv).__name__} exposes no [layers, capacity, heads, row] K/V tensors"], "", ""
+        if not q.is_cuda or not k.is_cuda or not v.is_cuda:
+            return ["tensors are not on a CUDA device"], "", ""
         if q.dtype not in ops.DT_CODE:
-            return [f"query dtype {q.dtype}"]
-        return ops.attention_supported(int(k.shape[-1]), k.dtype)
+            return [f"query dtype {q.dtype}"], "", ""
+        d = int(q.shape[-1])
+        try:
+            kf, vf = _kv_formats(kv, d)
+        except ConfigError as e:
+            return [e.message], "", ""
+        why = ops.attention_supported(d, kf, vf)
+        if getattr(kv, "rotated", False):
+            h = getattr(kv, "hadamard", None)
+            group = getattr(h, "group", 0)
+            if not callable(getattr(h, "signs", None)) or group < 1 or group & (group - 1) or d % group:
+                why.append("rotated K without a usable hadamard (power-of-two group dividing head_dim, signs)")
+        return why, kf, vf
 
-    def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *,
-                scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _workspace(self, q: torch.Tensor, cap: int, n_tokens: int) -> ops.DecodeWorkspace:
+        key = (q.shape[1], q.shape[2], cap, n_tokens, q.device)
+        ws = self._ws.get(key)
+        if ws is None:
+            ws = self._ws[key] = ops.DecodeWorkspace(q.shape[1], q.shape[2], cap, q.device, n_tokens=n_tokens)
+        return ws
+
+    def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *, scale: float,
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
             return self._fallback("explicit attention masks are computed by the reference", q, kv, layer, start,
-                                  scale, mask)
-        why = self.kernel_reasons(q, kv)
+                                  scale, mask, positions)
+        why, kf, vf = self._plan(q, kv)
         if why:
-            return self._fallback("; ".join(why), q, kv, layer, start, scale, mask)
-        q = kv.rotate_query(q)
+            return self._fallback("; ".join(why), q, kv, layer, start, scale, mask, positions)
         k, v = kv.k[layer], kv.v[layer]  # type: ignore[attr-defined]
         t = q.shape[0]
-        if t == 1:
-            key = (q.shape[1], q.shape[2], k.shape[0], q.device)
-            ws = self._ws.get(key)
-            if ws is None:
-                ws = self._ws[key] = ops.DecodeWorkspace(q.shape[1], q.shape[2], k.shape[0], q.device)
-            return ops.flash_decode(q, k, v, start + 1, scale, workspace=ws)
-        return ops.flash_prefill(q, k, v, start, scale)
+        if positions is not None or t == 1 or (t <= DECODE_MAX_T and (kf, vf) not in _DIRECT_PREFILL):
+            signs, group = None, 0
+            if getattr(kv, "rotated", False):
+                h = kv.hadamard  # type: ignore[attr-defined]
+                signs, group = h.signs(q.device), h.group
+            # graph steps have a fixed T; causal chunks share power-of-two workspaces
+            n_tok = t if positions is not None else 1 << (t - 1).bit_length()
+            return ops.flash_decode(q, k, v, start + 1, scale, positions=positions, max_len=start + t,
+                                    k_fmt=kf, v_fmt=vf, signs=signs, rot_group=group,
+                                    workspace=self._workspace(q, k.shape[0], n_tok))
+        end = start + t
+        if (kf, vf) not in _DIRECT_PREFILL:  # the prefill kernel reads FP16 operands anyway
+            k, v = _as_f16(k[:end], kf), _as_f16(v[:end], vf)
+        return ops.flash_prefill(kv.rotate_query(q), k, v, start, scale)

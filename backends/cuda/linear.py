@@ -7,8 +7,9 @@
 
 Precision: the GEMV accumulates in FP32 from the exact block values. The GEMM rounds x and the
 decoded W tile to the MMA type (BF16, or FP16 on the SM 7.5 path; f16 inputs always use FP16),
-so f32 inputs lose precision there; up to ``F32_GEMV_ROWS`` rows of f32 input therefore run
-row by row through the GEMV instead. Weights of several projections with the same input (QKV,
+so f32 inputs lose precision there. Up to ``GEMV_MAX_ROWS`` rows (decode, speculative verify) run
+through the GEMV instead, which reads each weight unit once per chunk of up to 8 rows and gives
+every row the exact rounding of a one-row decode step. Weights of several projections with the same input (QKV,
 gate+up) can be concatenated row-wise into one QTensor before ``prepare`` to save launches.
 
 Kernel launches take no host sync and allocate nothing but their outputs, so a decode step is
@@ -33,7 +34,8 @@ ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DENSE = {"F32", "F16", "BF16"}
 GEMV_WARPS = 8  # warps per GEMV block
 GEMV_ROWS = 2  # rows per warp (LUCE_GEMV_ROWS in kernels/gemv.cu)
-F32_GEMV_ROWS = 16  # f32 inputs up to this many rows run row by row through the exact GEMV
+GEMV_CHUNK = 8  # x rows per GEMV launch (kernel gemv_<q>_<act>_x8; one row: gemv_<q>_<act>)
+GEMV_MAX_ROWS = 32  # up to this many rows (decode, speculative verify) use the GEMV, more the GEMM
 
 
 def _dense(w: QTensor) -> torch.Tensor:
@@ -84,7 +86,8 @@ class QuantLinear:
     def warmup(self, dtype: torch.dtype) -> None:
         """Load every kernel this weight launches for activations of ``dtype`` (before graph capture)."""
         idx = _index(next(p for p in self.w.planes if p is not None))
-        get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}", idx)
+        for suffix in ("", "_x8"):
+            get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}", idx)
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
 
@@ -106,26 +109,26 @@ class QuantLinear:
             raise ConfigError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)}")
         if m == 0:
             return out if out is not None else x.new_empty((*lead, n))
-        if m == 1:
-            y = self._gemv_call(x2, out, accumulate)
-        elif x2.dtype == torch.float32 and m <= F32_GEMV_ROWS:
-            # f32 has no tensor-core operand type (bar TF32): a few rows stay exact via the GEMV
+        if m <= GEMV_MAX_ROWS:
+            # decode and speculative verify: the GEMV, in chunks of up to 8 x rows, so every row
+            # rounds exactly as a one-row decode step (lossless verify in bf16 too)
             y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-            for i in range(m):
-                self._gemv_call(x2[i:i + 1], y[i:i + 1], accumulate and out is not None)
+            for i in range(0, m, GEMV_CHUNK):
+                self._gemv_call(x2[i:i + GEMV_CHUNK], y[i:i + GEMV_CHUNK], accumulate and out is not None)
         else:
             y = self._gemm_call(x2, out, accumulate)
         return y.reshape(*lead, n)
 
-    def _gemv_call(self, x2: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool) -> torch.Tensor:
         n, k = self.w.n, self.w.k
-        y = out.view(1, n) if out is not None else torch.empty((1, n), dtype=x2.dtype, device=x2.device)
-        kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}", _index(x2))
+        m = x2.shape[0]
+        kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}", _index(x2))
         per_block = GEMV_WARPS // self._wpr * GEMV_ROWS
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
-               (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.float32(self.w.alpha),
-                np.int32(1 if accumulate and out is not None else 0), np.int32(self._wpr)), like=x2)
+               (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
+                np.int64(y.stride(0)),
+                np.float32(self.w.alpha), np.int32(1 if accumulate else 0), np.int32(self._wpr)), like=x2)
         return y
 
     _resident_cache: dict[int, int] = {}

@@ -7,6 +7,8 @@ graph. Lengths and positions that change per step can come from device tensors (
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -111,6 +113,36 @@ def rope(x: torch.Tensor, inv_freq: torch.Tensor, *, style: str = "normal", posi
     return x
 
 
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, style: str = "normal",
+            positions: torch.Tensor | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place, in one launch, from f32 tables cos/sin
+    [max_positions, rope_dim/2] (row p = position p). Row t's position: ``positions[t]`` (int64
+    device tensor, capturable) or ``start + t``. q and k may be column views of one QKV output."""
+    if style not in ("normal", "neox"):
+        raise ConfigError(f"rope style {style!r} is not normal or neox")
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 3 or x.stride(-1) != 1:
+            raise ConfigError(f"rope_qk: {name} must be [T, heads, head_dim] with contiguous channels")
+    if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ConfigError("rope_qk: q and k must share dtype, T and head_dim")
+    half = cos.shape[-1]
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous():
+        raise ConfigError("rope_qk: cos/sin must be contiguous float32 tables")
+    if 2 * half > q.shape[2]:
+        raise ConfigError(f"rope_dim {2 * half} exceeds head_dim {q.shape[2]}")
+    if positions is not None and positions.dtype != torch.int64:
+        positions = positions.to(torch.int64)
+    t, hq, _ = q.shape
+    hk = k.shape[1]
+    total = t * (hq + hk) * half
+    if total == 0:
+        return q, k
+    launch(_k(programs.OPS, f"rope_qk_{style}_{_act(q)}", q), (min((total + 255) // 256, 65535),), (256,),
+           (q, k, positions, np.int32(start), cos, sin, np.int32(t), np.int32(hq), np.int32(hk), np.int32(half),
+            np.int64(q.stride(0)), np.int64(q.stride(1)), np.int64(k.stride(0)), np.int64(k.stride(1))), like=q)
+    return q, k
+
+
 # ----------------------------------------------------------------------------- SwiGLU
 def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up. gate and up may be column slices of one fused [.., 2F] tensor."""
@@ -133,67 +165,143 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_supported(head_dim: int, kv_dtype: torch.dtype) -> list[str]:
-    """Reasons the attention kernels cannot serve this cache (empty: they can)."""
+# Cache formats the decode kernel reads (K and V independently), with the kernels' F_* codes.
+KV_FORMATS: dict[str, int] = {f: i for i, f in enumerate(programs.KV_FORMATS)}  # F_F16 .. F_Q4_0
+_FLOAT_FORMATS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # ggml block of 32 elements
+
+
+def kv_row_bytes(fmt: str, head_dim: int) -> int:
+    """Bytes of one head's row in a cache of format ``fmt``."""
+    if fmt in _BLOCK_BYTES:
+        return head_dim // 32 * _BLOCK_BYTES[fmt]
+    return head_dim * (4 if fmt == "f32" else 2)
+
+
+def kv_format(t: torch.Tensor, head_dim: int, fmt: str | None = None) -> str:
+    """The format of a cache tensor [capacity, n_kv_heads, row]: its float dtype's name, or ``fmt``
+    (q8_0 / q4_0) for uint8 ggml blocks, which must be named since both are uint8."""
+    if t.dtype == torch.uint8:
+        if fmt not in _BLOCK_BYTES:
+            raise ConfigError(f"a uint8 KV cache holds q8_0 or q4_0 blocks; name its format (got {fmt!r})")
+        if t.shape[-1] != kv_row_bytes(fmt, head_dim):
+            raise ConfigError(f"{fmt} cache rows of head_dim {head_dim} are {kv_row_bytes(fmt, head_dim)} bytes, "
+                              f"got {t.shape[-1]}")
+        return fmt
+    name = _FLOAT_FORMATS.get(t.dtype)
+    if name is None or (fmt is not None and fmt != name):
+        raise ConfigError(f"KV cache of dtype {t.dtype} does not hold format {fmt or 'f16/bf16/f32'}")
+    if t.shape[-1] != head_dim:
+        raise ConfigError(f"KV cache rows have {t.shape[-1]} elements, head_dim is {head_dim}")
+    return name
+
+
+def attention_supported(head_dim: int, k_fmt: str | torch.dtype, v_fmt: str | torch.dtype | None = None) -> list[str]:
+    """Reasons the attention kernels cannot serve this cache (empty: they can). Formats are names
+    (f16, bf16, f32, q8_0, q4_0) or float dtypes; V defaults to K's."""
     out = []
     if head_dim not in programs.HEAD_DIMS:
         out.append(f"head_dim {head_dim} not in {programs.HEAD_DIMS}")
-    if kv_dtype not in (torch.float16, torch.bfloat16):
-        out.append(f"KV cache dtype {kv_dtype} (kernels read f16/bf16)")
+    for side, f in (("K", k_fmt), ("V", k_fmt if v_fmt is None else v_fmt)):
+        name = _FLOAT_FORMATS.get(f, str(f)) if isinstance(f, torch.dtype) else f
+        if name not in KV_FORMATS:
+            out.append(f"{side} cache format {name} (kernels read {', '.join(KV_FORMATS)})")
     return out
 
 
 class DecodeWorkspace:
-    """Static split buffers for flash_decode, sized once for ``max_len`` positions."""
+    """Static split buffers for flash_decode, sized once for ``max_len`` positions and up to
+    ``n_tokens`` query tokens per call (layout [split][token][head])."""
 
     def __init__(self, n_heads: int, head_dim: int, max_len: int, device: torch.device | str,
-                 split_len: int = SPLIT_LEN):
+                 split_len: int = SPLIT_LEN, n_tokens: int = 1):
         self.split_len = split_len
+        self.n_tokens = n_tokens
         self.max_splits = max(1, -(-max_len // split_len))
-        self.o = torch.empty((self.max_splits, n_heads, head_dim), dtype=torch.float32, device=device)
-        self.ml = torch.empty((self.max_splits, n_heads, 2), dtype=torch.float32, device=device)
+        self.o = torch.empty((self.max_splits, n_tokens, n_heads, head_dim), dtype=torch.float32, device=device)
+        self.ml = torch.empty((self.max_splits, n_tokens, n_heads, 2), dtype=torch.float32, device=device)
+
+
+def _check_cache(name: str, x: torch.Tensor, fmt: str) -> None:
+    if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
+        raise ConfigError(f"flash_decode: {name} must be [capacity, n_kv_heads, row] with contiguous rows")
+    align = 4 if fmt in _BLOCK_BYTES else 16  # u32 block words; 16-byte float vectors
+    row_stride = x.stride(0) * x.element_size()
+    if x.data_ptr() % align or row_stride % align or row_stride >= 2**31:
+        raise ConfigError(f"flash_decode: {name} rows must be {align}-byte aligned, under 2 GiB apart")
 
 
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, workspace: DecodeWorkspace | None = None,
-                 max_len: int | None = None) -> torch.Tensor:
-    """One query token: q [1 or none, H, D] over K/V rows [0, length) of k, v [capacity, Hkv, D].
+                 max_len: int | None = None, positions: torch.Tensor | None = None, k_fmt: str | None = None,
+                 v_fmt: str | None = None, signs: torch.Tensor | None = None, rot_group: int = 0) -> torch.Tensor:
+    """Query tokens q [T, H, D] (or [H, D] for one) over K/V rows of k, v [capacity, Hkv, row], each
+    in any cache format: f16, bf16, f32 tensors, or uint8 ggml blocks named by ``k_fmt``/``v_fmt``
+    (q8_0, q4_0). Returns [T, H, D] in q's dtype (or writes ``out``).
 
-    ``length`` as a 1-element int32 device tensor makes the launch graph-capturable: the grid is
-    sized for ``max_len`` (default: capacity) and blocks past the length exit."""
-    if q.dim() == 3:
-        if q.shape[0] != 1:
-            raise ConfigError("flash_decode takes one query token; use flash_prefill for more")
-        q2 = q[0]
-    else:
-        q2 = q
-    h, d = q2.shape
-    cap, hkv, dk = k.shape
-    if dk != d or v.shape != k.shape or v.dtype != k.dtype or h % hkv:
-        raise ConfigError(f"flash_decode: q {tuple(q.shape)} does not fit k/v {tuple(k.shape)}")
-    if k.stride(2) != 1 or k.stride(1) != d or v.stride() != k.stride():
-        raise ConfigError("flash_decode: k/v must be [capacity, n_kv_heads, head_dim] with contiguous rows")
-    q2 = q2.contiguous()
-    kv = ACT[k.dtype]
+    Token t sees rows [0, positions[t]] when ``positions`` (int64 CUDA tensor [T]) is given, else
+    [0, length + t) with ``length`` an int or a 1-element int32 CUDA tensor. The device forms make
+    the launch graph-capturable: the grid is sized for ``max_len`` rows (default: capacity), rows
+    at or past max_len are never read, and blocks past a token's length exit at once.
+
+    ``signs`` (f32 [D]) and ``rot_group`` move q into a Hadamard-rotated K's basis in the kernel:
+    q * signs, then a normalized Walsh-Hadamard transform over aligned groups of rot_group."""
+    q3 = q[None] if q.dim() == 2 else q
+    if q3.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or q3.shape[1] % k.shape[1]:
+        raise ConfigError(f"flash_decode: q {tuple(q.shape)} does not fit k {tuple(k.shape)}, v {tuple(v.shape)}")
+    t, h, d = q3.shape
+    cap, hkv = k.shape[0], k.shape[1]
+    qa = _act(q)
+    kf, vf = kv_format(k, d, k_fmt), kv_format(v, d, v_fmt)
+    why = attention_supported(d, kf, vf)
+    if why:
+        raise ConfigError(f"flash_decode cannot run: {'; '.join(why)}")
+    _check_cache("k", k, kf)
+    _check_cache("v", v, vf)
+    if q3.stride(-1) != 1 or q3.stride(1) != d:
+        q3 = q3.contiguous()
     dyn = isinstance(length, torch.Tensor)
-    n_max = max_len if max_len is not None else (cap if dyn else int(length))
-    ws = workspace or DecodeWorkspace(h, d, n_max, q.device)
-    split_len = ws.split_len
-    n_splits = -(-n_max // split_len)
-    if n_splits > ws.max_splits:
-        raise ConfigError(f"decode workspace holds {ws.max_splits} splits, {n_splits} needed")
-    length_arg = np.int32(0 if dyn else int(length))
-    len_ptr = length if dyn else None
     if dyn and (length.dtype != torch.int32 or not length.is_cuda):
         raise ConfigError("flash_decode: a tensor length must be an int32 CUDA tensor")
-    o = out if out is not None else torch.empty((1, h, d), dtype=q.dtype, device=q.device)
-    g = h // hkv
-    grid = (hkv, max(n_splits, 1), -(-g // 8))
-    launch(_k(programs.ATTN_DECODE, f"flash_decode_{kv}_d{d}", q), grid, (128,),
-           (q2, np.int32(DT_CODE[q.dtype]), k, v, ws.o, ws.ml, np.int32(h), np.int32(hkv), np.int64(k.stride(0)),
-            length_arg, len_ptr, np.int32(split_len), np.float32(scale * LOG2E)), like=q)
-    launch(_k(programs.ATTN_DECODE, f"flash_decode_combine_{ACT[q.dtype]}", q), (h,), (min(d, 128),),
-           (ws.o, ws.ml, o, np.int32(h), np.int32(d), length_arg, len_ptr, np.int32(split_len)), like=q)
+    if positions is not None:
+        if positions.dtype != torch.int64:
+            positions = positions.to(torch.int64)
+        if not positions.is_cuda or positions.shape != (t,) or not positions.is_contiguous():
+            raise ConfigError(f"flash_decode: positions must be a contiguous int64 CUDA tensor [{t}]")
+    if max_len is not None:
+        n_max = int(max_len)
+    elif dyn or positions is not None:
+        n_max = cap
+    else:
+        n_max = int(length) + t - 1
+    if n_max > cap:
+        raise ConfigError(f"flash_decode: {n_max} rows asked for, the cache holds {cap}")
+    if rot_group > 1 and (rot_group & (rot_group - 1) or d % rot_group):
+        raise ConfigError(f"flash_decode: rotation group {rot_group} is not a power of two dividing {d}")
+    if signs is not None and (signs.dtype != torch.float32 or signs.shape != (d,) or not signs.is_cuda):
+        raise ConfigError(f"flash_decode: signs must be a float32 CUDA tensor [{d}]")
+    ws = workspace or DecodeWorkspace(h, d, n_max, q.device, n_tokens=t)
+    split_len = ws.split_len
+    n_splits = max(1, -(-n_max // split_len))
+    if n_splits > ws.max_splits or t > ws.n_tokens or ws.o.shape[2:] != (h, d):
+        raise ConfigError(f"decode workspace holds {ws.max_splits} splits x {ws.n_tokens} tokens of "
+                          f"{tuple(ws.o.shape[2:])}; {n_splits} x {t} of {(h, d)} needed")
+    o = out if out is not None else torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    if o.numel() != t * h * d or o.dtype != q.dtype or not o.is_contiguous():
+        raise ConfigError(f"flash_decode: out must be a contiguous [{t}, {h}, {d}] tensor")
+    length_arg = np.int32(0 if dyn else int(length))
+    len_ptr = length if dyn else None
+    sl = np.float32(scale * LOG2E / (math.sqrt(rot_group) if rot_group > 1 else 1.0))
+    grid = (hkv, n_splits, -(-t * (h // hkv) // 8))
+    prog = programs.ATTN_DECODE[kf]
+    launch(_k(prog, f"flash_decode_{kf}_d{d}", q), grid, (128,),
+           (q3, np.int32(DT_CODE[q.dtype]), np.int64(q3.stride(0)), k, v, np.int32(KV_FORMATS[vf]), ws.o, ws.ml,
+            np.int32(h), np.int32(hkv), np.int32(t), np.int32(k.stride(0) * k.element_size()),
+            np.int32(v.stride(0) * v.element_size()), length_arg, len_ptr, positions, np.int32(n_max),
+            np.int32(split_len), sl, signs, np.int32(rot_group)), like=q)
+    launch(_k(prog, f"flash_decode_combine_{qa}", q), (h, t), (min(d, 128),),
+           (ws.o, ws.ml, o, np.int32(h), np.int32(d), length_arg, len_ptr, positions, np.int32(n_max),
+            np.int32(split_len)), like=q)
     return o
 
 
@@ -206,6 +314,8 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     if dk != d or v.shape != k.shape or v.dtype != k.dtype or h % hkv or start + t > cap:
         raise ConfigError(f"flash_prefill: q {tuple(q.shape)} at {start} does not fit k/v {tuple(k.shape)}")
     why = attention_supported(d, k.dtype)
+    if k.dtype not in (torch.float16, torch.bfloat16):
+        why.append(f"the prefill kernel reads f16/bf16 caches, not {k.dtype} (convert or dequantize first)")
     if why:
         raise ConfigError(f"flash_prefill cannot run: {'; '.join(why)}")
     if k.stride(2) != 1 or k.stride(1) != d or v.stride() != k.stride():
@@ -219,19 +329,23 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
 
 
 def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16),
-           head_dims: tuple[int, ...] = programs.HEAD_DIMS) -> None:
-    """Load the op kernels for these dtypes before any CUDA-graph capture."""
+           head_dims: tuple[int, ...] = programs.HEAD_DIMS, kv_formats: tuple[str, ...] = ("f16", "bf16")) -> None:
+    """Load the op kernels for these activation dtypes, head dims and K cache formats (one decode
+    program per K format, any V format) before any CUDA-graph capture."""
     idx = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index or 0
     for dt in dtypes:
         a = ACT[dt]
         for name in (f"rms_norm_{a}", f"rope_normal_{a}", f"rope_neox_{a}", f"swiglu_{a}"):
             get_kernel(programs.OPS, name, idx)
-        get_kernel(programs.ATTN_DECODE, f"flash_decode_combine_{a}", idx)
         if dt in (torch.float16, torch.bfloat16):
             for d in head_dims:
-                get_kernel(programs.ATTN_DECODE, f"flash_decode_{a}_d{d}", idx)
                 get_kernel(programs.ATTN_PREFILL, f"flash_prefill_{a}_d{d}", idx)
+        for f in kv_formats:
+            get_kernel(programs.ATTN_DECODE[f], f"flash_decode_combine_{a}", idx)
+    for f in kv_formats:
+        for d in head_dims:
+            get_kernel(programs.ATTN_DECODE[f], f"flash_decode_{f}_d{d}", idx)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_inv_freq", "swiglu", "flash_decode", "flash_prefill",
-           "DecodeWorkspace", "attention_supported", "warmup"]
+__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_qk", "rope_inv_freq", "swiglu", "flash_decode", "flash_prefill",
+           "DecodeWorkspace", "attention_supported", "kv_format", "kv_row_bytes", "KV_FORMATS", "warmup"]

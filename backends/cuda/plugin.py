@@ -2,7 +2,8 @@
 
 linear    "cuda"       SM >= 8.0: GEMV for decode, BF16/FP16 WMMA GEMM for prefill
           "cuda-sm75"  SM >= 7.5: same GEMV, FP16 WMMA GEMM only (e.g. RTX 2080 Ti)
-attention "cuda"       SM >= 7.5: flash-decode + FP16 mma.sync flash-prefill over f16/bf16 caches
+attention "cuda"       SM >= 7.5: flash-decode reading f16/bf16/f32/q8_0/q4_0 caches (K and V
+                       independently) + FP16 mma.sync flash-prefill
 """
 from __future__ import annotations
 
@@ -45,11 +46,25 @@ def _linear_requires(min_sm: int, tc: str):
     return requires
 
 
+def _fp4tc_requires(caps: Caps, config: RunConfig) -> list[str]:
+    """Native NVFP4 MMA (tcgen05 / mma.sync kind::mxf4nvf4) exists only on SM 10.x and 12.x."""
+    out = _base(caps, config, 75)
+    if caps.cc is not None and not caps.fp4_tc:
+        out.append(f"needs SM 10.0 or 12.0 FP4 tensor cores (have {caps.cc[0]}.{caps.cc[1]})")
+    if config.weights != "nvfp4" and "NVFP4" not in config.weight_types:
+        out.append("weights are not NVFP4 (use --weights nvfp4 or an NVFP4 GGUF)")
+    bad = sorted(set(config.weight_types) - LINEAR_TYPES)
+    if bad:
+        out.append(f"no CUDA kernel for tensor type(s) {', '.join(bad)}")
+    return out
+
+
 def _attention_requires(caps: Caps, config: RunConfig) -> list[str]:
     out = _base(caps, config, 75)
+    kv_formats = ("f16", "bf16", "f32", "q8_0", "q4_0")  # = luce_cuda.programs.KV_FORMATS
     for name, dt in (("K", config.kv_k), ("V", config.kv_v)):
-        if dt not in ("f16", "bf16"):
-            out.append(f"kernels read f16/bf16 caches, not {name}={dt}")
+        if dt not in kv_formats:
+            out.append(f"kernels read {'/'.join(kv_formats)} caches, not {name}={dt}")
     if config.model is not None and config.model.head_dim not in HEAD_DIMS:
         out.append(f"no kernel for head_dim {config.model.head_dim} (have {', '.join(map(str, HEAD_DIMS))})")
     return out
@@ -64,6 +79,10 @@ def provide_linear() -> list[Impl]:
         Impl("linear", "cuda-sm75", "luce_cuda.linear:make_sm75", priority=10,
              requires=_linear_requires(75, "fp16_tc"),
              summary="quantized GEMV (decode) + FP16 WMMA GEMM (prefill), for SM 7.5+"),
+        # Declared so selection and `luce doctor` can say where it would run; its factory raises
+        # KernelError (no native FP4 MMA kernel yet), so plan falls back to "cuda" with a warning.
+        Impl("linear", "cuda-fp4tc", "luce_cuda.fp4tc:make", priority=30, requires=_fp4tc_requires,
+             summary="NVFP4 weights on native FP4 tensor cores (SM 10.x/12.x); not implemented yet"),
     ]
 
 
@@ -72,3 +91,18 @@ def provide_attention() -> list[Impl]:
     return [Impl("attention", "cuda", "luce_cuda.attention:CudaAttention", priority=20,
                  requires=_attention_requires,
                  summary="flash-decode (split over the sequence, GQA) + causal mma.sync flash-prefill")]
+
+
+def _kv_requires(caps: Caps, config: RunConfig) -> list[str]:
+    from luce_cuda.programs import KV_MAX_DIM  # light: no torch, no CUDA
+
+    out = _base(caps, config, 75)  # every KV dtype (RunConfig validates them) has a kernel path
+    if config.model is not None and config.model.head_dim > KV_MAX_DIM:
+        out.append(f"no append kernel for head_dim {config.model.head_dim} (at most {KV_MAX_DIM})")
+    return out
+
+
+@hookimpl
+def provide_kv_storage() -> list[Impl]:
+    return [Impl("kv_storage", "cuda", "luce_cuda.kv:CudaKVStorage", priority=20, requires=_kv_requires,
+                 summary="fused rotate+quantize+append kernel (f32/f16/bf16/q8_0/q4_0)")]

@@ -22,7 +22,8 @@ def _qdefs(q: str) -> tuple[tuple[str, str], ...]:
 # One program per weight format, so a model compiles only what it uses.
 GEMV: dict[str, KernelProgram] = {
     q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, defines=_qdefs(q),
-                     kernels=(f"gemv_{q}_f16", f"gemv_{q}_bf16", f"gemv_{q}_f32", f"dequant_{q}"))
+                     kernels=tuple(f"gemv_{q}_{a}{x}" for a in ("f16", "bf16", "f32") for x in ("", "_x8"))
+                     + (f"dequant_{q}",))
     for q in QTYPES.values()}
 
 # Prefill GEMM on tensor cores: FP16 WMMA from SM 7.5 (the SM75 path, also usable later), BF16
@@ -36,13 +37,19 @@ GEMM_BF16: dict[str, KernelProgram] = {
                      defines=(*_qdefs(q), ("LUCE_MMA_BF16", "1")), kernels=(f"gemm_{q}_bf16",))
     for q in QTYPES.values()}
 
-_KV = ("f16", "bf16")  # cache dtypes the attention kernels read (f32 caches use the torch path)
+_KV = ("f16", "bf16")  # cache dtypes the prefill kernel reads (others are converted first)
+# Cache formats flash-decode reads, K and V independently: one kernel per K format and head dim,
+# V's format is an argument (a switch outside the inner loop), so all 25 pairs cost 10 kernels.
+# One program per K format (with its own split-combine kernels): a model compiles one of them.
+KV_FORMATS = ("f16", "bf16", "f32", "q8_0", "q4_0")
 HEAD_DIMS = (64, 128)
 
-ATTN_DECODE = KernelProgram(
-    name="attn_decode", source="attention_decode.cu", min_sm=75,
-    kernels=tuple(f"flash_decode_{kv}_d{d}" for kv in _KV for d in HEAD_DIMS)
-    + tuple(f"flash_decode_combine_{a}" for a in ACTS.values()))
+ATTN_DECODE: dict[str, KernelProgram] = {
+    kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75,
+                      defines=(("LUCE_KV_K", str(i)),),
+                      kernels=tuple(f"flash_decode_{kv}_d{d}" for d in HEAD_DIMS)
+                      + tuple(f"flash_decode_combine_{a}" for a in ACTS.values()))
+    for i, kv in enumerate(KV_FORMATS)}
 
 # Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.
 ATTN_PREFILL = KernelProgram(
@@ -51,7 +58,13 @@ ATTN_PREFILL = KernelProgram(
 
 OPS = KernelProgram(
     name="ops", source="ops.cu", min_sm=75,
-    kernels=tuple(f"{op}_{a}" for op in ("rms_norm", "rope_normal", "rope_neox", "swiglu") for a in ACTS.values()))
+    kernels=tuple(f"{op}_{a}" for op in ("rms_norm", "rope_normal", "rope_neox", "rope_qk_normal", "rope_qk_neox",
+                                          "swiglu") for a in ACTS.values()))
 
-ALL: tuple[KernelProgram, ...] = (*GEMV.values(), *GEMM_F16.values(), *GEMM_BF16.values(), ATTN_DECODE,
-                                  ATTN_PREFILL, OPS)
+# Fused KV-cache append (rotate + quantize/convert + scatter of K and V in one launch). The head
+# vector sits in shared memory as f32: head_dim up to KV_MAX_DIM (32 KiB, under the 48 KiB default).
+KV_MAX_DIM = 8192
+KV_APPEND = KernelProgram(name="kv_append", source="kv_append.cu", min_sm=75, kernels=("kv_append",))
+
+ALL: tuple[KernelProgram, ...] = (*GEMV.values(), *GEMM_F16.values(), *GEMM_BF16.values(), *ATTN_DECODE.values(),
+                                  ATTN_PREFILL, OPS, KV_APPEND)

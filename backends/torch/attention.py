@@ -14,9 +14,12 @@ class TorchAttention:
         pass
 
     def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *,
-                scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+                scale: float, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         T, n_heads, _ = q.shape
         end = start + T
+        if mask is None and positions is not None:
+            mask = torch.arange(end, device=q.device)[None, :] <= positions.to(q.device)[:, None]
         k, v = kv.read(layer, end)
         q = kv.rotate_query(q)
         group = n_heads // k.shape[1]

@@ -49,7 +49,8 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     """[..., n] float -> [..., n/32*34] uint8 Q8_0 blocks."""
     b = _blocks(x)
-    d = b.abs().amax(dim=-1, keepdim=True) / 127
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    d = amax / torch.full_like(amax, 127.0)  # tensor / tensor: CUDA turns "/ 127" into "* (1/127)", 1 ulp off
     q = _round_half_away(b * _safe_reciprocal(d)).to(torch.int8).view(torch.uint8)
     out = torch.cat([_fp16_bytes(d), q], dim=-1)
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * 34)

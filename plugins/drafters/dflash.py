@@ -189,32 +189,46 @@ class DFlashModel(nn.Module):
         """Hidden states [A, block, target_hidden] of the block [first, MASK...] at positions
         pos0 [A] .. pos0+block-1, attending to context K/V ([A, S, kvh, hd] per layer; ctx_mask
         [A, S] True = visible) and to the whole block (non-causal)."""
+        return self.denoise_blocks(first[:, None], pos0[:, None], ctx_kv,
+                                   None if ctx_mask is None else ctx_mask[:, None])[:, 0]
+
+    def denoise_blocks(self, first: torch.Tensor, pos0: torch.Tensor,
+                       ctx_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """K blocks per row sharing one context: hidden states [A, K, block, target_hidden] of the
+        blocks [first[a, k], MASK...] at positions pos0 [A, K] .. +block-1. Every block attends to
+        the context rows its ctx_mask [A, K, S] allows (None: all) and to its own rows
+        (non-causal), never to another block. Inference drafts one block (K = 1); training packs
+        many anchors of a sequence over that sequence's context, computed once."""
         c = self.cfg
-        A, B = first.shape[0], c.block
+        A, K, B = first.shape[0], first.shape[1], c.block
         dt = self.in_proj.weight.dtype
-        x = torch.cat([first[:, None, :].to(dt), self.mask_emb.to(dt).expand(A, B - 1, -1)], dim=1)
-        x = self.in_proj(x)
-        pos = pos0[:, None] + torch.arange(B, device=x.device)[None, :]
+        x = torch.cat([first[:, :, None, :].to(dt), self.mask_emb.to(dt).expand(A, K, B - 1, -1)], dim=2)
+        x = self.in_proj(x).flatten(1, 2)  # [A, K*B, width]
+        pos = (pos0[:, :, None] + torch.arange(B, device=x.device)).flatten(1)
         group = c.n_heads // c.n_kv_heads
         mask = None
-        if ctx_mask is not None:
-            S = ctx_mask.shape[1]
-            full = torch.ones((A, B, S + B), dtype=torch.bool, device=x.device)
-            full[:, :, :S] = ctx_mask[:, None, :]
-            mask = full[:, None]  # [A, 1, B, S+B]
+        if ctx_mask is not None or K > 1:
+            S = ctx_kv[0][0].shape[1]
+            cm = (ctx_mask if ctx_mask is not None
+                  else torch.ones((A, K, S), dtype=torch.bool, device=x.device))
+            ctx_part = cm[:, :, None, :].expand(A, K, B, S).reshape(A, K * B, S)
+            own = torch.eye(K, dtype=torch.bool, device=x.device)
+            own = own[:, None, :, None].expand(K, B, K, B).reshape(K * B, K * B)
+            mask = torch.cat([ctx_part, own.expand(A, -1, -1)], dim=-1)[:, None]  # [A, 1, K*B, S+K*B]
         for layer, (ck, cv) in zip(self.layers, ctx_kv):
             h = _rms(x, layer.attn_norm, c.rms_eps)
             q = _rope(layer.q(h).unflatten(-1, (c.n_heads, c.head_dim)), pos, self.inv_freq)
             k = _rope(layer.k(h).unflatten(-1, (c.n_kv_heads, c.head_dim)), pos, self.inv_freq)
             v = layer.v(h).unflatten(-1, (c.n_kv_heads, c.head_dim))
-            kk = torch.cat([ck.to(dt), k], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
-            vv = torch.cat([cv.to(dt), v], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask,
+            kk = torch.cat([ck.to(k.dtype), k], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
+            vv = torch.cat([cv.to(v.dtype), v], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask,
                                                scale=c.head_dim ** -0.5)
             x = x + layer.o(a.transpose(1, 2).flatten(-2))
             h = _rms(x, layer.ffn_norm, c.rms_eps)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
-        return self.out_proj(_rms(x, self.norm, c.rms_eps))
+        return self.out_proj(_rms(x, self.norm, c.rms_eps)).unflatten(1, (K, B))
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,23 +1,44 @@
-// Flash-decode: one query token per head attends over positions [0, len) of a K/V cache laid out
-// [capacity, n_kv_heads, D] (one layer of the torch KV store), split over the sequence.
+// Flash-decode: query tokens attend over a K/V cache laid out [capacity, n_kv_heads, row] (one
+// layer of the torch KV store), split over the sequence.
 //
-// Grid (n_kv_heads, n_splits, ceil(group/8)); block 128 = 4 warps. A block serves up to 8 query
-// heads of one KV head (GQA: each K/V row is read once for the whole group). Each warp takes
-// tiles of 32 positions: a lane scores its own position against the group's queries (q in
-// shared memory, broadcast), the warp keeps an online softmax, then lanes own D/32 channels of
-// the output and accumulate p * V row by row. Partial (m, l, o) per split go to a workspace and
-// flash_decode_combine merges them. The length may come from device memory (len_ptr), so a
-// captured CUDA graph replays with a growing length; splits past the length exit at once.
-// Scores are in log2 units (q is pre-scaled by scale*log2(e)) so exp2f does the softmax.
+// Formats (K and V independently): f16, bf16, f32 rows of D elements, or ggml q8_0 / q4_0 blocks
+// of 32 elements ({fp16 d, int8 q[32]}: d*q; {fp16 d, u8 qs[16]}: low nibble of byte j is
+// element j, high nibble element j+16, value d*(q-8)), dequantized in registers as they are read.
+// The kernel is a template on the K format (the scoring loop dominates and its register budget
+// differs per format); V's format is a runtime switch taken once per 32-position tile, outside
+// the V loop, so 10 kernels serve all 25 (K, V) pairs at no cost in the inner loops. LUCE_KV_K
+// selects one K format per program (luce_cuda.programs.ATTN_DECODE).
+//
+// Rows: query row r = t * G + g is token t's head hk*G + g (GQA group G = H / Hkv). Grid
+// (n_kv_heads, n_splits, ceil(T*G/8)), block 128 = 4 warps; a block serves up to 8 rows of one
+// KV head, so each K/V row is read once for a whole group (and for several tokens when G < 8).
+// Token t sees positions [0, end_t): end_t = positions[t] + 1 (int64 device pointer), else
+// len + t (len from device memory, len_ptr, or an argument), so a captured CUDA graph replays
+// with new lengths; blocks past every row's length exit at once. Positions a row may not see
+// get probability 0 (exact no-ops: x*1, x+0), so a row's result is bit for bit what a one-token
+// launch gives (chain verification stays lossless), given finite V below the block's length.
+//
+// Each warp takes tiles of 32 positions: a lane scores its own position against the rows'
+// queries (q in shared memory, broadcast), the warp keeps an online softmax per row, then lanes
+// own D/32 channels of the output and accumulate p * V row by row. Partial (m, l, o) per split go
+// to a workspace [split][t][h] and flash_decode_combine merges them. Scores are in log2 units (q
+// is pre-scaled by scale*log2(e)) so exp2f does the softmax.
+//
+// Rotated K (Hadamard, see luce_torch.hadamard): with ``signs`` the query is moved into K's basis
+// in shared memory: times the ±1 signs, then a normalized FWHT over aligned groups of rot_group
+// channels (the 1/sqrt(group) is folded into the scale by the host).
 #include "luce_common.cuh"
 
 constexpr int GMAX = 8, WARPS = 4;
+enum { F_F16 = 0, F_BF16 = 1, F_F32 = 2, F_Q8_0 = 3, F_Q4_0 = 4 };
 
 __device__ __forceinline__ float load_q(const void* q, int dt, i64 i) {
     if (dt == 0) return __half2float(reinterpret_cast<const __half*>(q)[i]);
     if (dt == 1) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(q)[i]);
     return reinterpret_cast<const float*>(q)[i];
 }
+__device__ __forceinline__ float half_bits(u32 b) { return __half2float(__ushort_as_half((u16)b)); }
+__device__ __forceinline__ u32 ld_u16(const u8* p) { return __ldg(reinterpret_cast<const u16*>(p)); }
 
 // DPL consecutive channels of one row, as floats.
 template <int DPL> __device__ __forceinline__ void load_ch(const __half* p, float* o) {
@@ -49,28 +70,233 @@ template <int DPL> __device__ __forceinline__ void load_ch(const float* p, float
     }
 }
 
-template <class TKV, int D>
-__device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, const TKV* __restrict__ k,
-                                                  const TKV* __restrict__ v, float* __restrict__ ws_o,
-                                                  float* __restrict__ ws_ml, int H, int Hkv, i64 kvs, int len,
-                                                  const int* __restrict__ len_ptr, int split_len, float scale_log2) {
+// Byte size of one row (one head's D elements) per format.
+template <int F, int D> struct RowBytes {
+    static constexpr int value = F == F_F16 || F == F_BF16 ? 2 * D : F == F_F32 ? 4 * D : F == F_Q8_0 ? D / 32 * 34
+                                                                                                      : D / 32 * 18;
+};
+template <int F> struct FloatOf { typedef __half T; };
+template <> struct FloatOf<F_BF16> { typedef __nv_bfloat16 T; };
+template <> struct FloatOf<F_F32> { typedef float T; };
+
+// Byte k of x (k constant) as the float 2^23 + byte; the callers subtract 2^23 + offset (exact).
+__device__ __forceinline__ float byte_f(u32 x, int k) {
+    return __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7540u | k));
+}
+
+// s[g] += d * sum_i q_g[c0 + i] * e_i over one quantized block at channels c0..c0+31 (g < GB).
+// The block's quants start at byte 4*a + sh/8 of the words x (sh 0, 16 or 32: funnel shifts);
+// constants after unrolling where the caller knows the offsets.
+template <int F, int D>
+__device__ __forceinline__ void block_dot(const u32* x, int a, int sh, float d, int c0, const float (*qs)[D], int GB,
+                                          float* s) {
+    float bs[GMAX];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) bs[g] = 0.f;
+    if constexpr (F == F_Q8_0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const u32 xq = __funnelshift_rc(x[a + j], x[a + j + 1], sh) ^ 0x80808080u;  // int8 + 128 per byte
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float e = byte_f(xq, k) - (LUCE_MAGIC + 128.0f);
+#pragma unroll
+                for (int g = 0; g < GMAX; ++g)
+                    if (g < GB) bs[g] = fmaf(qs[g][c0 + 4 * j + k], e, bs[g]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 xq = __funnelshift_rc(x[a + j], x[a + j + 1], sh);
+            const u32 lo = xq & 0x0F0F0F0Fu, hi = (xq >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float el = byte_f(lo, k) - (LUCE_MAGIC + 8.0f);
+                const float eh = byte_f(hi, k) - (LUCE_MAGIC + 8.0f);
+#pragma unroll
+                for (int g = 0; g < GMAX; ++g)
+                    if (g < GB) {
+                        bs[g] = fmaf(qs[g][c0 + 4 * j + k], el, bs[g]);
+                        bs[g] = fmaf(qs[g][c0 + 16 + 4 * j + k], eh, bs[g]);
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) s[g] = fmaf(d, bs[g], s[g]);
+}
+
+// s[g] += q_g . k_row (q_g in qs[g], g < GB).
+template <int F, int D>
+__device__ __forceinline__ void score_row(const u8* __restrict__ row, const float (*qs)[D], int GB, float* s) {
+    if constexpr (F == F_F16 || F == F_BF16 || F == F_F32) {
+        typedef typename FloatOf<F>::T T;
+        const T* kr = reinterpret_cast<const T*>(row);
+#pragma unroll 2
+        for (int c = 0; c < D; c += 8) {
+            float kv8[8];
+            load8(kr + c, kv8);
+#pragma unroll
+            for (int g = 0; g < GMAX; ++g)
+                if (g < GB)
+#pragma unroll
+                    for (int t = 0; t < 8; ++t) s[g] = fmaf(qs[g][c + t], kv8[t], s[g]);
+        }
+    } else if constexpr (RowBytes<F, D>::value % 8 == 0) {
+        // D=128: rows are 8-byte aligned. The whole row goes into registers with 8-byte loads, all
+        // issued at once (a lane reads its own row: wide loads matter), then is read one half
+        // (two blocks, 17 or 9 words, the same byte layout in both halves) at a time, so block
+        // offsets are constants while the code holds one pair of blocks: a full unroll costs
+        // several times the compile time.
+        constexpr int BB = F == F_Q8_0 ? 34 : 18, HW = BB / 2, RB = RowBytes<F, D>::value;
+        u32 w[RB / 4];
+#pragma unroll
+        for (int i = 0; i < RB / 8; ++i) {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(row) + i);
+            w[2 * i] = v.x;
+            w[2 * i + 1] = v.y;
+        }
+#pragma unroll 1
+        for (int hh = 0; hh < D / 64; ++hh) {
+            u32 x[HW + 1];  // + a word block_dot reads (and shifts out) after block 1's last
+#pragma unroll
+            for (int i = 0; i < HW; ++i) x[i] = hh ? w[HW + i] : w[i];
+            x[HW] = 0;
+            // block 0 at byte 0 (quants from byte 2), block 1 at byte BB (BB % 4 == 2: quants aligned)
+            block_dot<F, D>(x, 0, 16, half_bits(x[0]), 64 * hh, qs, GB, s);
+            block_dot<F, D>(x, (BB + 2) / 4, 0, half_bits(x[BB / 4] >> 16), 64 * hh + 32, qs, GB, s);
+        }
+    } else {
+        // D=64: rows only 4-byte aligned. One block at a time from the aligned word below it (9 or
+        // 5 words); blocks start 2-byte aligned, so its quants are a funnel shift by 16 or 32.
+        constexpr int BB = F == F_Q8_0 ? 34 : 18, NW = F == F_Q8_0 ? 9 : 5;
+#pragma unroll 1
+        for (int b = 0; b < D / 32; ++b) {
+            const int o = b * BB, sh = 8 * (o & 3);
+            const u32* wp = reinterpret_cast<const u32*>(row + (o & ~3));
+            u32 x[NW];
+#pragma unroll
+            for (int i = 0; i < NW; ++i) x[i] = __ldg(wp + i);
+            block_dot<F, D>(x, 0, 16 + sh, half_bits(x[0] >> sh), 32 * b, qs, GB, s);
+        }
+    }
+}
+
+// The D/32 channels lane owns in a V row of format F: values into vv, channel of value e: vch().
+// Float formats and q8_0: channels lane*DPL + e. q4_0: the channels of the bytes the lane reads
+// (D=128: bytes 2k, 2k+1 of block lane/8, k = lane%8 -> elements 2k, 2k+1, 2k+16, 2k+17).
+template <int F, int D> __device__ __forceinline__ int vch(int lane, int e) {
+    if constexpr (F == F_Q4_0) {
+        if constexpr (D == 128) return 32 * (lane >> 3) + 2 * (lane & 7) + (e & 1) + 16 * (e >> 1);
+        else return 32 * (lane >> 4) + (lane & 15) + 16 * e;
+    } else {
+        return lane * (D / 32) + e;
+    }
+}
+template <int F, int D> __device__ __forceinline__ void load_v(const u8* __restrict__ row, int lane, float* vv) {
     constexpr int DPL = D / 32;
-    __shared__ float qs[GMAX][D];
+    if constexpr (F == F_F16 || F == F_BF16 || F == F_F32) {
+        load_ch<DPL>(reinterpret_cast<const typename FloatOf<F>::T*>(row) + lane * DPL, vv);
+    } else if constexpr (F == F_Q8_0) {
+        const int b = lane / (32 / DPL);            // block of the lane's channels
+        const u8* qp = row + 34 * b + 2 + DPL * (lane % (32 / DPL));
+        const float d = half_bits(ld_u16(row + 34 * b));
+        u32 x = ld_u16(qp);
+        if (DPL == 4) x |= ld_u16(qp + 2) << 16;   // 2-byte aligned only: two halves
+        x ^= 0x80808080u;
+#pragma unroll
+        for (int e = 0; e < DPL; ++e) vv[e] = d * (byte_f(x, e) - (LUCE_MAGIC + 128.0f));
+    } else {
+        const int b = lane / (32 / DPL);
+        const int k = lane % (32 / DPL);
+        const float d = half_bits(ld_u16(row + 18 * b));
+        if constexpr (DPL == 4) {
+            const u32 x = ld_u16(row + 18 * b + 2 + 2 * k);
+            const u32 lo = x & 0x0F0Fu, hi = (x >> 4) & 0x0F0Fu;
+            vv[0] = d * (byte_f(lo, 0) - (LUCE_MAGIC + 8.0f));
+            vv[1] = d * (byte_f(lo, 1) - (LUCE_MAGIC + 8.0f));
+            vv[2] = d * (byte_f(hi, 0) - (LUCE_MAGIC + 8.0f));
+            vv[3] = d * (byte_f(hi, 1) - (LUCE_MAGIC + 8.0f));
+        } else {
+            const u32 x = __ldg(row + 18 * b + 2 + k);
+            vv[0] = d * (u2f_magic(x & 15u) - 8.0f);
+            vv[1] = d * (u2f_magic(x >> 4) - 8.0f);
+        }
+    }
+}
+
+// acc[g] += sum_j ps[g][j] * V[tile + j] over the nv positions of a tile.
+template <int FV, int D>
+__device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst, int tile, int nv, int lane, int GB,
+                                             const float (*pw)[32], float (&acc)[GMAX][D / 32]) {
+    for (int j = 0; j < nv; ++j) {
+        float vv[D / 32];
+        load_v<FV, D>(vb + (i64)(tile + j) * vst, lane, vv);
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g)
+            if (g < GB) {
+                const float pj = pw[g][j];
+#pragma unroll
+                for (int e = 0; e < D / 32; ++e) acc[g][e] = fmaf(pj, vv[e], acc[g][e]);
+            }
+    }
+}
+template <int D> __device__ __forceinline__ int vch_rt(int fv, int lane, int e) {
+    return fv == F_Q4_0 ? vch<F_Q4_0, D>(lane, e) : vch<F_F16, D>(lane, e);
+}
+
+template <int FK, int D>
+__device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, i64 qst,
+                                                  const u8* __restrict__ k, const u8* __restrict__ v, int v_fmt,
+                                                  float* __restrict__ ws_o,
+                                                  float* __restrict__ ws_ml, int H, int Hkv, int T, int kst, int vst,
+                                                  int len, const int* __restrict__ len_ptr,
+                                                  const i64* __restrict__ pos_ptr, int n_max, int split_len,
+                                                  float scale_log2, const float* __restrict__ signs, int rot_group) {
+    constexpr int DPL = D / 32;
+    __shared__ __align__(16) float qs[GMAX][D];
     __shared__ float ps[WARPS][GMAX][32];
     __shared__ float red_o[WARPS][GMAX][D];
     __shared__ float red_m[WARPS][GMAX], red_l[WARPS][GMAX];
 
     const int hk = blockIdx.x, split = blockIdx.y;
-    const int G = H / Hkv, g0 = blockIdx.z * GMAX, GB = min(GMAX, G - g0);
-    const int end = len_ptr ? *len_ptr : len;
+    const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
+    const int base = len_ptr ? *len_ptr : len;
+    __shared__ int lim[GMAX];  // row g sees positions p < lim[g] of this split
+    int end = 0;
+    for (int g = 0; g < GB; ++g) {
+        const int t = (r0 + g) / G;
+        end = max(end, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max));
+    }
     const int pb = split * split_len, pe = min(end, pb + split_len);
-    if (pb >= end) return;  // the combine reads only splits below the length
+    if (pb >= end) return;  // the combine reads only splits below each token's length
+    if (threadIdx.x < GMAX) {
+        const int g = threadIdx.x, t = (r0 + g) / G;
+        lim[g] = g < GB ? min(pe, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max)) : 0;
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int hq0 = hk * G + g0;
 
     for (int i = threadIdx.x; i < GMAX * D; i += blockDim.x) {
         const int g = i / D, d = i % D;
-        qs[g][d] = g < GB ? load_q(q, q_dt, (i64)(hq0 + g) * D + d) * scale_log2 : 0.f;
+        float x = 0.f;
+        if (g < GB) {
+            const int r = r0 + g, t = r / G;
+            x = load_q(q, q_dt, (i64)t * qst + (i64)(hk * G + r - t * G) * D + d) * scale_log2;
+            if (signs) x *= signs[d];
+        }
+        qs[g][d] = x;
+    }
+    // grouped FWHT: butterflies h apart for h < group stay inside aligned groups of rot_group
+    for (int h = 1; h < rot_group; h <<= 1) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < GB * (D / 2); i += blockDim.x) {
+            const int g = i / (D / 2), j = i % (D / 2);
+            const int i0 = ((j & ~(h - 1)) << 1) | (j & (h - 1));
+            const float a = qs[g][i0], b = qs[g][i0 + h];
+            qs[g][i0] = a + b;
+            qs[g][i0 + h] = a - b;
+        }
     }
     __syncthreads();
 
@@ -82,35 +308,31 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
 #pragma unroll
         for (int e = 0; e < DPL; ++e) acc[g][e] = 0.f;
     }
-    const TKV* kh = k + (i64)hk * D;
-    const TKV* vh = v + (i64)hk * D;
+    const u8* kb = k + (i64)hk * RowBytes<FK, D>::value;
+    const u8* vb = v;
+    switch (v_fmt) {
+        case F_F16: vb += (i64)hk * RowBytes<F_F16, D>::value; break;
+        case F_BF16: vb += (i64)hk * RowBytes<F_BF16, D>::value; break;
+        case F_F32: vb += (i64)hk * RowBytes<F_F32, D>::value; break;
+        case F_Q8_0: vb += (i64)hk * RowBytes<F_Q8_0, D>::value; break;
+        default: vb += (i64)hk * RowBytes<F_Q4_0, D>::value; break;
+    }
 
     for (int tile = pb + warp * 32; tile < pe; tile += WARPS * 32) {
         const int p = tile + lane;
-        const bool valid = p < pe;
         float s[GMAX];
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) s[g] = 0.f;
-        if (valid) {
-            const TKV* kr = kh + (i64)p * kvs;
-#pragma unroll 2
-            for (int c = 0; c < D; c += 8) {
-                float kv8[8];
-                load8(kr + c, kv8);
-#pragma unroll
-                for (int g = 0; g < GMAX; ++g)
-                    if (g < GB)
-#pragma unroll
-                        for (int t = 0; t < 8; ++t) s[g] = fmaf(qs[g][c + t], kv8[t], s[g]);
-            }
-        }
+        if (p < pe) score_row<FK, D>(kb + (i64)p * kst, qs, GB, s);
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
             if (g < GB) {
-                const float sv = valid ? s[g] : -LUCE_INF;
-                const float mn = fmaxf(m[g], warp_max(sv));  // finite: lane 0 of a tile is valid
-                const float corr = exp2f(m[g] - mn);
-                const float pr = valid ? exp2f(sv - mn) : 0.f;
+                const bool ok = p < lim[g];
+                const float sv = ok ? s[g] : -LUCE_INF;
+                const float mn = fmaxf(m[g], warp_max(sv));
+                const float mr = mn == -LUCE_INF ? 0.f : mn;  // no visible key for this row yet
+                const float corr = exp2f(m[g] - mr);
+                const float pr = ok ? exp2f(sv - mr) : 0.f;
                 lsum[g] = lsum[g] * corr + pr;
 #pragma unroll
                 for (int e = 0; e < DPL; ++e) acc[g][e] *= corr;
@@ -120,16 +342,12 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
         }
         __syncwarp();
         const int nv = min(32, pe - tile);
-        for (int j = 0; j < nv; ++j) {
-            float vv[DPL];
-            load_ch<DPL>(vh + (i64)(tile + j) * kvs + lane * DPL, vv);
-#pragma unroll
-            for (int g = 0; g < GMAX; ++g)
-                if (g < GB) {
-                    const float pj = ps[warp][g][j];
-#pragma unroll
-                    for (int e = 0; e < DPL; ++e) acc[g][e] = fmaf(pj, vv[e], acc[g][e]);
-                }
+        switch (v_fmt) {  // warp-uniform, once per tile
+            case F_F16: accumulate_v<F_F16, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
+            case F_BF16: accumulate_v<F_BF16, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
+            case F_F32: accumulate_v<F_F32, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
+            case F_Q8_0: accumulate_v<F_Q8_0, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
+            default: accumulate_v<F_Q4_0, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
         }
         __syncwarp();
     }
@@ -141,7 +359,7 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             red_l[warp][g] = l;
         }
 #pragma unroll
-        for (int e = 0; e < DPL; ++e) red_o[warp][g][lane * DPL + e] = acc[g][e];
+        for (int e = 0; e < DPL; ++e) red_o[warp][g][vch_rt<D>(v_fmt, lane, e)] = acc[g][e];
     }
     __syncthreads();
     for (int i = threadIdx.x; i < GB * D; i += blockDim.x) {
@@ -156,52 +374,77 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             o += f * red_o[w][g][d];
             l += f * red_l[w][g];
         }
-        const i64 hq = hq0 + g;
-        ws_o[((i64)split * H + hq) * D + d] = o;
+        const int r = r0 + g, t = r / G;
+        const i64 slot = ((i64)split * T + t) * H + hk * G + (r - t * G);
+        ws_o[slot * D + d] = o;
         if (d == 0) {
-            ws_ml[((i64)split * H + hq) * 2] = M;
-            ws_ml[((i64)split * H + hq) * 2 + 1] = l;
+            ws_ml[slot * 2] = M;
+            ws_ml[slot * 2 + 1] = l;
         }
     }
 }
 
-// out[h, d] = sum_s e^(m_s - M) o_s[h, d] / sum_s e^(m_s - M) l_s over the splits below the length.
-template <class T>
+// out[t, h, d] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits below token t's
+// length. Grid (H, T).
+template <class TO>
 __device__ __forceinline__ void combine_impl(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
-                                             T* __restrict__ out, int H, int D, int len,
-                                             const int* __restrict__ len_ptr, int split_len) {
-    const int h = blockIdx.x;
-    const int end = len_ptr ? *len_ptr : len;
+                                             TO* __restrict__ out, int H, int D, int len,
+                                             const int* __restrict__ len_ptr, const i64* __restrict__ pos_ptr,
+                                             int n_max, int split_len) {
+    const int h = blockIdx.x, t = blockIdx.y, T = gridDim.y;
+    const int end = min(pos_ptr ? (int)pos_ptr[t] + 1 : (len_ptr ? *len_ptr : len) + t, n_max);
     const int ns = (end + split_len - 1) / split_len;
     float M = -LUCE_INF;
-    for (int s = 0; s < ns; ++s) M = fmaxf(M, ws_ml[((i64)s * H + h) * 2]);
+    for (int s = 0; s < ns; ++s) M = fmaxf(M, ws_ml[(((i64)s * T + t) * H + h) * 2]);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float o = 0.f, l = 0.f;
         for (int s = 0; s < ns; ++s) {
-            const float f = exp2f(ws_ml[((i64)s * H + h) * 2] - M);
-            o += f * ws_o[((i64)s * H + h) * D + d];
-            l += f * ws_ml[((i64)s * H + h) * 2 + 1];
+            const i64 slot = ((i64)s * T + t) * H + h;
+            const float m = ws_ml[slot * 2];
+            const float f = m == -LUCE_INF ? 0.f : exp2f(m - M);
+            o += f * ws_o[slot * D + d];
+            l += f * ws_ml[slot * 2 + 1];
         }
-        out[(i64)h * D + d] = from_f<T>(l > 0.f ? o / l : 0.f);
+        out[((i64)t * H + h) * D + d] = from_f<TO>(l > 0.f ? o / l : 0.f);
     }
 }
 
-#define DEF_DECODE(KN, TKV, D)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D(                                \
-        const void* q, int q_dt, const TKV* k, const TKV* v, float* ws_o, float* ws_ml, int H, int Hkv, i64 kvs, \
-        int len, const int* len_ptr, int split_len, float scale_log2) {                                         \
-        flash_decode_impl<TKV, D>(q, q_dt, k, v, ws_o, ws_ml, H, Hkv, kvs, len, len_ptr, split_len, scale_log2); \
+#define DEF_DECODE(KN, FK, D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D(                              \
+        const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml, int H, \
+        int Hkv, int T, int kst, int vst, int len, const int* len_ptr, const i64* pos_ptr, int n_max,          \
+        int split_len, float scale_log2, const float* signs, int rot_group) {                                 \
+        flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, H, Hkv, T, kst, vst, len, len_ptr, pos_ptr, \
+                                 n_max, split_len, scale_log2, signs, rot_group);                             \
     }
-// f16 and bf16 caches (an f32 cache takes the torch reference path).
-DEF_DECODE(f16, __half, 64)
-DEF_DECODE(f16, __half, 128)
-DEF_DECODE(bf16, __nv_bfloat16, 64)
-DEF_DECODE(bf16, __nv_bfloat16, 128)
+// Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
+// format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.
+#if !defined(LUCE_KV_K) || LUCE_KV_K == 0
+DEF_DECODE(f16, F_F16, 64)
+DEF_DECODE(f16, F_F16, 128)
+#endif
+#if !defined(LUCE_KV_K) || LUCE_KV_K == 1
+DEF_DECODE(bf16, F_BF16, 64)
+DEF_DECODE(bf16, F_BF16, 128)
+#endif
+#if !defined(LUCE_KV_K) || LUCE_KV_K == 2
+DEF_DECODE(f32, F_F32, 64)
+DEF_DECODE(f32, F_F32, 128)
+#endif
+#if !defined(LUCE_KV_K) || LUCE_KV_K == 3
+DEF_DECODE(q8_0, F_Q8_0, 64)
+DEF_DECODE(q8_0, F_Q8_0, 128)
+#endif
+#if !defined(LUCE_KV_K) || LUCE_KV_K == 4
+DEF_DECODE(q4_0, F_Q4_0, 64)
+DEF_DECODE(q4_0, F_Q4_0, 128)
+#endif
 
-#define DEF_COMBINE(AN, T)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) flash_decode_combine_##AN(                            \
-        const float* ws_o, const float* ws_ml, T* out, int H, int D, int len, const int* len_ptr, int split_len) { \
-        combine_impl<T>(ws_o, ws_ml, out, H, D, len, len_ptr, split_len);                                    \
+#define DEF_COMBINE(AN, T)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode_combine_##AN(                              \
+        const float* ws_o, const float* ws_ml, T* out, int H, int D, int len, const int* len_ptr,             \
+        const i64* pos_ptr, int n_max, int split_len) {                                                       \
+        combine_impl<T>(ws_o, ws_ml, out, H, D, len, len_ptr, pos_ptr, n_max, split_len);                     \
     }
 DEF_COMBINE(f16, __half)
 DEF_COMBINE(bf16, __nv_bfloat16)

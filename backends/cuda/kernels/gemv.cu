@@ -1,6 +1,10 @@
 // Decode GEMV straight from quantized weights, and whole-weight dequantization.
 //
-// y[n] = alpha * sum_k x[k] * W[n, k]  (+ y[n] when add_y), one row of x.
+// y[j, n] = alpha * sum_k x[j, k] * W[n, k]  (+ y[j, n] when add_y) for the m <= MX rows j of x
+// (MX = 1 for decode, 8 for a few-row input such as a speculative verify, split by the host into
+// chunks of at most 8). Each
+// weight unit is loaded once and used for every x row, and each (x row, weight row) sum takes
+// exactly the steps it takes with MX = 1, so a verify row rounds as the decode step does.
 // A group of wpr warps (1, 2, 4 or 8; the host picks it so each lane gets about two units)
 // computes R rows; its lanes take units l, l+32*wpr, ... (a unit is 32 weights: one 16-byte
 // load of packed quants plus its scales). Each step first issues the loads of UN units for all
@@ -26,13 +30,13 @@ __device__ __forceinline__ float run_dot(const float* q, const float* s, const f
     return part;
 }
 
-template <class F, class T, int R, int UN>
+template <class F, class T, int R, int UN, int MX>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
-                                          float alpha, int add_y, int wpr) {
+                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr) {
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
-    __shared__ float red[8][R];
+    __shared__ float red[8][MX * R];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = warp / wpr, wig = warp % wpr, groups = (blockDim.x >> 5) / wpr;
     const QW w{p0, p1, p2, p3, K};
@@ -45,9 +49,11 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
         int rows[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // a missing row re-reads the last one
-        float acc[R];
+        float acc[MX][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = 0.f;
+        for (int j = 0; j < MX; ++j)
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[j][r] = 0.f;
 
         for (int u0 = wig * 32 + lane; active && u0 < U; u0 += stride * UN) {
             typename F::Raw raw[UN][R];
@@ -60,62 +66,75 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
             for (int i = 0; i < UN; ++i) {
                 const int u = u0 + stride * i;
                 if (u < U) {
-                    float xv[32];
-                    const T* xr = x + F::k0(u);
 #pragma unroll
-                    for (int r = 0; r < F::NRUN; ++r)
+                    for (int j = 0; j < MX; ++j) {
+                        if (j >= m) break;  // uniform: m is a kernel argument
+                        float xv[32];
+                        const T* xr = x + j * xs + F::k0(u);
 #pragma unroll
-                        for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
-                    if constexpr (F::NIBBLE) {
-                        float sx_lo = 0.f, sx_hi = 0.f;
+                        for (int r = 0; r < F::NRUN; ++r)
 #pragma unroll
-                        for (int t = 0; t < 16; ++t) {
-                            sx_lo += xv[t];
-                            sx_hi += xv[16 + t];
-                        }
+                            for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                        if constexpr (F::NIBBLE) {
+                            float sx_lo = 0.f, sx_hi = 0.f;
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            float a, b;
-                            nibble_dot(raw[i][r].q, xv, a, b);
-                            acc[r] += F::combine(raw[i][r], u, 128.f * (a - sx_lo), 128.f * (b - sx_hi), sx_lo, sx_hi);
-                        }
-                    } else {
+                            for (int t = 0; t < 16; ++t) {
+                                sx_lo += xv[t];
+                                sx_hi += xv[16 + t];
+                            }
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            float q[32], sc[F::NRUN], of[F::NRUN];
-                            F::unpack(raw[i][r], u, q, sc, of);
-                            acc[r] += run_dot<F, T>(q, sc, of, xv);
+                            for (int r = 0; r < R; ++r) {
+                                float a, b;
+                                nibble_dot(raw[i][r].q, xv, a, b);
+                                acc[j][r] += F::combine(raw[i][r], u, 128.f * (a - sx_lo), 128.f * (b - sx_hi),
+                                                        sx_lo, sx_hi);
+                            }
+                        } else {
+#pragma unroll
+                            for (int r = 0; r < R; ++r) {
+                                float q[32], sc[F::NRUN], of[F::NRUN];
+                                F::unpack(raw[i][r], u, q, sc, of);
+                                acc[j][r] += run_dot<F, T>(q, sc, of, xv);
+                            }
                         }
                     }
                 }
             }
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+        for (int j = 0; j < MX; ++j)
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[j][r] = warp_sum(acc[j][r]);
         if (wpr > 1) {  // block-uniform
             if (lane == 0)
 #pragma unroll
-                for (int r = 0; r < R; ++r) red[warp][r] = acc[r];
+                for (int j = 0; j < MX; ++j)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) red[warp][j * R + r] = acc[j][r];
             __syncthreads();
             if (wig == 0 && lane == 0)
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    float v = 0.f;
-                    for (int j = 0; j < wpr; ++j) v += red[warp + j][r];
-                    acc[r] = v;
-                }
+                for (int j = 0; j < MX; ++j)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        float v = 0.f;
+                        for (int t = 0; t < wpr; ++t) v += red[warp + t][j * R + r];
+                        acc[j][r] = v;
+                    }
             __syncthreads();  // red is reused by the next row group
         }
         if (active && wig == 0 && lane == 0) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (row0 + r < N) {
-                    float v = acc[r] * alpha;
-                    T* dst = y + row0 + r;
-                    if (add_y) v += to_f(*dst);
-                    *dst = from_f<T>(v);
+            for (int j = 0; j < MX; ++j)
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    if (j < m && row0 + r < N) {
+                        float v = acc[j][r] * alpha;
+                        T* dst = y + j * ys + row0 + r;
+                        if (add_y) v += to_f(*dst);
+                        *dst = from_f<T>(v);
+                    }
                 }
-            }
         }
     }
 }
@@ -143,17 +162,18 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
     }
 }
 
-#define GEMV_ARGS p0, p1, p2, p3, x, y, M, N, K, xs, ys, alpha, add_y
-
 // One program per weight format: the host passes -DLUCE_QNAME=q4_0 -DLUCE_QFMT=FQ4_0 (see
-// programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32;
-// dequantization writes f32.
-#define DEF_GEMV(QN, F, AN, T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN(                                 \
-        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K,          \
-        float alpha, int add_y, int wpr) {                                                               \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2>(p0, p1, p2, p3, x, y, N, K, alpha, add_y, wpr);               \
+// programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
+// (decode) or up to 8 (suffix _x8); dequantization writes f32.
+#define DEF_GEMV_MX(QN, F, AN, T, MX, SUF)                                                               \
+    extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN##SUF(                            \
+        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
+        i64 xs, i64 ys, float alpha, int add_y, int wpr) {                                               \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr); \
     }
+#define DEF_GEMV(QN, F, AN, T)     \
+    DEF_GEMV_MX(QN, F, AN, T, 1, ) \
+    DEF_GEMV_MX(QN, F, AN, T, 8, _x8)
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \

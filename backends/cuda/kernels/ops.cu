@@ -62,6 +62,30 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ x, const int* __restri
     }
 }
 
+// q [T, nhq, D] and k [T, nhk, D] rotated in place in one launch from the model's f32 cos/sin
+// tables [max_pos, half] (the same tables the torch path uses, so both agree exactly). Position of
+// row t: pos[t] (int64, read on the device: graph replays see new positions) or start + t.
+template <class T, bool NEOX>
+__device__ __forceinline__ void rope_qk_impl(T* __restrict__ q, T* __restrict__ k, const i64* __restrict__ pos,
+                                             int start, const float* __restrict__ cos_t,
+                                             const float* __restrict__ sin_t, int T_, int nhq, int nhk, int half,
+                                             i64 qst, i64 qsh, i64 kst, i64 ksh) {
+    const int nh = nhq + nhk;
+    const i64 total = (i64)T_ * nh * half;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const int i = (int)(idx % half);
+        const i64 th = idx / half;
+        const int hh = (int)(th % nh), t = (int)(th / nh);
+        const i64 p = pos ? pos[t] : (i64)(start + t);
+        const float cs = cos_t[p * half + i], sn = sin_t[p * half + i];
+        T* xr = hh < nhq ? q + (i64)t * qst + (i64)hh * qsh : k + (i64)t * kst + (i64)(hh - nhq) * ksh;
+        const int i0 = NEOX ? i : 2 * i, i1 = NEOX ? i + half : 2 * i + 1;
+        const float a = to_f(xr[i0]), b = to_f(xr[i1]);
+        xr[i0] = from_f<T>(a * cs - b * sn);
+        xr[i1] = from_f<T>(a * sn + b * cs);
+    }
+}
+
 // out[r, j] = silu(g[r, j]) * u[r, j] for j < F.
 template <class T>
 __device__ __forceinline__ void swiglu_impl(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
@@ -87,6 +111,16 @@ __device__ __forceinline__ void swiglu_impl(const T* __restrict__ g, const T* __
     extern "C" __global__ void __launch_bounds__(256) rope_neox_##AN(                                          \
         T* x, const int* pos, int start, const float* inv_freq, int T_, int nh, int rope_dim, i64 st, i64 sh) { \
         rope_impl<T, true>(x, pos, start, inv_freq, T_, nh, rope_dim, st, sh);                                 \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) rope_qk_normal_##AN(                                     \
+        T* q, T* k, const i64* pos, int start, const float* cs, const float* sn, int T_, int nhq, int nhk,    \
+        int half, i64 qst, i64 qsh, i64 kst, i64 ksh) {                                                        \
+        rope_qk_impl<T, false>(q, k, pos, start, cs, sn, T_, nhq, nhk, half, qst, qsh, kst, ksh);              \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) rope_qk_neox_##AN(                                       \
+        T* q, T* k, const i64* pos, int start, const float* cs, const float* sn, int T_, int nhq, int nhk,    \
+        int half, i64 qst, i64 qsh, i64 kst, i64 ksh) {                                                        \
+        rope_qk_impl<T, true>(q, k, pos, start, cs, sn, T_, nhq, nhk, half, qst, qsh, kst, ksh);               \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) swiglu_##AN(const T* g, const T* u, T* out, int R, int F, \
                                                                  i64 gs, i64 us, i64 os) {                     \

@@ -1,0 +1,131 @@
+"""The ``kv_storage`` role on CUDA: luce_torch's store layout, written by one fused kernel per call.
+
+:class:`CudaKVStore` keeps :class:`luce_torch.kv.TorchKVStore`'s tensors exactly (so the torch and
+the CUDA attention read them unchanged, and snapshots move between the two stores); only
+``write`` and ``write_at`` differ: one launch of ``kv_append`` (kernels/kv_append.cu) stores K and
+V of all T tokens. Per (token, head) vector: for K of a rotated store, the ±1 signs and the
+grouped Walsh-Hadamard butterflies in f32 in ``hadamard.fwht``'s order; then a cast to
+f32/f16/bf16 or ggml Q8_0/Q4_0 packing with ggml's arithmetic (f32 ``d``, IEEE reciprocal of it,
+no FMA contraction); then the store into the slot. Reads, snapshots, ``rotate_query`` and memory
+accounting are inherited.
+
+Bytes: identical to the torch store on the CPU (which is byte-identical to gguf). On a CUDA
+device the torch store's Q8_0 ``d`` can differ by one f32 ulp, because torch divides by a Python
+scalar on CUDA as a multiply by its reciprocal; this kernel divides, as ggml does.
+
+``write_at`` reads its slots from a device tensor and takes no host sync, so a decode step using
+it is capturable in a CUDA graph; the kernel is loaded when the store is allocated, before any
+capture. Slots outside [0, capacity) are skipped by the kernel (never written out of bounds).
+Sources the kernel does not read (not f16/bf16/f32, another device, head_dim over
+``programs.KV_MAX_DIM``) are written by the inherited torch path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from luce_core.caps import Caps
+from luce_core.config import RunConfig
+from luce_core.errors import ConfigError, ContextOverflowError
+from luce_core.roles import KVSpec
+from luce_cuda import programs
+from luce_cuda.launch import get_kernel, launch
+from luce_torch.kv import TorchKVStore
+
+FMT = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # kv_append.cu KV_*
+SRC = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kv_append.cu SRC_* (= ops.DT_CODE)
+KERNEL = "kv_append"
+
+
+def _index(device: torch.device | str | int) -> int:
+    if isinstance(device, int):
+        return device
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def warmup(device: torch.device | str | int = 0) -> None:
+    """Load the append kernel on ``device`` (before any CUDA-graph capture)."""
+    get_kernel(programs.KV_APPEND, KERNEL, _index(device))
+
+
+class CudaKVStore(TorchKVStore):
+    def __init__(self, spec: KVSpec):
+        if torch.device(spec.device).type != "cuda":
+            raise ConfigError(f"the CUDA KV store cannot live on device {spec.device!r}",
+                              remedy="allocate it on a CUDA device, or use the torch store (--kv-storage torch)")
+        super().__init__(spec)
+        self._device = self.k.device
+        self._kfmt, self._vfmt = np.int32(FMT[spec.k_dtype]), np.int32(FMT[spec.v_dtype])
+        self._fused = spec.head_dim <= programs.KV_MAX_DIM
+        h = self.hadamard
+        self._signs = h.signs(self._device) if h is not None else None
+        self._group = np.int32(h.group if h is not None else 0)
+        # torch multiplies f32 by the Python float 1/sqrt(g) rounded to f32: the same factor
+        self._scale = np.float32(1.0 / math.sqrt(h.group) if h is not None else 1.0)
+        self._threads = min(128, max(32, -(-spec.head_dim // 32) * 32))
+        if self._fused:
+            warmup(self._device)
+
+    # ------------------------------------------------------------------ writes
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        s = self.spec
+        want = (s.n_kv_heads, s.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"write expects k, v of shape [T, {want[0]}, {want[1]}], "
+                             f"got {list(k.shape)} and {list(v.shape)}")
+
+    def _kernel_reads(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        return (self._fused and k.dtype in SRC and v.dtype in SRC
+                and k.device == self._device and v.device == self._device)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._kernel_reads(k, v):
+            return super().write(layer, start, k, v)
+        self._check(k, v)
+        T, cap = k.shape[0], self.spec.capacity
+        if start < 0 or start + T > cap:
+            raise ContextOverflowError(f"KV write of positions [{start}, {start + T}) exceeds the "
+                                       f"capacity of {cap}", remedy="raise --ctx")
+        self._append(layer, None, int(start), k, v)
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """write() with the slots given as a device tensor [T]: no host sync (CUDA-graph
+        capturable). Slots outside [0, capacity) are skipped, not written."""
+        if not (self._kernel_reads(k, v) and pos.device == self._device):
+            return super().write_at(layer, pos, k, v)
+        self._check(k, v)
+        if pos.shape != (k.shape[0],):
+            raise ValueError(f"write_at expects pos of shape [{k.shape[0]}], got {list(pos.shape)}")
+        if pos.dtype != torch.int64:
+            pos = pos.to(torch.int64)
+        self._append(layer, pos, 0, k, v)
+
+    def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        T, H, D = k.shape
+        if T == 0:
+            return
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        kd, vd = self.k[layer], self.v[layer]  # [capacity, H, row] views of this layer
+        launch(get_kernel(programs.KV_APPEND, KERNEL, self._device.index), (T * H, 2), (self._threads,),
+               (k, v, np.int32(SRC[k.dtype]), np.int32(SRC[v.dtype]), np.int64(k.stride(0)), np.int64(k.stride(1)),
+                np.int64(v.stride(0)), np.int64(v.stride(1)), kd, vd, self._kfmt, self._vfmt, pos, np.int64(start),
+                np.int64(self.spec.capacity), np.int32(T), np.int32(H), np.int32(D), self._signs, self._group,
+                self._scale), like=k, shmem=4 * D)
+
+
+class CudaKVStorage:
+    """Factory of the ``kv_storage`` role "cuda": loads the kernel on creation (a compile or load
+    failure there lets luce fall back to the torch store), then allocates CudaKVStores."""
+
+    def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
+        if torch.cuda.is_available():
+            warmup(torch.cuda.current_device())
+
+    def allocate(self, spec: KVSpec) -> CudaKVStore:
+        return CudaKVStore(spec)

@@ -1,0 +1,38 @@
+"""luce_core.layer_ops on CUDA: one fused kernel per op (kernels/ops.cu), in place where the
+protocol allows, no host sync, so a decode step built from them is capturable in a CUDA graph."""
+from __future__ import annotations
+
+import torch
+
+from luce_cuda import ops
+
+
+class CudaLayerOps:
+    def _f32(self, w: torch.Tensor) -> torch.Tensor:
+        # the kernels read f32 weights; the model keeps its norm weights in f32 already
+        return w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
+
+    def _ok(self, *ts: torch.Tensor) -> bool:
+        return all(t.is_cuda and t.dtype in ops.ACT for t in ts)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        if not self._ok(x):
+            from luce_core.layer_ops import rms_norm
+            return rms_norm(x, w, eps)
+        return ops.rms_norm(x, self._f32(w), eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype != residual.dtype:
+            x = x.to(residual.dtype)
+        if not (self._ok(x, residual) and residual.is_contiguous() and x.shape == residual.shape):
+            from luce_core.layer_ops import TORCH_LAYER_OPS
+            return TORCH_LAYER_OPS.add_rms_norm(x, residual, w, eps)
+        return ops.add_rms_norm(x, residual, self._f32(w), eps), residual
+
+    def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rope_qk(q, k, cos, sin, style=style, positions=pos)
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return ops.swiglu(gate, up)

@@ -1,0 +1,59 @@
+"""The element-wise rest of a transformer layer: RMSNorm (with the residual add fused in), RoPE
+on Q and K together, SwiGLU.
+
+``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
+implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
+what makes a decode step a few dozen kernels instead of hundreds. Implementations may work in
+place (``add_rms_norm`` updating ``residual``, ``rope_qk`` rotating q and k): callers must use the
+returned tensors and must not rely on the inputs being left untouched.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from luce_core import rope
+
+
+class LayerOps(Protocol):
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """x * rsqrt(mean(x^2) + eps) * w over the last dim (f32 math, x's dtype out)."""
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(r), r) with r = residual + x rounded to residual's dtype."""
+
+    def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D] and k [T, Hk, D] rotated for positions pos [T] (int64) with the f32
+        tables cos/sin [max_positions, rope_dim/2]."""
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up."""
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+
+
+class TorchLayerOps:
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, w, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r = residual + x.to(residual.dtype)
+        return rms_norm(r, w, eps), r
+
+    def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+        c, s = cos[pos], sin[pos]
+        return rope.apply_rope(q, c, s, style), rope.apply_rope(k, c, s, style)
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(gate) * up
+
+
+TORCH_LAYER_OPS = TorchLayerOps()
