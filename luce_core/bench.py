@@ -107,7 +107,7 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
             for mode in ("plain", "spec"):
                 kw = dict(drafter=drafter, draft_budget=budget, draft_model=draft_model) if mode == "spec" else {}
                 llm.session.truncate(0)
-                list(llm.generate_ids(prompt[:4], 2, **kw))  # warm-up (graph capture, kernels)
+                list(llm.generate_ids(prompt, n, **kw))  # warm-up: captures every graph this run replays
                 llm.session.truncate(0)
                 toks = []
                 t = _timed(llm, lambda: toks.extend(llm.generate_ids(prompt, n, **kw)))
@@ -215,12 +215,16 @@ def _device_of(result: dict[str, Any]) -> None:
 
 def check_baseline(result: dict[str, Any], path: str) -> list[str]:
     """Failures of ``result`` against a baseline file (empty list = pass)."""
-    base = json.loads(Path(path).read_text())
+    data = json.loads(Path(path).read_text())
+    # a file holds one baseline, or {"baselines": [...]}, one per device/model: the matching one applies
+    entries = data.get("baselines", [data])
+    base = next((b for b in entries if all(not b.get(k) or b[k] == result[k] for k in ("device", "model"))), None)
+    if base is None:
+        have = ", ".join(f"{b.get('device')} / {b.get('model')}" for b in entries)
+        return [f"no baseline in {path} for device {result['device']!r} and model {result['model']!r} "
+                f"(it has: {have}): not comparable"]
     fails = []
-    thr = base.get("thresholds", {})
-    for key in ("device", "model"):
-        if base.get(key) and base[key] != result[key]:
-            return [f"baseline was recorded with {key} {base[key]!r}, this run has {result[key]!r}: not comparable"]
+    thr = base.get("thresholds", data.get("thresholds", {}))
     for key, ref in base.get("tok_s", {}).items():
         got = result["results"].get(key, {}).get("tok_s")
         if got is None:

@@ -79,3 +79,10 @@ def test_baseline_gate(tmp_path) -> None:
     assert "peak memory" in check_baseline(_result(peak_memory_bytes=200), str(base))[0]
     assert "not comparable" in check_baseline(_result(device="GPU Y"), str(base))[0]
     assert "not measured" in check_baseline(_result(results={"tg128": {"tok_s": 1000.0}}), str(base))[0]
+    # one file, a baseline per device: each run is held to its own device's numbers
+    multi = tmp_path / "m.json"
+    other = dict(json.loads(base.read_text()), device="GPU Y", tok_s={"tg128": 2000.0})
+    multi.write_text(json.dumps({"baselines": [json.loads(base.read_text()), other]}))
+    assert check_baseline(_result(), str(multi)) == []
+    assert "tg128" in check_baseline(_result(device="GPU Y"), str(multi))[0]
+    assert "not comparable" in check_baseline(_result(device="GPU Z"), str(multi))[0]

@@ -26,7 +26,7 @@ from luce_core.errors import ConfigError
 from luce_core.roles import KVStore
 from luce_cuda import ops
 
-DECODE_MAX_T = 32  # causal chunks this short over non-f16/bf16 caches use flash-decode
+DECODE_MAX_T = 32  # causal chunks this short use flash-decode (rows round as decode steps do)
 _DIRECT_PREFILL = (("f16", "f16"), ("bf16", "bf16"))  # caches flash-prefill reads as they are
 
 
@@ -116,7 +116,9 @@ class CudaAttention:
             return self._fallback("; ".join(why), q, kv, layer, start, scale, mask, positions)
         k, v = kv.k[layer], kv.v[layer]  # type: ignore[attr-defined]
         t = q.shape[0]
-        if positions is not None or t == 1 or (t <= DECODE_MAX_T and (kf, vf) not in _DIRECT_PREFILL):
+        # Up to DECODE_MAX_T causal rows (a speculative verify run eagerly, a short prompt) take the
+        # decode kernel too: each row then rounds exactly as a one-token decode step does.
+        if positions is not None or t <= DECODE_MAX_T:
             signs, group = None, 0
             if getattr(kv, "rotated", False):
                 h = kv.hadamard  # type: ignore[attr-defined]
