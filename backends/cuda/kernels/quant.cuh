@@ -56,6 +56,18 @@ __device__ __forceinline__ void nibble_dot(const uint4& v, const float* xv, floa
     qx_hi = b;
 }
 
+// The 32 nibbles of a 16-byte unit as floats minus ``bias`` (exact: magic-number conversion):
+// low nibble of byte i -> q[i], high nibble -> q[16 + i] (Q4_0, Q4_1 and Q4_K share this order).
+template <int BIAS>
+__device__ __forceinline__ void unpack_nibbles(const uint4& v, float* q) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        const u32 b = byte_of(v, i);
+        q[i] = __uint_as_float(0x4B000000u | (b & 15u)) - (LUCE_MAGIC + (float)BIAS);
+        q[i + 16] = __uint_as_float(0x4B000000u | (b >> 4)) - (LUCE_MAGIC + (float)BIAS);
+    }
+}
+
 // ------------------------------------------------------------------ Q4_0: {half d; u8 qs[16]}
 // p0: qs [N][K/2]; p2: d [N][K/32] half.   w = d * (nibble - 8)
 struct FQ4_0 {
@@ -73,12 +85,7 @@ struct FQ4_0 {
     }
     __device__ static void unpack(const Raw& r, int u, float* q, float* s, float* o) {
         s[0] = half_bits(r.d);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            u32 b = byte_of(r.q, i);
-            q[i] = __uint_as_float(0x4B000000u | (b & 15u)) - (LUCE_MAGIC + 8.0f);
-            q[i + 16] = __uint_as_float(0x4B000000u | (b >> 4)) - (LUCE_MAGIC + 8.0f);
-        }
+        unpack_nibbles<8>(r.q, q);
     }
 };
 
@@ -101,12 +108,7 @@ struct FQ4_1 {
         float2 f = h2f2(r.dm);
         s[0] = f.x;
         o[0] = f.y;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            u32 b = byte_of(r.q, i);
-            q[i] = u2f_magic(b & 15u);
-            q[i + 16] = u2f_magic(b >> 4);
-        }
+        unpack_nibbles<0>(r.q, q);
     }
 };
 
@@ -176,12 +178,7 @@ struct FQ4_K {
         q4k_scale_min(r.h, 2 * c + 1, sc, mn);
         s[1] = d * sc;
         o[1] = -dmin * mn;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            u32 x = byte_of(r.q, i);
-            q[i] = u2f_magic(x & 15u);
-            q[i + 16] = u2f_magic(x >> 4);
-        }
+        unpack_nibbles<0>(r.q, q);
     }
 };
 
