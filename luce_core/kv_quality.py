@@ -45,13 +45,13 @@ def _store(llm: Any, k: str, v: str, rotation: bool, capacity: int) -> Any:
 
 
 @torch.inference_mode()
-def all_logprobs(llm: Any, ids: Sequence[int], kv: Any, chunk: int = 256) -> torch.Tensor:
-    """Log-probabilities [len(ids), vocab] of every position, prefilling in chunks."""
+def all_logprobs(model: Any, ids: Sequence[int], kv: Any, chunk: int = 256) -> torch.Tensor:
+    """Log-probabilities [len(ids), vocab] of every position under ``model`` (a Transformer),
+    prefilling in chunks into ``kv``."""
     out = []
-    dev = llm.plan.model.device
     for s in range(0, len(ids), chunk):
-        piece = torch.tensor(ids[s:s + chunk], device=dev)
-        out.append(torch.log_softmax(llm.plan.model.forward(piece, s, kv).logits, -1).cpu())
+        piece = torch.tensor(ids[s:s + chunk], device=model.device)
+        out.append(torch.log_softmax(model.forward(piece, s, kv).logits.float(), -1).cpu())
         kv.set_length(s + len(piece))
     return torch.cat(out)
 
@@ -77,10 +77,10 @@ def needle(llm: Any, filler_ids: list[int], k: str, v: str, rotation: bool) -> d
 
 def measure(llm: Any, ids: list[int], configs: Sequence[tuple[str, str, bool]] = CONFIGS,
             needle_filler: list[int] | None = None) -> dict[str, Any]:
-    ref = all_logprobs(llm, ids, _store(llm, "f16", "f16", False, len(ids)))
+    ref = all_logprobs(llm.plan.model, ids, _store(llm, "f16", "f16", False, len(ids)))
     rows = []
     for k, v, rot in configs:
-        got = all_logprobs(llm, ids, _store(llm, k, v, rot, len(ids)))
+        got = all_logprobs(llm.plan.model, ids, _store(llm, k, v, rot, len(ids)))
         rows.append({"k": k, "v": v, "rotation": rot, **compare(ref, got)})
     out: dict[str, Any] = {"tokens": len(ids), "reference": "f16/f16", "configs": rows}
     if needle_filler is not None:

@@ -21,23 +21,12 @@ from typing import Any, Sequence
 
 import torch
 
-from luce_core.kv_quality import _store, compare, reference_text
+from luce_core.kv_quality import _store, all_logprobs, compare, reference_text
 from luce_core.roles import LoadedModel
 
 # (name, target type, LM head repacked too)
 VARIANTS: tuple[tuple[str, str, bool], ...] = (("nvfp4", "NVFP4", True), ("nvfp4-body", "NVFP4", False),
                                                ("q4_0", "Q4_0", True), ("q8_0", "Q8_0", True))
-
-
-@torch.inference_mode()
-def logprobs(model: Any, ids: Sequence[int], kv: Any, chunk: int = 256) -> torch.Tensor:
-    """Log-probabilities [len(ids), vocab] of every position, prefilling in chunks."""
-    out = []
-    for s in range(0, len(ids), chunk):
-        piece = torch.tensor(ids[s:s + chunk], device=model.device)
-        out.append(torch.log_softmax(model.forward(piece, s, kv).logits.float(), -1).cpu())
-        kv.set_length(s + len(piece))
-    return torch.cat(out)
 
 
 def nll(lp: torch.Tensor, ids: Sequence[int]) -> float:
@@ -68,13 +57,13 @@ def measure(llm: Any, ids: list[int], variants: Sequence[tuple[str, str, bool]] 
     from luce_core.repack import repack
 
     src = llm.plan.loaded
-    ref = logprobs(llm.plan.model, ids, _store(llm, "f32", "f32", False, len(ids)))
+    ref = all_logprobs(llm.plan.model, ids, _store(llm, "f32", "f32", False, len(ids)))
     rows = []
     for name, qtype, head in variants:
         t0 = time.perf_counter()
         repacked = repack(src, qtype, lm_head=head)
         seconds = time.perf_counter() - t0
-        got = logprobs(_model(llm, repacked), ids, _store(llm, "f32", "f32", False, len(ids)))
+        got = all_logprobs(_model(llm, repacked), ids, _store(llm, "f32", "f32", False, len(ids)))
         rows.append({"weights": name, "lm_head": qtype if head else "source", **compare(ref, got),
                      "nll": round(nll(got, ids), 4), "matmul_bytes": matmul_bytes(repacked),
                      "repack_seconds": round(seconds, 2), "repacked_from": repacked.metadata["repacked"]["from"]})

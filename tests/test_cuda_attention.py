@@ -19,21 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from luce_core.roles import KVSpec
+from gpu import GPU_REASON
 
-
-def _gpu_reason() -> str:
-    if not torch.cuda.is_available():
-        return "needs a CUDA build of torch and an NVIDIA GPU"
-    try:
-        from luce_cuda.compile import nvrtc_version
-
-        nvrtc_version()
-    except Exception as e:  # noqa: BLE001
-        return f"NVRTC unavailable: {e}"
-    return ""
-
-
-GPU_REASON = _gpu_reason()
 
 FORMATS = ("f16", "bf16", "f32", "q8_0", "q4_0")
 # (n_heads, n_kv_heads): GQA groups 1, 3, 4, 8

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from luce_core.formats import BLOCKS
 from luce_core.roles import KVSpec, QTensor
 from luce_cuda.weights import PLANE_SLICES, split_planes
+from gpu import GPU_REASON
 
 QUANTS = tuple(PLANE_SLICES)
 F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
@@ -132,19 +133,6 @@ def test_planar_layout_is_lossless_and_decodes_like_gguf(qtype, n, blocks, seed,
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_reason() -> str:
-    if not torch.cuda.is_available():
-        return "needs a CUDA build of torch and an NVIDIA GPU"
-    try:
-        from luce_cuda.compile import nvrtc_version
-
-        nvrtc_version()
-    except Exception as e:  # noqa: BLE001
-        return f"NVRTC unavailable: {e}"
-    return ""
-
-
-GPU_REASON = _gpu_reason()
 ACT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 GEMM_TOL = {"f16": 3e-3, "bf16": 2e-2}
 

@@ -45,6 +45,7 @@ from luce_core.roles import KVSpec, ModelConfig
 from luce_core.selection import explain
 from luce_torch.kv import TorchKVStore
 from luce_torch.kv_blocks import DEQUANTIZE
+from gpu import GPU_REASON, needs_gpu
 
 BLOCK = {"q8_0": 34, "q4_0": 18}
 SRC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,20 +82,6 @@ def test_cpu_spec_is_refused():
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_reason() -> str:
-    if not torch.cuda.is_available():
-        return "needs a CUDA build of torch and an NVIDIA GPU"
-    try:
-        from luce_cuda.compile import nvrtc_version
-
-        nvrtc_version()
-    except Exception as e:  # noqa: BLE001
-        return f"NVRTC unavailable: {e}"
-    return ""
-
-
-GPU_REASON = _gpu_reason()
-needs_gpu = pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 PAIRS = [(k, v) for k in KV_DTYPES for v in KV_DTYPES]
 SPECIALS = torch.tensor([0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 127.0, -63.5, 1.5, -8.0, 7.5])
 
