@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from luce_core import layer_ops, rope
+from luce_core.layer_ops import rms_norm  # noqa: F401  (re-exported for drafters)
 from luce_core.errors import ModelFileError
 from luce_core.roles import Attention, KVStore, Linear, LoadedModel, ModelConfig, QTensor
 
@@ -21,7 +22,7 @@ Proj = Callable[[torch.Tensor], torch.Tensor]
 @attrs.define
 class Block:
     """One layer. Projections that read the same input run as one matmul: ``qkv`` (Q, K, V rows
-    concatenated) and ``gate_up``; ``split`` gives the column widths of their outputs."""
+    concatenated; ``qkv_split`` holds their widths) and ``gate_up`` (gate then up, ``ffn`` wide each)."""
 
     attn_norm: torch.Tensor
     qkv: Proj
@@ -37,27 +38,15 @@ class Block:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
 
-    # One projection at a time, for code that wants them apart (drafter training, inspection).
-    def q(self, h: torch.Tensor) -> torch.Tensor:
-        return self.qkv(h)[..., : self.qkv_split[0]]
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V (column views of one matmul's output) for hidden states h [..., hidden]."""
+        nq, nk, _ = self.qkv_split
+        qkv = self.qkv(h)
+        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
 
-    def k(self, h: torch.Tensor) -> torch.Tensor:
-        a, b, _ = self.qkv_split
-        return self.qkv(h)[..., a:a + b]
-
-    def v(self, h: torch.Tensor) -> torch.Tensor:
-        a, b, _ = self.qkv_split
-        return self.qkv(h)[..., a + b:]
-
-    def gate(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gate_up(h)[..., : self.ffn]
-
-    def up(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gate_up(h)[..., self.ffn:]
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return layer_ops.rms_norm(x, w, eps)
+    def project_gate_up(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gu = self.gate_up(h)
+        return gu[..., : self.ffn], gu[..., self.ffn:]
 
 
 def fuse_rows(name: str, parts: Sequence[QTensor]) -> list[QTensor]:
@@ -172,9 +161,7 @@ class Transformer:
         for i, b in enumerate(self.blocks):
             if i in capture:
                 feats.append(x.clone())  # ops may update x in place below
-            nq, nk, _ = b.qkv_split
-            qkv = b.qkv(h)
-            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+            q, k, v = b.project_qkv(h)
             if b.q_bias is not None:
                 q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
             q = q.view(T, cfg.n_heads, hd)
@@ -186,8 +173,7 @@ class Transformer:
             write(i, k, v)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
             h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
-            gu = b.gate_up(h)
-            d = b.down(ops.swiglu(gu[:, : b.ffn], gu[:, b.ffn:]))
+            d = b.down(ops.swiglu(*b.project_gate_up(h)))
             nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
             h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
         if cfg.n_layers in capture:

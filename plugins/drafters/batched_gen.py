@@ -39,22 +39,6 @@ class Batch:
     prompt_lens: torch.Tensor
 
 
-def _qkv(b: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V of a layer: one matmul where the block fuses them (``qkv``), else three."""
-    if hasattr(b, "qkv_split"):
-        nq, nk, _ = b.qkv_split
-        qkv = b.qkv(h)
-        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
-    return b.q(h), b.k(h), b.v(h)
-
-
-def _gate_up(b: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(b, "gate_up"):
-        gu = b.gate_up(h)
-        return gu[..., :b.ffn], gu[..., b.ffn:]
-    return b.gate(h), b.up(h)
-
-
 class BatchedGreedy:
     """Greedy (T=0) decoding of many sequences at once over a luce ``Transformer``.
 
@@ -92,7 +76,7 @@ class BatchedGreedy:
             if i in capture:
                 feats.append(x)
             h = rms_norm(x, b.attn_norm, cfg.rms_eps)
-            q, k, v = _qkv(b, h)
+            q, k, v = b.project_qkv(h)
             if b.q_bias is not None:
                 q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
             q = q.reshape(B * T, cfg.n_heads, cfg.head_dim)
@@ -112,7 +96,7 @@ class BatchedGreedy:
             a = a.view(B, cfg.n_kv_heads, group, T, cfg.head_dim).permute(0, 3, 1, 2, 4)
             x = x + b.o(a.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
             h = rms_norm(x, b.ffn_norm, cfg.rms_eps)
-            g, u = _gate_up(b, h)
+            g, u = b.project_gate_up(h)
             x = x + b.down(F.silu(g) * u)
         if cfg.n_layers in capture:
             feats.append(x)
