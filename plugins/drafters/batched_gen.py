@@ -14,7 +14,7 @@ the same values a later forward over the finished sequence would capture.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import attrs
 import torch
