@@ -28,10 +28,10 @@ import torch
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, ContextOverflowError
+from luce_core.errors import ConfigError
 from luce_core.roles import KVSpec
 from luce_cuda import programs
-from luce_cuda.launch import get_kernel, launch
+from luce_cuda.launch import device_index, get_kernel, launch
 from luce_torch.kv import TorchKVStore
 
 FMT = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # kv_append.cu KV_*
@@ -39,16 +39,9 @@ SRC = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kv_append.cu SR
 KERNEL = "kv_append"
 
 
-def _index(device: torch.device | str | int) -> int:
-    if isinstance(device, int):
-        return device
-    d = torch.device(device)
-    return d.index if d.index is not None else torch.cuda.current_device()
-
-
 def warmup(device: torch.device | str | int = 0) -> None:
     """Load the append kernel on ``device`` (before any CUDA-graph capture)."""
-    get_kernel(programs.KV_APPEND, KERNEL, _index(device))
+    get_kernel(programs.KV_APPEND, KERNEL, device_index(device))
 
 
 class CudaKVStore(TorchKVStore):
@@ -70,13 +63,6 @@ class CudaKVStore(TorchKVStore):
             warmup(self._device)
 
     # ------------------------------------------------------------------ writes
-    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        s = self.spec
-        want = (s.n_kv_heads, s.head_dim)
-        if k.dim() != 3 or tuple(k.shape[1:]) != want or tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"write expects k, v of shape [T, {want[0]}, {want[1]}], "
-                             f"got {list(k.shape)} and {list(v.shape)}")
-
     def _kernel_reads(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         return (self._fused and k.dtype in SRC and v.dtype in SRC
                 and k.device == self._device and v.device == self._device)
@@ -84,11 +70,7 @@ class CudaKVStore(TorchKVStore):
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._kernel_reads(k, v):
             return super().write(layer, start, k, v)
-        self._check(k, v)
-        T, cap = k.shape[0], self.spec.capacity
-        if start < 0 or start + T > cap:
-            raise ContextOverflowError(f"KV write of positions [{start}, {start + T}) exceeds the "
-                                       f"capacity of {cap}", remedy="raise --ctx")
+        self._check_write(k, v, start)
         self._append(layer, None, int(start), k, v)
 
     def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -96,7 +78,7 @@ class CudaKVStore(TorchKVStore):
         capturable). Slots outside [0, capacity) are skipped, not written."""
         if not (self._kernel_reads(k, v) and pos.device == self._device):
             return super().write_at(layer, pos, k, v)
-        self._check(k, v)
+        self._check_write(k, v, None)
         if pos.shape != (k.shape[0],):
             raise ValueError(f"write_at expects pos of shape [{k.shape[0]}], got {list(pos.shape)}")
         if pos.dtype != torch.int64:

@@ -91,11 +91,21 @@ def get_kernel(prog: KernelProgram, name: str, index: int = 0) -> Any:
     return k
 
 
+def device_index(x: "torch.Tensor | torch.device | str | int") -> int:
+    """CUDA device ordinal of a tensor or device; a bare "cuda" means torch's current device."""
+    import torch
+
+    if isinstance(x, int):
+        return x
+    d = x.device if isinstance(x, torch.Tensor) else torch.device(x)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
 def stream_for(t: "torch.Tensor") -> Any:
     """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
     import torch
 
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    index = device_index(t)
     ts = torch.cuda.current_stream(index)
     key = (index, int(ts.cuda_stream))
     s = _streams.get(key)

@@ -27,7 +27,7 @@ from luce_core.config import RunConfig
 from luce_core.errors import ConfigError
 from luce_core.roles import QTensor
 from luce_cuda import programs
-from luce_cuda.launch import get_kernel, launch
+from luce_cuda.launch import device_index, get_kernel, launch
 from luce_cuda.weights import QUANTIZED, DeviceWeight, upload
 
 ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -47,10 +47,6 @@ def _dense(w: QTensor) -> torch.Tensor:
     else:  # BF16: the high half of an f32
         t = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
     return t.reshape(w.shape)
-
-
-def _index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,7 +81,7 @@ class QuantLinear:
 
     def warmup(self, dtype: torch.dtype) -> None:
         """Load every kernel this weight launches for activations of ``dtype`` (before graph capture)."""
-        idx = _index(next(p for p in self.w.planes if p is not None))
+        idx = device_index(next(p for p in self.w.planes if p is not None))
         for suffix in ("", "_x8"):
             get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}", idx)
         mt = self._gemm_type(dtype)
@@ -122,7 +118,7 @@ class QuantLinear:
     def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool) -> torch.Tensor:
         n, k = self.w.n, self.w.k
         m = x2.shape[0]
-        kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}", _index(x2))
+        kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}", device_index(x2))
         per_block = GEMV_WARPS // self._wpr * GEMV_ROWS
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
@@ -139,7 +135,7 @@ class QuantLinear:
         key = id(kern)
         got = cls._resident_cache.get(key)
         if got is None:
-            idx = _index(like)
+            idx = device_index(like)
             sms = torch.cuda.get_device_properties(idx).multi_processor_count
             try:
                 per_sm = int(kern.occupancy.max_active_blocks_per_multiprocessor(32 * GEMV_WARPS, 0))
@@ -159,7 +155,7 @@ class QuantLinear:
         add = accumulate and out is not None
         if add and not direct:
             y.copy_(out.view(m, n))
-        kern = get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", _index(x2))
+        kern = get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", device_index(x2))
         launch(kern, ((n + 63) // 64, (m + 63) // 64), (128,),
                (*self.w.planes, xin, y, np.int32(m), np.int32(n), np.int32(k), np.int64(xin.stride(0)),
                 np.int64(n), np.float32(self.w.alpha), np.int32(1 if add else 0)), like=x2)
@@ -174,7 +170,7 @@ class QuantLinear:
         n, k = self.w.n, self.w.k
         dev = next(p for p in self.w.planes if p is not None)
         out = torch.empty((n, k), dtype=torch.float32, device=dev.device)
-        kern = get_kernel(self._gemv, f"dequant_{self._q}", _index(dev))
+        kern = get_kernel(self._gemv, f"dequant_{self._q}", device_index(dev))
         units = n * (k // 32)
         launch(kern, (min((units + 255) // 256, 65535),), (256,),
                (*self.w.planes, out, np.int32(n), np.int32(k), np.float32(self.w.alpha)), like=dev)

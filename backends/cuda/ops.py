@@ -14,16 +14,12 @@ import torch
 
 from luce_core.errors import ConfigError
 from luce_cuda import programs
-from luce_cuda.launch import get_kernel, launch
+from luce_cuda.launch import device_index, get_kernel, launch
 
 ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LOG2E = 1.4426950408889634
 SPLIT_LEN = 256  # positions per flash-decode split
-
-
-def _idx(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def _act(t: torch.Tensor) -> str:
@@ -34,7 +30,7 @@ def _act(t: torch.Tensor) -> str:
 
 
 def _k(prog, name: str, t: torch.Tensor):
-    return get_kernel(prog, name, _idx(t))
+    return get_kernel(prog, name, device_index(t))
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:

@@ -34,15 +34,17 @@ def _base(caps: Caps, config: RunConfig, min_sm: int) -> list[str]:
     return out
 
 
+def _type_reasons(config: RunConfig) -> list[str]:
+    bad = sorted(set(config.weight_types) - LINEAR_TYPES)
+    return [f"no CUDA kernel for tensor type(s) {', '.join(bad)}"] if bad else []
+
+
 def _linear_requires(min_sm: int, tc: str):
     def requires(caps: Caps, config: RunConfig) -> list[str]:
         out = _base(caps, config, min_sm)
         if caps.cc is not None and not getattr(caps, tc):
             out.append(f"no {tc.replace('_tc', '').upper()} tensor cores")
-        bad = sorted(set(config.weight_types) - LINEAR_TYPES)
-        if bad:
-            out.append(f"no CUDA kernel for tensor type(s) {', '.join(bad)}")
-        return out
+        return out + _type_reasons(config)
     return requires
 
 
@@ -53,18 +55,16 @@ def _fp4tc_requires(caps: Caps, config: RunConfig) -> list[str]:
         out.append(f"needs SM 10.0 or 12.0 FP4 tensor cores (have {caps.cc[0]}.{caps.cc[1]})")
     if config.weights != "nvfp4" and "NVFP4" not in config.weight_types:
         out.append("weights are not NVFP4 (use --weights nvfp4 or an NVFP4 GGUF)")
-    bad = sorted(set(config.weight_types) - LINEAR_TYPES)
-    if bad:
-        out.append(f"no CUDA kernel for tensor type(s) {', '.join(bad)}")
-    return out
+    return out + _type_reasons(config)
 
 
 def _attention_requires(caps: Caps, config: RunConfig) -> list[str]:
+    from luce_cuda.programs import KV_FORMATS  # light: no torch, no CUDA
+
     out = _base(caps, config, 75)
-    kv_formats = ("f16", "bf16", "f32", "q8_0", "q4_0")  # = luce_cuda.programs.KV_FORMATS
     for name, dt in (("K", config.kv_k), ("V", config.kv_v)):
-        if dt not in kv_formats:
-            out.append(f"kernels read {'/'.join(kv_formats)} caches, not {name}={dt}")
+        if dt not in KV_FORMATS:
+            out.append(f"kernels read {'/'.join(KV_FORMATS)} caches, not {name}={dt}")
     if config.model is not None and config.model.head_dim not in HEAD_DIMS:
         out.append(f"no kernel for head_dim {config.model.head_dim} (have {', '.join(map(str, HEAD_DIMS))})")
     return out

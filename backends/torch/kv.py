@@ -66,16 +66,22 @@ class TorchKVStore:
         return torch.zeros((*lead, s.head_dim), dtype=TORCH_DTYPES[dtype], device=s.device)
 
     # ------------------------------------------------------------------ KVStore protocol
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check_write(self, k: torch.Tensor, v: torch.Tensor, start: int | None) -> None:
+        """k, v must be [T, n_kv_heads, head_dim]; slots [start, start+T) must fit (when given)."""
         s = self.spec
-        T = k.shape[0]
         want = (s.n_kv_heads, s.head_dim)
-        if tuple(k.shape[1:]) != want or tuple(v.shape) != tuple(k.shape):
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"write expects k, v of shape [T, {want[0]}, {want[1]}], "
                              f"got {list(k.shape)} and {list(v.shape)}")
-        if start < 0 or start + T > s.capacity:
+        T = k.shape[0]
+        if start is not None and (start < 0 or start + T > s.capacity):
             raise ContextOverflowError(f"KV write of positions [{start}, {start + T}) exceeds the "
                                        f"capacity of {s.capacity}", remedy="raise --ctx")
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check_write(k, v, start)
+        s = self.spec
+        T = k.shape[0]
         if self.hadamard is not None:
             k = self.hadamard.rotate(k.to(torch.float32))
         self.k[layer, start:start + T] = _encode(k, s.k_dtype)
