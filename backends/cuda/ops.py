@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from luce_core.errors import ConfigError
+from luce_core.kv_memory import QUANTIZED, vector_bytes
 from luce_cuda import programs
 from luce_cuda.launch import device_index, get_kernel, launch
 
@@ -164,25 +165,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None
 # Cache formats the decode kernel reads (K and V independently), with the kernels' F_* codes.
 KV_FORMATS: dict[str, int] = {f: i for i, f in enumerate(programs.KV_FORMATS)}  # F_F16 .. F_Q4_0
 _FLOAT_FORMATS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # ggml block of 32 elements
-
-
-def kv_row_bytes(fmt: str, head_dim: int) -> int:
-    """Bytes of one head's row in a cache of format ``fmt``."""
-    if fmt in _BLOCK_BYTES:
-        return head_dim // 32 * _BLOCK_BYTES[fmt]
-    return head_dim * (4 if fmt == "f32" else 2)
 
 
 def kv_format(t: torch.Tensor, head_dim: int, fmt: str | None = None) -> str:
     """The format of a cache tensor [capacity, n_kv_heads, row]: its float dtype's name, or ``fmt``
     (q8_0 / q4_0) for uint8 ggml blocks, which must be named since both are uint8."""
     if t.dtype == torch.uint8:
-        if fmt not in _BLOCK_BYTES:
+        if fmt not in QUANTIZED:
             raise ConfigError(f"a uint8 KV cache holds q8_0 or q4_0 blocks; name its format (got {fmt!r})")
-        if t.shape[-1] != kv_row_bytes(fmt, head_dim):
-            raise ConfigError(f"{fmt} cache rows of head_dim {head_dim} are {kv_row_bytes(fmt, head_dim)} bytes, "
-                              f"got {t.shape[-1]}")
+        row = vector_bytes(head_dim, fmt)
+        if t.shape[-1] != row:
+            raise ConfigError(f"{fmt} cache rows of head_dim {head_dim} are {row} bytes, got {t.shape[-1]}")
         return fmt
     name = _FLOAT_FORMATS.get(t.dtype)
     if name is None or (fmt is not None and fmt != name):
@@ -221,7 +214,7 @@ class DecodeWorkspace:
 def _check_cache(name: str, x: torch.Tensor, fmt: str) -> None:
     if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
         raise ConfigError(f"flash_decode: {name} must be [capacity, n_kv_heads, row] with contiguous rows")
-    align = 4 if fmt in _BLOCK_BYTES else 16  # u32 block words; 16-byte float vectors
+    align = 4 if fmt in QUANTIZED else 16  # u32 block words; 16-byte float vectors
     row_stride = x.stride(0) * x.element_size()
     if x.data_ptr() % align or row_stride % align or row_stride >= 2**31:
         raise ConfigError(f"flash_decode: {name} rows must be {align}-byte aligned, under 2 GiB apart")
@@ -344,4 +337,4 @@ def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...]
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_qk", "rope_inv_freq", "swiglu", "flash_decode", "flash_prefill",
-           "DecodeWorkspace", "attention_supported", "kv_format", "kv_row_bytes", "KV_FORMATS", "warmup"]
+           "DecodeWorkspace", "attention_supported", "kv_format", "KV_FORMATS", "warmup"]
