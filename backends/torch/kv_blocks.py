@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 QK = 32  # elements per block for both formats
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
