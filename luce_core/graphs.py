@@ -1,7 +1,8 @@
 """One-graph decode: each decode step is a single CUDA-graph replay.
 
-A graph is captured per attention window (powers of two up to the context) and per number of
-tokens T (1 for plain decode, budget + 1 for a speculative chain verify), so a step whose last
+A graph is captured per attention window (powers of two up to the context), per number of
+tokens T (1 for plain decode, up to budget + 1 for a speculative chain verify) and per set of
+captured layers (a DFlash verify also returns target features), so a step whose last
 position is p replays the smallest window > p: static shapes, no allocation and no host sync
 inside, and short contexts do not pay for attending over the whole cache. Tokens and positions
 live in static device buffers that are filled before replay.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from luce_core.model import Transformer
+from typing import Sequence
+
+from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore
 
 MIN_WINDOW = 256
@@ -29,12 +32,13 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.model, self.kv, self.ctx = model, kv, ctx
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (window, T)
+        # (window, T, capture) -> graph and its static output
+        self.graphs: dict[tuple[int, int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, ForwardOut]] = {}
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> static tokens, positions
         self.pool = torch.cuda.graph_pool_handle()
         self.windows = windows(ctx)
 
-    def _capture(self, window: int, tokens: torch.Tensor, pos: torch.Tensor):
+    def _capture(self, window: int, tokens: torch.Tensor, pos: torch.Tensor, capture: tuple[int, ...]):
         # Warm up on a side stream (compiles/loads kernels, settles the allocator), then capture.
         # The buffers already hold this step's real tokens and positions, so the extra runs write
         # the very K/V the replay writes again: nothing else in the cache is touched.
@@ -42,16 +46,17 @@ class DecodeGraphs:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.model.decode_static(tokens, pos, self.kv, window)
+                self.model.decode_static(tokens, pos, self.kv, window, capture)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            out = self.model.decode_static(tokens, pos, self.kv, window)
+            out = self.model.decode_static(tokens, pos, self.kv, window, capture)
         return g, out
 
-    def run(self, tokens: list[int], start: int) -> torch.Tensor:
-        """Logits [T, vocab] after ``tokens`` at positions start..start+T-1 (their K/V land in
-        those slots)."""
+    def run(self, tokens: list[int], start: int, capture: Sequence[int] = ()) -> ForwardOut:
+        """Logits [T, vocab] (and captured features) after ``tokens`` at positions
+        start..start+T-1 (their K/V land in those slots). The outputs are the graph's static
+        buffers: read them before the next replay."""
         n = len(tokens)
         window = next(w for w in self.windows if w >= start + n)
         if n not in self.buffers:
@@ -60,12 +65,13 @@ class DecodeGraphs:
         tok_buf, pos_buf = self.buffers[n]
         tok_buf.copy_(torch.tensor(tokens, dtype=torch.long))
         pos_buf.copy_(torch.arange(start, start + n))
-        if (window, n) not in self.graphs:
-            self.graphs[(window, n)] = self._capture(window, tok_buf, pos_buf)
-        g, out = self.graphs[(window, n)]
+        key = (window, n, tuple(capture))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(window, tok_buf, pos_buf, key[2])
+        g, out = self.graphs[key]
         g.replay()
         return out
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [vocab] after ``token`` at ``position`` (its K/V lands in slot ``position``)."""
-        return self.run([token], position)[0]
+        return self.run([token], position).logits[0]

@@ -137,16 +137,17 @@ class Transformer:
                          start, mask, logits_rows, capture)
 
     @torch.inference_mode()
-    def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int) -> torch.Tensor:
+    def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int,
+                      capture: Sequence[int] = ()) -> ForwardOut:
         """Decode (or chain-verify) T consecutive tokens with static shapes, for CUDA-graph capture.
 
         tokens and pos are device tensors [T] (no host sync reads them); each token's K/V goes to
         slot pos[i] via ``kv.write_at`` and attention, given the positions, lets each query see
         the slots up to its own (``window`` bounds what a reference implementation reads).
-        Returns logits [T, vocab].
+        Returns logits [T, vocab] (and the ``capture`` features, as ``forward`` does).
         """
         return self._run(tokens, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
-                         window - tokens.shape[0], None, None, (), positions=pos).logits
+                         window - tokens.shape[0], None, None, capture, positions=pos)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
              write: Callable[[int, torch.Tensor, torch.Tensor], None], attn_start: int,

@@ -432,9 +432,10 @@ class SpeculativeDecoder:
         toks = [history[-1], *drafts]
         if self.static:  # padding rows follow the drafts: ignored
             toks += [history[-1]] * (static_rows(len(toks), budget) - len(toks))
-        graphs = getattr(s, "graphs", None) if self.static and not self.capture else None
+        graphs = getattr(s, "graphs", None) if self.static else None
         if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
-            logits, feats = graphs.run(toks, n), None
+            out = graphs.run(toks, n, self.capture)
+            logits, feats = out.logits, out.features
         else:
             out = s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture)
             logits, feats = out.logits, out.features

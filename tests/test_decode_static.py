@@ -28,11 +28,11 @@ def test_static_step_equals_eager_step(tiny, kv) -> None:
     s.truncate(len(prompt))
     window = 16
     pos = torch.tensor([len(prompt)])
-    static = model.decode_static(torch.tensor([40]), pos, s.kv, window)[0]
+    static = model.decode_static(torch.tensor([40]), pos, s.kv, window).logits[0]
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
     # garbage beyond the current position must be masked out, not attended to
     s.kv.write(0, 10, torch.randn(4, 2, 32) * 100, torch.randn(4, 2, 32) * 100)
-    again = model.decode_static(torch.tensor([40]), pos, s.kv, window)[0]
+    again = model.decode_static(torch.tensor([40]), pos, s.kv, window).logits[0]
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -44,9 +44,12 @@ def test_static_chain_of_tokens_equals_forward(tiny) -> None:
     s.prefill(prompt)
     chain = torch.tensor([40, 41, 7, 3])
     n = len(prompt)
-    eager = model.forward(chain, n, s.kv).logits
-    static = model.decode_static(chain, torch.arange(n, n + 4), s.kv, 32)
-    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
+    eager = model.forward(chain, n, s.kv, capture=(0, 2))
+    static = model.decode_static(chain, torch.arange(n, n + 4), s.kv, 32, capture=(0, 2))
+    torch.testing.assert_close(static.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    # a DFlash verify also captures target features: the same ones as the eager forward's
+    assert static.features is not None and static.features.shape == eager.features.shape
+    torch.testing.assert_close(static.features, eager.features, rtol=1e-4, atol=1e-4)
 
 
 def test_windows_cover_context() -> None:

@@ -109,6 +109,40 @@ def test_inference_path_equals_training_path(tiny):
     llm.session.truncate(0)
 
 
+def test_static_graph_step_equals_eager_step(tiny):
+    """The CUDA-graph drafting step's body (block-row context update, fixed gathered window with
+    masked rows, run here eagerly on the CPU) gives the eager step's logits, with the window both
+    partly empty and sliding, and leaves the cache rows the eager step reads unchanged."""
+    from luce_drafters.dflash_graph import GraphedDraftStep
+
+    llm = tiny["llm"]
+    model = llm.plan.model
+    cfg = _cfg(window=6)
+    dm = DFlashModel(cfg)
+    dm.reset_parameters(7)
+    d = DFlashDrafter()
+    d.bind_model(Target(model, llm.tokenizer, 128, llm.plan), cfg, dm)
+    dec = SpeculativeDecoder(llm.session, d, budget=3)
+    list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
+    seq = dec._mirror_tokens + [llm.session.tokens[-1]]
+    g = GraphedDraftStep(d)
+    for n, new in ((4, 2), (9, 6), (len(seq) - 1, len(seq) - 4)):  # window partly empty / sliding
+        d.truncate(0)
+        eager = d.block_logits(seq[: n + 1], dec.mirror).clone()
+        ref_k = d.k_cache[:, :n].clone()
+        d.truncate(new)
+        g.feats.zero_()
+        g.feats[: n - new].copy_(dec.mirror.read(new, n))
+        g.new0.fill_(new)
+        g.n.fill_(n)
+        g.first.fill_(seq[n])
+        got = g._body()
+        torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
+    assert g.fits(10, 14) and not g.fits(10, 10 + cfg.block + 1) and not g.fits(126, 127)
+    llm.session.truncate(0)
+
+
 def test_binding_to_another_target_is_refused(tiny, tmp_path):
     path = tmp_path / "d.safetensors"
     cfg = _cfg(target_hidden=96)

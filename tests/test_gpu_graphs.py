@@ -56,4 +56,32 @@ def test_graphed_speculative_chain_equals_plain_greedy(smollm2_path) -> None:
     spec = list(llm.generate_ids(prompt, 96, drafter="prompt-lookup", draft_budget=8))
     assert spec == plain
     assert llm.last_spec_stats.acceptance_length > 1.5
-    assert any(n > 1 for _, n in llm.session.graphs.graphs)  # the verify ran as a captured graph
+    assert any(n > 1 for _, n, _ in llm.session.graphs.graphs)  # the verify ran as a captured graph
+
+
+def test_graphed_dflash_is_lossless_and_matches_eager_drafting(smollm2_path, tmp_path) -> None:
+    """DFlash with the feature-capturing verify and the drafting step both replayed as CUDA
+    graphs keeps the target's greedy tokens (f32), and the graphed drafting step's logits equal
+    the eager step's."""
+    from luce_drafters.testing import random_dflash
+
+    prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef"
+    llm = luce.load(smollm2_path, device="cuda", dtype="f32", ctx=1024, progress=False)
+    path = random_dflash(llm.plan.model, tmp_path / "d.safetensors", block=8, window=64)
+    plain = list(llm.generate_ids(prompt, 96))
+    spec = list(llm.generate_ids(prompt, 96, drafter="dflash", draft_model=path, draft_budget=7))
+    assert spec == plain
+    dec = llm._spec
+    assert any(key[2] for key in llm.session.graphs.graphs)  # a verify graph that captures features
+    d = dec.drafter
+    assert d._graph is not None and d._graph.graph is not None
+    s = llm.session
+    n = len(s.tokens)
+    toks = s.tokens[:n] + [5]
+    d.use_graphs = False
+    d.truncate(0)
+    eager = d.block_logits(toks, dec.mirror).clone()
+    d.use_graphs = True
+    d.truncate(n - 3)
+    graphed = d.block_logits(toks, dec.mirror).clone()
+    torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)

@@ -20,7 +20,8 @@ from luce_cuda.launch import device_index, get_kernel, launch
 ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LOG2E = 1.4426950408889634
-SPLIT_LEN = 256  # positions per flash-decode split
+RMS_VPT = 16  # values per thread in rms_norm (ops.cu RMS_VPT)
+SPLIT_LEN = 128  # positions per flash-decode split: one 32-position tile per warp of a block
 
 
 def _act(t: torch.Tensor) -> str:
@@ -67,7 +68,10 @@ def _norm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float
     rows = x2.shape[0]
     if rows == 0:
         return o
-    launch(_k(programs.OPS, f"rms_norm_{_act(x)}", x), (rows,), (256 if h >= 1024 else 128,),
+    threads = 128 if h <= 128 * RMS_VPT else 256 if h <= 256 * RMS_VPT else 1024
+    if h > threads * RMS_VPT:
+        raise ConfigError(f"rms_norm: rows of {h} exceed the kernel's {1024 * RMS_VPT}")
+    launch(_k(programs.OPS, f"rms_norm_{_act(x)}", x), (rows,), (threads,),
            (x2, r2, wf, o2, np.int32(h), np.float32(eps), np.int64(x2.stride(0)),
             np.int64(r2.stride(0) if r2 is not None else 0), np.int64(o2.stride(0))), like=x)
     return o
@@ -209,6 +213,8 @@ class DecodeWorkspace:
         self.max_splits = max(1, -(-max_len // split_len))
         self.o = torch.empty((self.max_splits, n_tokens, n_heads, head_dim), dtype=torch.float32, device=device)
         self.ml = torch.empty((self.max_splits, n_tokens, n_heads, 2), dtype=torch.float32, device=device)
+        # per (KV head, row group) count of finished split blocks; the last one merges and re-arms it
+        self.done = torch.zeros(n_heads * n_tokens, dtype=torch.int32, device=device)
 
 
 def _check_cache(name: str, x: torch.Tensor, fmt: str) -> None:
@@ -240,7 +246,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
         raise ConfigError(f"flash_decode: q {tuple(q.shape)} does not fit k {tuple(k.shape)}, v {tuple(v.shape)}")
     t, h, d = q3.shape
     cap, hkv = k.shape[0], k.shape[1]
-    qa = _act(q)
+    _act(q)  # f16, bf16 or f32 queries (and output)
     kf, vf = kv_format(k, d, k_fmt), kv_format(v, d, v_fmt)
     why = attention_supported(d, kf, vf)
     if why:
@@ -285,12 +291,9 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     prog = programs.ATTN_DECODE[kf]
     launch(_k(prog, f"flash_decode_{kf}_d{d}", q), grid, (128,),
            (q3, np.int32(DT_CODE[q.dtype]), np.int64(q3.stride(0)), k, v, np.int32(KV_FORMATS[vf]), ws.o, ws.ml,
-            np.int32(h), np.int32(hkv), np.int32(t), np.int32(k.stride(0) * k.element_size()),
+            ws.done, o, np.int32(h), np.int32(hkv), np.int32(t), np.int32(k.stride(0) * k.element_size()),
             np.int32(v.stride(0) * v.element_size()), length_arg, len_ptr, positions, np.int32(n_max),
             np.int32(split_len), sl, signs, np.int32(rot_group)), like=q)
-    launch(_k(prog, f"flash_decode_combine_{qa}", q), (h, t), (min(d, 128),),
-           (ws.o, ws.ml, o, np.int32(h), np.int32(d), length_arg, len_ptr, positions, np.int32(n_max),
-            np.int32(split_len)), like=q)
     return o
 
 
@@ -329,8 +332,6 @@ def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...]
         if dt in (torch.float16, torch.bfloat16):
             for d in head_dims:
                 get_kernel(programs.ATTN_PREFILL, f"flash_prefill_{a}_d{d}", idx)
-        for f in kv_formats:
-            get_kernel(programs.ATTN_DECODE[f], f"flash_decode_combine_{a}", idx)
     for f in kv_formats:
         for d in head_dims:
             get_kernel(programs.ATTN_DECODE[f], f"flash_decode_{f}_d{d}", idx)

@@ -318,6 +318,7 @@ class DFlashDrafter:
     def __init__(self, caps: Any = None, config: Any = None):
         self.capture: tuple[int, ...] = ()
         self.model: DFlashModel | None = None
+        self.use_graphs = True if config is None else bool(config.cuda_graphs)
 
     def bind(self, target: Target, options: DrafterOptions) -> None:
         if not options.draft_model:
@@ -346,6 +347,7 @@ class DFlashDrafter:
         # context rows [valid_from, cached) have K/V in the cache (rows before the window are skipped)
         self.valid_from = self.cached = 0
         self._ctx_tokens: list[int] = []
+        self._graph = None  # GraphedDraftStep, made on the first step on a CUDA target
 
     def truncate(self, n: int) -> None:
         """Feature rows from ``n`` on may change: forget their K/V."""
@@ -355,7 +357,8 @@ class DFlashDrafter:
 
     @torch.inference_mode()
     def block_logits(self, tokens: Sequence[int], features: Any) -> torch.Tensor:
-        """Draft logits [block-1, vocab] (f32) for positions len(tokens) .. after ``tokens``."""
+        """Draft logits [block-1, vocab] (f32) for positions len(tokens) .. after ``tokens`` (on
+        CUDA a view of a graph's output buffer: use it before the next call)."""
         assert self.model is not None
         cfg, tm = self.cfg, self.target
         n = len(tokens) - 1  # committed positions; tokens[-1] is pending
@@ -367,10 +370,18 @@ class DFlashDrafter:
         if not self.valid_from <= lo <= self.cached:  # the window left the cached range: start over
             self.valid_from = self.cached = lo
         new = self.cached
-        if n > new:
-            if features is None or features.length < n:
-                raise ConfigError("the dflash drafter has no target features for the context",
-                                  remedy="run it through luce's speculative decoder (it captures them)")
+        if n > new and (features is None or features.length < n):
+            raise ConfigError("the dflash drafter has no target features for the context",
+                              remedy="run it through luce's speculative decoder (it captures them)")
+        if self.use_graphs and tm.device.type == "cuda":
+            if self._graph is None:
+                from luce_drafters.dflash_graph import GraphedDraftStep
+                self._graph = GraphedDraftStep(self)
+            if self._graph.fits(new, n):  # a decode step's few new rows: one graph replay
+                feats = features.read(new, n).to(tm.device, tm.dtype) if n > new else None
+                self.cached = n
+                return self._graph.run(feats, new, n, int(tokens[-1]))
+        if n > new:  # eagerly: the prompt's rows, or a CPU target
             feats = features.read(new, n).to(tm.device)
             pos = torch.arange(new, n, device=tm.device)
             kv = self.model.context_kv(self.model.context(feats.to(tm.dtype)), pos)

@@ -21,7 +21,7 @@
 // Each warp takes tiles of 32 positions: a lane scores its own position against the rows'
 // queries (q in shared memory, broadcast), the warp keeps an online softmax per row, then lanes
 // own D/32 channels of the output and accumulate p * V row by row. Partial (m, l, o) per split go
-// to a workspace [split][t][h] and flash_decode_combine merges them. Scores are in log2 units (q
+// to a workspace [split][t][h]; the last block to finish merges them. Scores are in log2 units (q
 // is pre-scaled by scale*log2(e)) so exp2f does the softmax.
 //
 // Rotated K (Hadamard, see luce_torch.hadamard): with ``signs`` the query is moved into K's basis
@@ -133,7 +133,7 @@ __device__ __forceinline__ void score_row(const u8* __restrict__ row, const floa
     if constexpr (F == F_F16 || F == F_BF16 || F == F_F32) {
         typedef typename FloatOf<F>::T T;
         const T* kr = reinterpret_cast<const T*>(row);
-#pragma unroll 2
+#pragma unroll 8  // the row's loads all in flight at once
         for (int c = 0; c < D; c += 8) {
             float kv8[8];
             load8(kr + c, kv8);
@@ -230,27 +230,43 @@ template <int F, int D> __device__ __forceinline__ void load_v(const u8* __restr
 template <int FV, int D>
 __device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst, int tile, int nv, int lane, int GB,
                                              const float (*pw)[32], float (&acc)[GMAX][D / 32]) {
-    for (int j = 0; j < nv; ++j) {
-        float vv[D / 32];
-        load_v<FV, D>(vb + (i64)(tile + j) * vst, lane, vv);
+    // VB rows' loads are issued before any of their FMAs (a dependent load per row would leave
+    // the warp waiting on memory latency 32 times per tile); the FMA order stays row by row.
+    constexpr int VB = D == 64 ? 32 : 16;  // 64 registers of V per lane
+    for (int j0 = 0; j0 < nv; j0 += VB) {
+        float vv[VB][D / 32];
 #pragma unroll
-        for (int g = 0; g < GMAX; ++g)
-            if (g < GB) {
-                const float pj = pw[g][j];
+        for (int j = 0; j < VB; ++j)
+            if (j0 + j < nv) load_v<FV, D>(vb + (i64)(tile + j0 + j) * vst, lane, vv[j]);
 #pragma unroll
-                for (int e = 0; e < D / 32; ++e) acc[g][e] = fmaf(pj, vv[e], acc[g][e]);
-            }
+        for (int j = 0; j < VB; ++j) {
+            if (j0 + j >= nv) break;  // warp-uniform
+#pragma unroll
+            for (int g = 0; g < GMAX; ++g)
+                if (g < GB) {
+                    const float pj = pw[g][j0 + j];
+#pragma unroll
+                    for (int e = 0; e < D / 32; ++e) acc[g][e] = fmaf(pj, vv[j][e], acc[g][e]);
+                }
+        }
     }
 }
 template <int D> __device__ __forceinline__ int vch_rt(int fv, int lane, int e) {
     return fv == F_Q4_0 ? vch<F_Q4_0, D>(lane, e) : vch<F_F16, D>(lane, e);
 }
 
+__device__ __forceinline__ void store_out(void* out, int dt, i64 at, float v) {  // in q's dtype
+    if (dt == 0) reinterpret_cast<__half*>(out)[at] = __float2half(v);
+    else if (dt == 1) reinterpret_cast<__nv_bfloat16*>(out)[at] = __float2bfloat16(v);
+    else reinterpret_cast<float*>(out)[at] = v;
+}
+
 template <int FK, int D>
 __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, i64 qst,
                                                   const u8* __restrict__ k, const u8* __restrict__ v, int v_fmt,
-                                                  float* __restrict__ ws_o,
-                                                  float* __restrict__ ws_ml, int H, int Hkv, int T, int kst, int vst,
+                                                  float* __restrict__ ws_o, float* __restrict__ ws_ml,
+                                                  int* __restrict__ done, void* __restrict__ out, int H, int Hkv,
+                                                  int T, int kst, int vst,
                                                   int len, const int* __restrict__ len_ptr,
                                                   const i64* __restrict__ pos_ptr, int n_max, int split_len,
                                                   float scale_log2, const float* __restrict__ signs, int rot_group) {
@@ -270,7 +286,8 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
         end = max(end, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max));
     }
     const int pb = split * split_len, pe = min(end, pb + split_len);
-    if (pb >= end) return;  // the combine reads only splits below each token's length
+    const int n_split = max(1, (end + split_len - 1) / split_len);  // splits that run for these rows
+    if (pb >= end && split > 0) return;  // the combine reads only splits below each token's length
     if (threadIdx.x < GMAX) {
         const int g = threadIdx.x, t = (r0 + g) / G;
         lim[g] = g < GB ? min(pe, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max)) : 0;
@@ -375,6 +392,10 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             l += f * red_l[w][g];
         }
         const int r = r0 + g, t = r / G;
+        if (n_split == 1) {  // one split: this is the answer (the merge would compute o * 1 / (l * 1))
+            store_out(out, q_dt, ((i64)t * H + hk * G + (r - t * G)) * D + d, l > 0.f ? o / l : 0.f);
+            continue;
+        }
         const i64 slot = ((i64)split * T + t) * H + hk * G + (r - t * G);
         ws_o[slot * D + d] = o;
         if (d == 0) {
@@ -382,40 +403,46 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             ws_ml[slot * 2 + 1] = l;
         }
     }
-}
-
-// out[t, h, d] = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits below token t's
-// length. Grid (H, T).
-template <class TO>
-__device__ __forceinline__ void combine_impl(const float* __restrict__ ws_o, const float* __restrict__ ws_ml,
-                                             TO* __restrict__ out, int H, int D, int len,
-                                             const int* __restrict__ len_ptr, const i64* __restrict__ pos_ptr,
-                                             int n_max, int split_len) {
-    const int h = blockIdx.x, t = blockIdx.y, T = gridDim.y;
-    const int end = min(pos_ptr ? (int)pos_ptr[t] + 1 : (len_ptr ? *len_ptr : len) + t, n_max);
-    const int ns = (end + split_len - 1) / split_len;
-    float M = -LUCE_INF;
-    for (int s = 0; s < ns; ++s) M = fmaxf(M, ws_ml[(((i64)s * T + t) * H + h) * 2]);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    // The last split block of this (head, row group) to finish merges all splits (no second
+    // launch): its counter reaches the number of splits that ran, and it re-arms the counter for
+    // the next launch or graph replay. The merge order is fixed, so results do not depend on
+    // which block comes last.
+    if (n_split == 1) return;
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* c = done + hk * gridDim.z + blockIdx.z;
+        last = atomicAdd(c, 1) == n_split - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < GB * D; i += blockDim.x) {
+        const int g = i / D, d = i % D, r = r0 + g, t = r / G, h = hk * G + (r - t * G);
+        const int ns = max(1, (min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max) + split_len - 1) / split_len);
+        float M = -LUCE_INF;
+        for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, __ldcg(ws_ml + (((i64)sp * T + t) * H + h) * 2));
         float o = 0.f, l = 0.f;
-        for (int s = 0; s < ns; ++s) {
-            const i64 slot = ((i64)s * T + t) * H + h;
-            const float m = ws_ml[slot * 2];
+        for (int sp = 0; sp < ns; ++sp) {
+            const i64 slot = ((i64)sp * T + t) * H + h;
+            const float m = __ldcg(ws_ml + slot * 2);
             const float f = m == -LUCE_INF ? 0.f : exp2f(m - M);
-            o += f * ws_o[slot * D + d];
-            l += f * ws_ml[slot * 2 + 1];
+            o += f * __ldcg(ws_o + slot * D + d);
+            l += f * __ldcg(ws_ml + slot * 2 + 1);
         }
-        out[((i64)t * H + h) * D + d] = from_f<TO>(l > 0.f ? o / l : 0.f);
+        store_out(out, q_dt, ((i64)t * H + h) * D + d, l > 0.f ? o / l : 0.f);
     }
 }
 
 #define DEF_DECODE(KN, FK, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D(                              \
-        const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml, int H, \
-        int Hkv, int T, int kst, int vst, int len, const int* len_ptr, const i64* pos_ptr, int n_max,          \
-        int split_len, float scale_log2, const float* signs, int rot_group) {                                 \
-        flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, H, Hkv, T, kst, vst, len, len_ptr, pos_ptr, \
-                                 n_max, split_len, scale_log2, signs, rot_group);                             \
+        const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml,        \
+        int* done, void* out, int H, int Hkv, int T, int kst, int vst, int len, const int* len_ptr,            \
+        const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group) {   \
+        flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst, len,   \
+                                 len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group);           \
     }
 // Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
 // format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.
@@ -439,13 +466,3 @@ DEF_DECODE(q8_0, F_Q8_0, 128)
 DEF_DECODE(q4_0, F_Q4_0, 64)
 DEF_DECODE(q4_0, F_Q4_0, 128)
 #endif
-
-#define DEF_COMBINE(AN, T)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) flash_decode_combine_##AN(                              \
-        const float* ws_o, const float* ws_ml, T* out, int H, int D, int len, const int* len_ptr,             \
-        const i64* pos_ptr, int n_max, int split_len) {                                                       \
-        combine_impl<T>(ws_o, ws_ml, out, H, D, len, len_ptr, pos_ptr, n_max, split_len);                     \
-    }
-DEF_COMBINE(f16, __half)
-DEF_COMBINE(bf16, __nv_bfloat16)
-DEF_COMBINE(f32, float)

@@ -3,7 +3,10 @@
 // All math is FP32; inputs/outputs are f16, bf16 or f32 (one kernel per type).
 #include "luce_common.cuh"
 
-// h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w.  One block per row.
+// h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w.  One block per row;
+// a thread keeps its RMS_VPT values of h in registers (H <= RMS_VPT * blockDim, checked by the
+// host), so all its loads are in flight at once and nothing is re-read after the reduction.
+constexpr int RMS_VPT = 16;
 template <class T>
 __device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __restrict__ res, const float* __restrict__ w,
                                               T* __restrict__ out, int H, float eps, i64 xs, i64 rs, i64 os) {
@@ -11,16 +14,26 @@ __device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __rest
     const i64 row = blockIdx.x;
     const T* xr = x + row * xs;
     T* rr = res ? res + row * rs : nullptr;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float h = to_f(xr[i]);
-        if (rr) {
-            h += to_f(rr[i]);
-            const T hq = from_f<T>(h);
+    // every load first (x, the residual and w: no store in between, so they are all in flight
+    // together), then the math
+    float hv[RMS_VPT], rv[RMS_VPT], wv[RMS_VPT], ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        const bool in = i < H;
+        hv[j] = in ? to_f(xr[i]) : 0.f;
+        rv[j] = in && rr ? to_f(rr[i]) : 0.f;
+        wv[j] = in ? w[i] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (rr && i < H) {
+            const T hq = from_f<T>(hv[j] + rv[j]);
             rr[i] = hq;
-            h = to_f(hq);  // normalize exactly what the residual stream now holds
+            hv[j] = to_f(hq);  // normalize exactly what the residual stream now holds
         }
-        ss = fmaf(h, h, ss);
+        ss = fmaf(hv[j], hv[j], ss);
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
@@ -33,9 +46,10 @@ __device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __rest
     __syncthreads();
     const float inv = rsqrtf(red[0] / (float)H + eps);
     T* orow = out + row * os;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {  // each thread re-reads what it wrote
-        const float h = rr ? to_f(rr[i]) : to_f(xr[i]);
-        orow[i] = from_f<T>(h * inv * w[i]);
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < H) orow[i] = from_f<T>(hv[j] * inv * wv[j]);
     }
 }
 
@@ -100,7 +114,7 @@ __device__ __forceinline__ void swiglu_impl(const T* __restrict__ g, const T* __
 }
 
 #define DEF_OPS(AN, T)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) rms_norm_##AN(const T* x, T* res, const float* w, T* out, \
+    extern "C" __global__ void __launch_bounds__(1024) rms_norm_##AN(const T* x, T* res, const float* w, T* out, \
                                                                    int H, float eps, i64 xs, i64 rs, i64 os) { \
         rms_norm_impl<T>(x, res, w, out, H, eps, xs, rs, os);                                                  \
     }                                                                                                          \

@@ -1,0 +1,80 @@
+"""One DFlash drafting step as one CUDA graph.
+
+Eagerly, a drafting step is ~100 small launches (context rows, per-layer K/V, the block's
+denoising forward, the target's head), so Python launch overhead, not the GPU, sets its cost.
+Here the step takes static shapes and replays as one graph:
+
+- the new context rows are always ``block`` rows written from position ``new0``: rows past the
+  committed length n are garbage, never visible (attention masks positions >= n) and rewritten
+  once those positions are committed;
+- attention reads a fixed window of ``window`` cache rows ending at n, gathered by index, with
+  the rows before position 0 masked: exactly the rows [max(0, n - window), n) the eager step reads.
+
+Inputs (the new rows' features, new0, n, the pending token) live in static device buffers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class GraphedDraftStep:
+    def __init__(self, drafter: Any):
+        self.d = drafter
+        tm, cfg = drafter.target, drafter.cfg
+        dev = tm.device
+        self.block = cfg.block
+        self.capacity = drafter.k_cache.shape[1]
+        self.window = min(cfg.window, self.capacity)
+        self.feats = torch.zeros(cfg.block, cfg.feature_width, dtype=tm.dtype, device=dev)
+        self.new0 = torch.zeros(1, dtype=torch.long, device=dev)
+        self.n = torch.zeros(1, dtype=torch.long, device=dev)
+        self.first = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def fits(self, new: int, n: int) -> bool:
+        """Whether a step with context rows [new, n) to add can run as the graph."""
+        return n - new <= self.block and new + self.block <= self.capacity
+
+    @torch.inference_mode()
+    def _body(self) -> torch.Tensor:
+        from luce_core.model import rms_norm
+
+        d, tm, cfg = self.d, self.d.target, self.d.cfg
+        m, dev = d.model, self.feats.device
+        rows = self.new0 + torch.arange(self.block, device=dev)
+        for i, (k, v) in enumerate(m.context_kv(m.context(self.feats), rows)):
+            d.k_cache[i].index_copy_(0, rows, k)
+            d.v_cache[i].index_copy_(0, rows, v)
+        wpos = self.n - self.window + torch.arange(self.window, device=dev)
+        widx = wpos.clamp(min=0)
+        ctx_kv = [(d.k_cache[i].index_select(0, widx)[None], d.v_cache[i].index_select(0, widx)[None])
+                  for i in range(cfg.n_layers)]
+        h = m.denoise(tm.embed_tokens(self.first), self.n, ctx_kv, ctx_mask=(wpos >= 0)[None])[0, 1:]
+        return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
+
+    def run(self, feats: torch.Tensor | None, new: int, n: int, pending: int) -> torch.Tensor:
+        """Draft logits [block-1, vocab] after adding context rows [new, n) (``feats``, their
+        target features) with ``pending`` the token at position n. A view of the graph's output:
+        read it before the next call."""
+        if feats is not None and feats.shape[0]:
+            self.feats[: feats.shape[0]].copy_(feats)
+        self.new0.fill_(new)
+        self.n.fill_(n)
+        self.first.fill_(pending)
+        if self.graph is None:
+            # warm up on a side stream (the runs write the same rows the replay writes), then capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._body()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._body()
+        self.graph.replay()
+        assert self.out is not None
+        return self.out
