@@ -102,6 +102,9 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
         times = {"plain": 0.0, "spec": 0.0}
         gen = {"plain": 0, "spec": 0}
         same, acc = 0, []
+        split = {"steps": 0, "draft_s": 0.0, "verify_s": 0.0, "accept_s": 0.0}
+        offered: list[int] = []
+        accepted: list[int] = []
         for prompt in ids:
             runs = {}
             for mode in ("plain", "spec"):
@@ -115,11 +118,22 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
                 gen[mode] += len(toks)
                 runs[mode] = toks
                 if mode == "spec":
-                    acc.append(llm.last_spec_stats.acceptance_length)
+                    st = llm.last_spec_stats
+                    acc.append(st.acceptance_length)
+                    for k in split:
+                        split[k] += getattr(st, k)
+                    for mine, theirs in ((offered, st.offered_at), (accepted, st.accepted_at)):
+                        mine.extend([0] * (len(theirs) - len(mine)))
+                        for i, v in enumerate(theirs):
+                            mine[i] += v
             same += runs["plain"] == runs["spec"]
         plain, spec = gen["plain"] / times["plain"], gen["spec"] / times["spec"]
         out[name] = {"plain_tok_s": round(plain, 1), "spec_tok_s": round(spec, 1), "speedup": round(spec / plain, 3),
-                     "acceptance_length": round(sum(acc) / len(acc), 3), "identical_outputs": f"{same}/{len(ids)}"}
+                     "acceptance_length": round(sum(acc) / len(acc), 3), "identical_outputs": f"{same}/{len(ids)}",
+                     "acceptance_rate_at": [round(a / o, 4) if o else 0.0 for a, o in zip(accepted, offered)],
+                     "steps": split["steps"],
+                     **{f"{k[:-2]}_ms_per_step": round(1e3 * split[k] / max(1, split["steps"]), 3)
+                        for k in ("draft_s", "verify_s", "accept_s")}}
     return out
 
 

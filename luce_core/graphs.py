@@ -34,7 +34,9 @@ class DecodeGraphs:
         self.model, self.kv, self.ctx = model, kv, ctx
         # (window, T, capture) -> graph and its static output
         self.graphs: dict[tuple[int, int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, ForwardOut]] = {}
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T -> static tokens, positions
+        # T -> static device [2, T] (tokens, positions), its pinned host staging copy, and an event
+        # marking when the last upload from that staging copy was done
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.windows = windows(ctx)
 
@@ -60,14 +62,18 @@ class DecodeGraphs:
         n = len(tokens)
         window = next(w for w in self.windows if w >= start + n)
         if n not in self.buffers:
-            dev = self.model.device
-            self.buffers[n] = (torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long, device=dev))
-        tok_buf, pos_buf = self.buffers[n]
-        tok_buf.copy_(torch.tensor(tokens, dtype=torch.long))
-        pos_buf.copy_(torch.arange(start, start + n))
+            self.buffers[n] = (torch.zeros((2, n), dtype=torch.long, device=self.model.device),
+                               torch.zeros((2, n), dtype=torch.long, pin_memory=True), torch.cuda.Event())
+        dev, host, uploaded = self.buffers[n]
+        uploaded.synchronize()  # the previous upload has read the staging copy: refill it
+        staged = host.numpy()
+        staged[0] = tokens
+        staged[1] = range(start, start + n)
+        dev.copy_(host, non_blocking=True)  # one asynchronous copy, no pageable staging
+        uploaded.record()
         key = (window, n, tuple(capture))
         if key not in self.graphs:
-            self.graphs[key] = self._capture(window, tok_buf, pos_buf, key[2])
+            self.graphs[key] = self._capture(window, dev[0], dev[1], key[2])
         g, out = self.graphs[key]
         g.replay()
         return out

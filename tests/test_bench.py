@@ -40,6 +40,10 @@ def test_bench_json(tiny, tmp_path) -> None:
     for name in ("code", "chat"):  # speculative greedy decoding must reproduce plain greedy decoding
         assert spec[name]["identical_outputs"] == "4/4", spec
         assert spec[name]["plain_tok_s"] > 0 and spec[name]["acceptance_length"] >= 1.0
+        # the draft / verify split and per-depth acceptance are reported per set
+        s = spec[name]
+        assert s["steps"] > 0 and s["verify_ms_per_step"] > 0 and s["draft_ms_per_step"] >= 0
+        assert all(0.0 <= r <= 1.0 for r in s["acceptance_rate_at"])
 
 
 def test_bench_kv_sweep(tiny, tmp_path) -> None:

@@ -119,10 +119,15 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x [..., T, H, D] at positions pos [..., T]."""
+def _rope_cs(pos: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., T, 1, D/2] for positions pos [..., T]: computed once, used by every layer."""
     ang = pos.to(torch.float32)[..., None] * inv  # [..., T, D/2]
-    c, s = torch.cos(ang)[..., None, :], torch.sin(ang)[..., None, :]
+    return torch.cos(ang)[..., None, :], torch.sin(ang)[..., None, :]
+
+
+def _rope(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate-half RoPE of x [..., T, H, D] with cs = _rope_cs(positions)."""
+    c, s = cs
     h = x.shape[-1] // 2
     a, b = x[..., :h].float(), x[..., h:].float()
     return torch.cat((a * c - b * s, a * s + b * c), dim=-1).to(x.dtype)
@@ -177,11 +182,12 @@ class DFlashModel(nn.Module):
     def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K [..., S, kvh, hd] roped at ``pos`` [..., S], V) of context rows."""
         c = self.cfg
+        cs = _rope_cs(pos, self.inv_freq)
         out = []
         for layer in self.layers:
             k = layer.k(ctx).unflatten(-1, (c.n_kv_heads, c.head_dim))
             v = layer.v(ctx).unflatten(-1, (c.n_kv_heads, c.head_dim))
-            out.append((_rope(k, pos, self.inv_freq), v))
+            out.append((_rope(k, cs), v))
         return out
 
     def denoise(self, first: torch.Tensor, pos0: torch.Tensor, ctx_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -216,10 +222,11 @@ class DFlashModel(nn.Module):
             own = torch.eye(K, dtype=torch.bool, device=x.device)
             own = own[:, None, :, None].expand(K, B, K, B).reshape(K * B, K * B)
             mask = torch.cat([ctx_part, own.expand(A, -1, -1)], dim=-1)[:, None]  # [A, 1, K*B, S+K*B]
+        cs = _rope_cs(pos, self.inv_freq)
         for layer, (ck, cv) in zip(self.layers, ctx_kv):
             h = _rms(x, layer.attn_norm, c.rms_eps)
-            q = _rope(layer.q(h).unflatten(-1, (c.n_heads, c.head_dim)), pos, self.inv_freq)
-            k = _rope(layer.k(h).unflatten(-1, (c.n_kv_heads, c.head_dim)), pos, self.inv_freq)
+            q = _rope(layer.q(h).unflatten(-1, (c.n_heads, c.head_dim)), cs)
+            k = _rope(layer.k(h).unflatten(-1, (c.n_kv_heads, c.head_dim)), cs)
             v = layer.v(h).unflatten(-1, (c.n_kv_heads, c.head_dim))
             kk = torch.cat([ck.to(k.dtype), k], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
             vv = torch.cat([cv.to(v.dtype), v], dim=1).transpose(1, 2).repeat_interleave(group, dim=1)
@@ -356,9 +363,11 @@ class DFlashDrafter:
             self.valid_from = self.cached = 0
 
     @torch.inference_mode()
-    def block_logits(self, tokens: Sequence[int], features: Any) -> torch.Tensor:
-        """Draft logits [block-1, vocab] (f32) for positions len(tokens) .. after ``tokens`` (on
-        CUDA a view of a graph's output buffer: use it before the next call)."""
+    def block_logits(self, tokens: Sequence[int], features: Any, rows: int | None = None) -> torch.Tensor:
+        """Draft logits [rows, vocab] (f32; rows defaults to block-1, the whole block) for
+        positions len(tokens) .. after ``tokens`` (on CUDA a graph's output buffer: use it
+        before the next call)."""
+        rows = self.cfg.block - 1 if rows is None else min(rows, self.cfg.block - 1)
         assert self.model is not None
         cfg, tm = self.cfg, self.target
         n = len(tokens) - 1  # committed positions; tokens[-1] is pending
@@ -380,7 +389,7 @@ class DFlashDrafter:
             if self._graph.fits(new, n):  # a decode step's few new rows: one graph replay
                 feats = features.read(new, n).to(tm.device, tm.dtype) if n > new else None
                 self.cached = n
-                return self._graph.run(feats, new, n, int(tokens[-1]))
+                return self._graph.run(feats, new, n, int(tokens[-1]), rows)
         if n > new:  # eagerly: the prompt's rows, or a CPU target
             feats = features.read(new, n).to(tm.device)
             pos = torch.arange(new, n, device=tm.device)
@@ -391,7 +400,7 @@ class DFlashDrafter:
         self.cached = n
         ctx_kv = [(self.k_cache[i, lo:n][None], self.v_cache[i, lo:n][None]) for i in range(cfg.n_layers)]
         first = tm.embed_tokens(torch.tensor([int(tokens[-1])], device=tm.device))
-        h = self.model.denoise(first, torch.tensor([n], device=tm.device), ctx_kv)[0, 1:]
+        h = self.model.denoise(first, torch.tensor([n], device=tm.device), ctx_kv)[0, 1:1 + rows]
         from luce_core.model import rms_norm
         return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
 
@@ -405,7 +414,7 @@ class DFlashDrafter:
             k = min(self.cfg.block - 1, request.max_depth)  # tree: depth from the block, width from budget
         if k <= 0:
             return Proposal()
-        logits = self.block_logits(tokens, None if request is None else request.features)[:k]
+        logits = self.block_logits(tokens, None if request is None else request.features, k)
         params = request.params if request is not None else SamplingParams()
         if request is not None and request.tree:
             lp = torch.log_softmax(logits / request.tree_temp, dim=-1)

@@ -31,50 +31,51 @@ class GraphedDraftStep:
         self.new0 = torch.zeros(1, dtype=torch.long, device=dev)
         self.n = torch.zeros(1, dtype=torch.long, device=dev)
         self.first = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: torch.Tensor | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # draft rows -> graph, output
 
     def fits(self, new: int, n: int) -> bool:
         """Whether a step with context rows [new, n) to add can run as the graph."""
         return n - new <= self.block and new + self.block <= self.capacity
 
     @torch.inference_mode()
-    def _body(self) -> torch.Tensor:
+    def _body(self, rows: int) -> torch.Tensor:
         from luce_core.model import rms_norm
 
         d, tm, cfg = self.d, self.d.target, self.d.cfg
         m, dev = d.model, self.feats.device
-        rows = self.new0 + torch.arange(self.block, device=dev)
-        for i, (k, v) in enumerate(m.context_kv(m.context(self.feats), rows)):
-            d.k_cache[i].index_copy_(0, rows, k)
-            d.v_cache[i].index_copy_(0, rows, v)
+        new_rows = self.new0 + torch.arange(self.block, device=dev)
+        for i, (k, v) in enumerate(m.context_kv(m.context(self.feats), new_rows)):
+            d.k_cache[i].index_copy_(0, new_rows, k)
+            d.v_cache[i].index_copy_(0, new_rows, v)
         wpos = self.n - self.window + torch.arange(self.window, device=dev)
         widx = wpos.clamp(min=0)
         ctx_kv = [(d.k_cache[i].index_select(0, widx)[None], d.v_cache[i].index_select(0, widx)[None])
                   for i in range(cfg.n_layers)]
-        h = m.denoise(tm.embed_tokens(self.first), self.n, ctx_kv, ctx_mask=(wpos >= 0)[None])[0, 1:]
+        h = m.denoise(tm.embed_tokens(self.first), self.n, ctx_kv, ctx_mask=(wpos >= 0)[None])[0, 1:1 + rows]
         return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
 
-    def run(self, feats: torch.Tensor | None, new: int, n: int, pending: int) -> torch.Tensor:
-        """Draft logits [block-1, vocab] after adding context rows [new, n) (``feats``, their
-        target features) with ``pending`` the token at position n. A view of the graph's output:
-        read it before the next call."""
+    def run(self, feats: torch.Tensor | None, new: int, n: int, pending: int, rows: int) -> torch.Tensor:
+        """Draft logits [rows, vocab] (rows <= block-1: only the depths the caller will offer
+        go through the head) after adding context rows [new, n) (``feats``, their target
+        features) with ``pending`` the token at position n. The graph's output buffer: read it
+        before the next call."""
         if feats is not None and feats.shape[0]:
             self.feats[: feats.shape[0]].copy_(feats)
         self.new0.fill_(new)
         self.n.fill_(n)
         self.first.fill_(pending)
-        if self.graph is None:
+        if rows not in self.graphs:
             # warm up on a side stream (the runs write the same rows the replay writes), then capture
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self._body()
+                    self._body(rows)
             torch.cuda.current_stream().wait_stream(s)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._body()
-        self.graph.replay()
-        assert self.out is not None
-        return self.out
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self._body(rows)
+            self.graphs[rows] = (g, out)
+        g, out = self.graphs[rows]
+        g.replay()
+        return out
