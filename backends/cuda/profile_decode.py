@@ -1,0 +1,70 @@
+"""Where a decode step's GPU time goes, on a CUDA machine.
+
+    python -m luce_cuda.profile_decode MODEL.gguf [--depth 512] [--steps 10]
+
+Prints the kernels of one eager decode step at context ``depth`` (time per step, launches per
+step, time per launch; from the torch profiler's CUDA activity) and the time of one graphed
+step (CUDA-graph replays back to back, CUDA events). The sum of kernel times against the graph
+step time shows how much of a step is launch gaps rather than kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m luce_cuda.profile_decode", description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--depth", type=int, default=512, help="context tokens before the profiled steps")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args(argv)
+    import luce
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = luce.load(a.model, ctx=max(2048, 2 * a.depth), progress=False)
+    s = llm.session
+    model, kv = s.model, s.kv
+    prompt = [100 + i % 1000 for i in range(a.depth)]
+    s.truncate(0)
+    s.prefill(prompt)
+
+    def eager(n: int) -> None:
+        for i in range(n):
+            model.forward(torch.tensor([100], device=model.device), a.depth + i, kv)
+
+    eager(3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eager(a.steps)
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += 1
+            per[e.name][1] += e.time_range.elapsed_us()
+    total = sum(v[1] for v in per.values()) / a.steps
+    print(f"{llm.selected()}\neager step at depth {a.depth}: {total:.1f} us of kernels, "
+          f"{sum(v[0] for v in per.values()) / a.steps:.0f} launches")
+    for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[: a.top]:
+        print(f"{us / a.steps:9.1f} us/step {count / a.steps:6.1f}/step {us / count:8.2f} us/launch  {name[:80]}")
+    if s.graphs is None:
+        return
+    s.truncate(0)
+    s.prefill(prompt)
+    s.step(100)  # captures the graph of this window
+    graph, _ = next(iter(s.graphs.graphs.values()))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    print(f"graphed step: {begin.elapsed_time(end) * 10:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
