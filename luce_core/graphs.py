@@ -9,9 +9,9 @@ live in static device buffers that are filled before replay.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Sequence
+
+import torch
 
 from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore

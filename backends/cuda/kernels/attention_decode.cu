@@ -287,7 +287,9 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     }
     const int pb = split * split_len, pe = min(end, pb + split_len);
     const int n_split = max(1, (end + split_len - 1) / split_len);  // splits that run for these rows
-    if (pb >= end && split > 0) return;  // the combine reads only splits below each token's length
+    // the merge reads only splits below each row's length; split 0 always runs, so a row with no
+    // visible position still gets its output (zeros)
+    if (pb >= end && split > 0) return;
     if (threadIdx.x < GMAX) {
         const int g = threadIdx.x, t = (r0 + g) / G;
         lim[g] = g < GB ? min(pe, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max)) : 0;
