@@ -74,21 +74,27 @@ def test_files_round_trip(tmp_path, ext):
         load_drafter(tmp_path / "missing.safetensors")
 
 
+def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, SpeculativeDecoder, list[int]]:
+    """A random drafter bound to the tiny target after a 12-token speculative generation (which
+    fills the feature mirror step by step); returns it, its decoder and the committed tokens +
+    the pending one."""
+    dm = DFlashModel(cfg)
+    dm.reset_parameters(seed)
+    d = DFlashDrafter()
+    d.bind_model(Target(llm.plan.model, llm.tokenizer, 128, llm.plan), cfg, dm)
+    dec = SpeculativeDecoder(llm.session, d, budget=3)
+    list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
+    return d, dec, dec._mirror_tokens + [llm.session.tokens[-1]]
+
+
 def test_inference_path_equals_training_path(tiny):
     """The cached, incremental drafting path and the batched training path compute the same
     block logits (windowed context, absolute positions, target head)."""
     llm = tiny["llm"]
     model = llm.plan.model
     cfg = _cfg(window=6)
-    dm = DFlashModel(cfg)
-    dm.reset_parameters(5)
-    d = DFlashDrafter()
-    d.bind_model(Target(model, llm.tokenizer, 128, llm.plan), cfg, dm)
-    dec = SpeculativeDecoder(llm.session, d, budget=3)
-    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
-    list(dec.generate(ids, 12, Sampler(SamplingParams())))  # fills the feature mirror step by step
-    L = len(dec._mirror_tokens)
-    seq = dec._mirror_tokens + [llm.session.tokens[-1]]
+    d, dec, seq = _drafted(llm, cfg, seed=5)
+    L = len(seq) - 1
     feats = dec.mirror.read(0, L)
     # the mirror holds what a plain full forward captures
     llm.session.truncate(0)
@@ -116,15 +122,8 @@ def test_static_graph_step_equals_eager_step(tiny):
     from luce_drafters.dflash_graph import GraphedDraftStep
 
     llm = tiny["llm"]
-    model = llm.plan.model
     cfg = _cfg(window=6)
-    dm = DFlashModel(cfg)
-    dm.reset_parameters(7)
-    d = DFlashDrafter()
-    d.bind_model(Target(model, llm.tokenizer, 128, llm.plan), cfg, dm)
-    dec = SpeculativeDecoder(llm.session, d, budget=3)
-    list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
-    seq = dec._mirror_tokens + [llm.session.tokens[-1]]
+    d, dec, seq = _drafted(llm, cfg, seed=7)
     g = GraphedDraftStep(d)
     for n, new in ((4, 2), (9, 6), (len(seq) - 1, len(seq) - 4)):  # window partly empty / sliding
         d.truncate(0)
