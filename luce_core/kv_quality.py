@@ -33,6 +33,27 @@ def reference_text() -> str:
 
     return inspect.getsource(ap_module)
 
+REFERENCE_NAME = f"Python {sys.version.split()[0]} argparse.py source"
+
+
+def reference_ids(llm: Any, n: int) -> list[int] | None:
+    """The first n token ids of reference_text(), or None (with a message) when it is shorter."""
+    ids = llm.encode(reference_text())
+    if len(ids) < n:
+        print(f"the reference text has only {len(ids)} tokens", file=sys.stderr)
+        return None
+    return ids[:n]
+
+
+def emit(result: dict[str, Any], out: str | None) -> int:
+    """Print a quality report as JSON (and write it to ``out``); the CLI exit status."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
 
 def _store(llm: Any, k: str, v: str, rotation: bool, capacity: int) -> Any:
     from luce_core.roles import KVSpec
@@ -101,19 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     llm = luce.load(a.model, device=a.device, ctx=a.tokens + 64, progress=False)
-    text_ids = llm.encode(reference_text())
-    if len(text_ids) < a.tokens:
-        print(f"the reference text has only {len(text_ids)} tokens", file=sys.stderr)
+    ids = reference_ids(llm, a.tokens)
+    if ids is None:
         return 2
-    ids = text_ids[: a.tokens]
-    result = {"model": llm.plan.loaded.path, "text": f"Python {sys.version.split()[0]} argparse.py source",
-              **measure(llm, ids, needle_filler=None if a.no_needle else text_ids[1: a.tokens - 64])}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit({"model": llm.plan.loaded.path, "text": REFERENCE_NAME,
+                 **measure(llm, ids, needle_filler=None if a.no_needle else ids[1: a.tokens - 64])}, a.out)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ Python's argparse.py source), the default model the embedded SmolLM2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Sequence
 
 import torch
 
-from luce_core.kv_quality import _store, all_logprobs, compare, reference_text
+from luce_core.kv_quality import REFERENCE_NAME, _store, all_logprobs, compare, emit, reference_ids
 from luce_core.roles import LoadedModel
 
 # (name, target type, LM head repacked too)
@@ -84,21 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     llm = luce.load(a.model, device=a.device, dtype="f32", weights="native", linear="torch",
                     ctx=a.tokens + 16, progress=False)
-    text_ids = llm.encode(reference_text())
-    if len(text_ids) < a.tokens:
-        print(f"the reference text has only {len(text_ids)} tokens", file=sys.stderr)
+    ids = reference_ids(llm, a.tokens)
+    if ids is None:
         return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = {"model": llm.plan.loaded.path, "text": f"Python {sys.version.split()[0]} argparse.py source",
-                  "device": llm.plan.device, "selected": llm.selected(), **measure(llm, text_ids[: a.tokens])}
+        result = {"model": llm.plan.loaded.path, "text": REFERENCE_NAME,
+                  "device": llm.plan.device, "selected": llm.selected(), **measure(llm, ids)}
     result["notes"] = sorted({str(w.message) for w in caught if str(w.message).startswith("luce:")})
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":
