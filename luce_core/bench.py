@@ -205,6 +205,13 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     peak = (torch.cuda.max_memory_allocated() if llm.plan.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     m = llm.config
+    anchor = None
+    exe = a.llama_bench or os.environ.get("LUCE_LLAMA_BENCH")
+    if exe:  # llama.cpp in the same run, on the same GGUF: the result is a ratio
+        from luce_core import llamacpp
+
+        anchor = llamacpp.run(exe, llm.plan.loaded.path, pps, a.tg, max(a.reps, 1), llm.plan.device.startswith("cuda"))
+        anchor["luce_over_llamacpp"] = llamacpp.ratios(results, anchor["results"])
     return {
         "luce": luce.__version__, "commit": _commit(), "command": " ".join(["luce", *sys.argv[1:]]),
         "device": caps.gpu_name if llm.plan.device.startswith("cuda") else f"cpu: {caps.cpu_name}",
@@ -216,6 +223,7 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
                "allocated_bytes": llm.plan.kv.nbytes},
         "cuda_graphs": llm.session.graphs is not None, "graphs_ratio": graphs_ratio,
         "results": results, "speculative": spec, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
+        "llamacpp": anchor,
     }
 
 

@@ -15,6 +15,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="with --drafter draft-model/dflash: its file")
     p.add_argument("--spec-tokens", type=int, default=128,
                    help="with --drafter: tokens generated per prompt of the code and chat sets (default %(default)s)")
+    p.add_argument("--llama-bench", metavar="PATH",
+                   help="also run llama.cpp's llama-bench on the same GGUF and report luce / llama.cpp ratios "
+                        "(default: $LUCE_LLAMA_BENCH when set)")
     p.add_argument("--kv-sweep", metavar="K/V,...",
                    help="decode tok/s and KV memory per KV dtype pair instead, e.g. f16/f16,q8_0/q8_0,q4_0/q4_0")
     p.add_argument("--kv-depths", default="4096,16384",

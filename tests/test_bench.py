@@ -90,3 +90,65 @@ def test_baseline_gate(tmp_path) -> None:
     assert check_baseline(_result(), str(multi)) == []
     assert "tg128" in check_baseline(_result(device="GPU Y"), str(multi))[0]
     assert "not comparable" in check_baseline(_result(device="GPU Z"), str(multi))[0]
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# a stand-in for llama.cpp's llama-bench: prints its JSON rows, 1000 tok/s per prompt test and
+# 100 tok/s for the decode test, after checking the arguments luce passes
+import json, sys
+a = sys.argv[1:]
+opt = dict(zip(a[::2], a[1::2]))
+if {fail}:
+    print("CUDA error: out of memory", file=sys.stderr)
+    sys.exit(1)
+assert opt["-o"] == "json" and opt["-ngl"] == "0" and opt["-fa"] == "1", a
+rows = [dict(model_filename=opt["-m"], n_prompt=int(p), n_gen=0, avg_ts=1000.0, stddev_ts=5.0, cpu_info="fake")
+        for p in opt["-p"].split(",")]
+rows.append(dict(model_filename=opt["-m"], n_prompt=0, n_gen=int(opt["-n"]), avg_ts=100.0, stddev_ts=1.0,
+                 cpu_info="fake"))
+print(json.dumps(rows))
+"""
+
+
+def _fake_llama_bench(tmp_path, fail: bool = False) -> str:
+    exe = tmp_path / ("llama-bench-fail" if fail else "llama-bench")
+    exe.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, fail=fail))
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_bench_runs_llama_cpp_side_by_side(tiny, tmp_path) -> None:
+    """--llama-bench runs llama-bench on the same GGUF and tests, and reports luce / llama.cpp."""
+    out = tmp_path / "r.json"
+    args = [sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--pp", "16", "--tg", "4",
+            "--reps", "1", "--ctx", "64", "--out", str(out)]
+    proc = subprocess.run(args + ["--llama-bench", _fake_llama_bench(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    anchor = r["llamacpp"]
+    assert str(tiny) in anchor["command"] and "-p 16 -n 4" in anchor["command"]
+    assert anchor["results"] == {"pp16": {"tok_s": 1000.0, "stddev": 5.0}, "tg4": {"tok_s": 100.0, "stddev": 1.0}}
+    assert anchor["luce_over_llamacpp"] == {"pp16": round(r["results"]["pp16"]["tok_s"] / 1000.0, 3),
+                                            "tg4": round(r["results"]["tg4"]["tok_s"] / 100.0, 3)}
+    # a llama-bench that fails, or is missing: a clear error with its reason, not a traceback
+    for exe, why in ((_fake_llama_bench(tmp_path, fail=True), "out of memory"), (str(tmp_path / "nope"), "not found")):
+        proc = subprocess.run(args + ["--llama-bench", exe], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "remedy" in proc.stderr
+
+
+def test_llama_bench_parser_reads_real_output() -> None:
+    """The parser against a real llama-bench JSON (H200, recorded in bench/results)."""
+    from pathlib import Path
+
+    from luce_core import llamacpp
+
+    path = Path(__file__).parent.parent / "bench/results/llamacpp_SmolLM2-135M-Instruct.Q4_1_h200_s9.json"
+    rows = json.loads(path.read_text())
+    got = llamacpp.parse(path.read_text())
+    assert got["device"] == "NVIDIA H200"
+    assert set(got["results"]) == {"pp512", "pp4096", "tg128"}
+    tg = next(r for r in rows if r["n_gen"] == 128)
+    assert got["results"]["tg128"]["tok_s"] == round(tg["avg_ts"], 1)
+    assert llamacpp.ratios({"tg128": {"tok_s": 2 * tg["avg_ts"]}, "pp9": {"tok_s": 1.0}}, got["results"]) == {"tg128": 2.0}
