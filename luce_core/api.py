@@ -24,7 +24,7 @@ def load(model: str | os.PathLike | None = None, *, caps: str | None = None, **o
     """Load a GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1) and plan its run.
 
     Keyword overrides are RunConfig fields (device, dtype, ctx, kv_k, kv_v, kv_rotation,
-    feature_dtype, weights, cuda_graphs, progress) or role names forcing an implementation
+    feature_dtype, weights, cuda_graphs, prefill_chunk, progress) or role names forcing an implementation
     (linear="torch", attention=..., kv_storage=..., loader=...). ``caps`` forces capabilities
     (e.g. "cc=7.5"), like LUCE_CAPS.
     """
@@ -46,7 +46,7 @@ class LLM:
         self.tokenizer = plan.loaded.tokenizer
         graphs = (plan.config.cuda_graphs and plan.device.startswith("cuda")
                   and hasattr(plan.kv, "write_at") and hasattr(plan.model.attention, "forward"))
-        self.session = Session(plan.model, plan.kv, plan.ctx, graphs=graphs)
+        self.session = Session(plan.model, plan.kv, plan.ctx, prefill_chunk=plan.config.prefill_chunk, graphs=graphs)
         self.last_stats = Stats()
         self.last_spec_stats = None
         self._spec, self._spec_key = None, None

@@ -217,7 +217,7 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
         "device": caps.gpu_name if llm.plan.device.startswith("cuda") else f"cpu: {caps.cpu_name}",
         "host": platform.node(), "torch": torch.__version__,
         "model": os.path.basename(llm.plan.loaded.path), "compute_dtype": llm.plan.dtype,
-        "selected": llm.selected(), "ctx": llm.plan.ctx,
+        "selected": llm.selected(), "ctx": llm.plan.ctx, "prefill_chunk": llm.session.prefill_chunk,
         "kv": {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation,
                "bytes_per_token": kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v),
                "allocated_bytes": llm.plan.kv.nbytes},

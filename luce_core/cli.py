@@ -29,6 +29,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=WEIGHT_FORMATS,
                    help="matmul weights: native (as stored, default) or nvfp4 (repacked at load); env LUCE_WEIGHTS")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (no CUDA-graph replay)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill forward (default %(default)s)")
     p.add_argument("--caps", help='force capabilities, e.g. "cc=7.5" (like LUCE_CAPS)')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _role_flags(p)
@@ -37,7 +39,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
                               feature_dtype=a.feature_dtype, progress=not a.no_progress,
-                              cuda_graphs=not a.no_cuda_graphs)
+                              cuda_graphs=not a.no_cuda_graphs, prefill_chunk=a.prefill_chunk)
     if a.weights:  # otherwise RunConfig's default applies (LUCE_WEIGHTS, else native)
         kw["weights"] = a.weights
     if a.no_kv_rotation:  # otherwise RunConfig's default applies (on, unless LUCE_KV_ROTATION=0)

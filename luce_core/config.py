@@ -36,6 +36,11 @@ def _choice(options: tuple[str, ...]):
     return check
 
 
+def _positive(inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
 @attrs.frozen
 class RunConfig:
     model_path: str = ""
@@ -48,6 +53,9 @@ class RunConfig:
     feature_dtype: str = attrs.field(default="f32", validator=_choice(FEATURE_DTYPES))
     weights: str = attrs.field(factory=_weights_default, validator=_choice(WEIGHT_FORMATS))  # native | nvfp4
     cuda_graphs: bool = True
+    # prompt tokens per prefill forward: larger chunks mean fewer kernel launches per prompt token
+    # (small models' prefill is bound by launch overhead) at the cost of larger activations
+    prefill_chunk: int = attrs.field(default=512, validator=_positive)
     overrides: dict[str, str] = attrs.field(factory=dict)  # role -> forced implementation name
     model: "ModelConfig | None" = None  # filled in after loading; linear/attention check it
     weight_types: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)  # e.g. {"Q4_1","F32"}

@@ -35,7 +35,7 @@ def test_bench_json(tiny, tmp_path) -> None:
     # 2 layers x 2 kv heads x (q8_0 K: one 34-byte block + f16 V: 32 x 2 bytes)
     assert r["kv"]["k"] == "q8_0" and r["kv"]["bytes_per_token"] == 2 * 2 * (34 + 64)
     assert r["kv"]["allocated_bytes"] == 256 * r["kv"]["bytes_per_token"]
-    assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False
+    assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False and r["prefill_chunk"] == 512
     spec = r["speculative"]
     for name in ("code", "chat"):  # speculative greedy decoding must reproduce plain greedy decoding
         assert spec[name]["identical_outputs"] == "4/4", spec

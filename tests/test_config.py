@@ -26,3 +26,29 @@ def test_defaults_and_bad_values() -> None:
     assert (c.kv_k, c.kv_v) == DEFAULT_KV == ("f16", "f16")
     with pytest.raises(ConfigError, match="kv_k"):
         RunConfig(kv_k="q5_0")
+
+
+def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> None:
+    """--prefill-chunk / luce.load(prefill_chunk=...) sets the prompt tokens per prefill forward;
+    any chunking gives the same logits (f32) and the same greedy text; 0 is refused."""
+    import torch
+
+    import luce
+    from luce_core.cli import _overrides, build_parser
+    from luce_drafters.testing import write_tiny
+
+    args, _ = build_parser().parse_known_args(["generate", "x", "--prefill-chunk", "7"])
+    assert RunConfig(**_overrides(args)).prefill_chunk == 7
+    with pytest.raises(ConfigError, match="prefill_chunk must be a positive integer"):
+        RunConfig(prefill_chunk=0)
+    path = write_tiny(tmp_path / "t.gguf", seed=2)
+    prompt = list(range(5, 45))
+    outs = []
+    for chunk in (7, 512):
+        llm = luce.load(path, device="cpu", dtype="f32", ctx=128, prefill_chunk=chunk, progress=False)
+        assert llm.session.prefill_chunk == chunk
+        logits, _ = llm.session.prefill(prompt)
+        llm.session.truncate(0)
+        outs.append((logits, list(llm.generate_ids(prompt, 8))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=1e-4)
+    assert outs[0][1] == outs[1][1]
