@@ -32,6 +32,20 @@ def _commit() -> str:
         return ""
 
 
+def _header(device: str) -> dict[str, Any]:
+    """What every result records to be reproduced: luce version, commit, command, device, host."""
+    import torch
+
+    import luce
+
+    return {"luce": luce.__version__, "commit": _commit(), "command": " ".join(["luce", *sys.argv[1:]]),
+            "device": device, "host": platform.node(), "torch": torch.__version__}
+
+
+def _device_name(caps: Any, on_gpu: bool) -> str:
+    return caps.gpu_name if on_gpu else f"cpu: {caps.cpu_name}"
+
+
 def _sync(llm) -> None:
     import torch
     if llm.plan.device.startswith("cuda"):
@@ -213,9 +227,7 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
         anchor = llamacpp.run(exe, llm.plan.loaded.path, pps, a.tg, max(a.reps, 1), llm.plan.device.startswith("cuda"))
         anchor["luce_over_llamacpp"] = llamacpp.ratios(results, anchor["results"])
     return {
-        "luce": luce.__version__, "commit": _commit(), "command": " ".join(["luce", *sys.argv[1:]]),
-        "device": caps.gpu_name if llm.plan.device.startswith("cuda") else f"cpu: {caps.cpu_name}",
-        "host": platform.node(), "torch": torch.__version__,
+        **_header(_device_name(caps, llm.plan.device.startswith("cuda"))),
         "model": os.path.basename(llm.plan.loaded.path), "compute_dtype": llm.plan.dtype,
         "selected": llm.selected(), "ctx": llm.plan.ctx, "prefill_chunk": llm.session.prefill_chunk,
         "kv": {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation,
@@ -225,14 +237,6 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
         "results": results, "speculative": spec, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
         "llamacpp": anchor,
     }
-
-
-def _device_of(result: dict[str, Any]) -> None:
-    import torch
-    from luce_core.caps import probe
-    caps = probe()
-    result["device"] = caps.gpu_name if torch.cuda.is_available() else f"cpu: {caps.cpu_name}"
-    result["torch"] = torch.__version__
 
 
 def check_baseline(result: dict[str, Any], path: str) -> list[str]:
@@ -272,10 +276,12 @@ def main(a: argparse.Namespace) -> int:
     overrides["progress"] = False
     overrides.pop("drafter", None)  # plain decoding is the baseline: the drafter runs only in bench_speculative
     if a.kv_sweep:
-        result = {"luce": __import__("luce").__version__, "commit": _commit(),
-                  "command": " ".join(["luce", *sys.argv[1:]]), "host": platform.node(),
-                  "kv_sweep": bench_kv_sweep(a, overrides)}
-        _device_of(result)
+        import torch
+
+        from luce_core.caps import probe
+
+        sweep = bench_kv_sweep(a, overrides)
+        result = {**_header(_device_name(probe(), torch.cuda.is_available())), "kv_sweep": sweep}
     else:
         result = run(a, overrides)
     text = json.dumps(result, indent=2)

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from luce_core.errors import ContextOverflowError
-from luce_core.model import Transformer
+from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore
 from luce_core.sampling import Sampler
 
@@ -88,17 +88,25 @@ class Session:
         check_prompt_fits(len(ids), self.ctx, self.model.cfg.ctx_train)
         common = common_prefix(self.tokens, ids[:-1])  # keep >= 1 id to run: its logits are needed
         self.truncate(common)
+        logits = self.extend(ids, common, on_chunk=(lambda s, chunk, out: progress(len(chunk))) if progress else None)
+        assert logits is not None
+        return logits, common
+
+    def extend(self, ids: Sequence[int], start: int, *, capture: Sequence[int] = (),
+               on_chunk: Callable[[int, list[int], ForwardOut], None] | None = None) -> torch.Tensor | None:
+        """Run ids[start:] (ids[:start] are already in the store) in prefill chunks, appending
+        them; returns the logits after the last id (None when there is nothing to run).
+        ``on_chunk(start, chunk, out)`` sees each chunk's forward output (e.g. captured features)."""
         logits = None
-        for s in range(common, len(ids), self.prefill_chunk):
+        for s in range(start, len(ids), self.prefill_chunk):
             chunk = list(ids[s:s + self.prefill_chunk])
-            out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None))
+            out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None), capture=capture)
             self.tokens += chunk
             self.kv.set_length(len(self.tokens))
             logits = out.logits[-1]
-            if progress:
-                progress(len(chunk))
-        assert logits is not None
-        return logits, common
+            if on_chunk:
+                on_chunk(s, chunk, out)
+        return logits
 
     def step(self, token: int) -> torch.Tensor:
         """Append one token; returns the logits that follow it."""

@@ -9,7 +9,7 @@ live in static device buffers that are filled before replay.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -17,6 +17,7 @@ from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore
 
 MIN_WINDOW = 256
+T = TypeVar("T")
 
 
 def windows(ctx: int) -> list[int]:
@@ -25,6 +26,22 @@ def windows(ctx: int) -> list[int]:
         out.append(w)
         w *= 2
     return out + [ctx]
+
+
+def capture_graph(fn: Callable[[], T], pool: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` captured as a CUDA graph, and its output (static buffers the replays rewrite).
+    It first runs twice on a side stream (loads kernels, settles the allocator), so running it
+    must be harmless to repeat: the warm-up writes exactly what a replay writes."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
 
 
 class DecodeGraphs:
@@ -41,19 +58,9 @@ class DecodeGraphs:
         self.windows = windows(ctx)
 
     def _capture(self, window: int, tokens: torch.Tensor, pos: torch.Tensor, capture: tuple[int, ...]):
-        # Warm up on a side stream (compiles/loads kernels, settles the allocator), then capture.
-        # The buffers already hold this step's real tokens and positions, so the extra runs write
+        # The buffers already hold this step's real tokens and positions, so the warm-up runs write
         # the very K/V the replay writes again: nothing else in the cache is touched.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self.model.decode_static(tokens, pos, self.kv, window, capture)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self.model.decode_static(tokens, pos, self.kv, window, capture)
-        return g, out
+        return capture_graph(lambda: self.model.decode_static(tokens, pos, self.kv, window, capture), self.pool)
 
     def run(self, tokens: list[int], start: int, capture: Sequence[int] = ()) -> ForwardOut:
         """Logits [T, vocab] (and captured features) after ``tokens`` at positions

@@ -379,14 +379,8 @@ class SpeculativeDecoder:
             truncate = getattr(self.drafter, "truncate", None)
             if truncate is not None:
                 truncate(common)
-        logits = None
-        for st in range(common, len(ids), s.prefill_chunk):
-            chunk = list(ids[st:st + s.prefill_chunk])
-            out = s.model.forward(self._tensor(chunk), st, s.kv, logits_rows=slice(-1, None), capture=self.capture)
-            s.tokens += chunk
-            s.kv.set_length(len(s.tokens))
-            self._commit_features(st, chunk, out.features)
-            logits = out.logits[-1]
+        logits = s.extend(ids, common, capture=self.capture,
+                          on_chunk=lambda st, chunk, out: self._commit_features(st, chunk, out.features))
         return logits, common
 
     def _commit_features(self, start: int, toks: Sequence[int], feats: torch.Tensor | None) -> None:

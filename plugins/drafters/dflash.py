@@ -400,8 +400,13 @@ class DFlashDrafter:
         self.cached = n
         ctx_kv = [(self.k_cache[i, lo:n][None], self.v_cache[i, lo:n][None]) for i in range(cfg.n_layers)]
         first = tm.embed_tokens(torch.tensor([int(tokens[-1])], device=tm.device))
-        h = self.model.denoise(first, torch.tensor([n], device=tm.device), ctx_kv)[0, 1:1 + rows]
+        return self.head(self.model.denoise(first, torch.tensor([n], device=tm.device), ctx_kv)[0, 1:1 + rows])
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """f32 logits of drafter hidden states through the target's final norm and LM head."""
         from luce_core.model import rms_norm
+
+        tm = self.target
         return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
 
     def propose(self, tokens: Sequence[int], budget: int, *, request: DraftRequest | None = None) -> Proposal:

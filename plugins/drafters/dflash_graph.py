@@ -39,8 +39,6 @@ class GraphedDraftStep:
 
     @torch.inference_mode()
     def _body(self, rows: int) -> torch.Tensor:
-        from luce_core.model import rms_norm
-
         d, tm, cfg = self.d, self.d.target, self.d.cfg
         m, dev = d.model, self.feats.device
         new_rows = self.new0 + torch.arange(self.block, device=dev)
@@ -52,7 +50,7 @@ class GraphedDraftStep:
         ctx_kv = [(d.k_cache[i].index_select(0, widx)[None], d.v_cache[i].index_select(0, widx)[None])
                   for i in range(cfg.n_layers)]
         h = m.denoise(tm.embed_tokens(self.first), self.n, ctx_kv, ctx_mask=(wpos >= 0)[None])[0, 1:1 + rows]
-        return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
+        return d.head(h)
 
     def run(self, feats: torch.Tensor | None, new: int, n: int, pending: int, rows: int) -> torch.Tensor:
         """Draft logits [rows, vocab] (rows <= block-1: only the depths the caller will offer
@@ -64,18 +62,10 @@ class GraphedDraftStep:
         self.new0.fill_(new)
         self.n.fill_(n)
         self.first.fill_(pending)
-        if rows not in self.graphs:
-            # warm up on a side stream (the runs write the same rows the replay writes), then capture
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._body(rows)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = self._body(rows)
-            self.graphs[rows] = (g, out)
+        if rows not in self.graphs:  # the warm-up runs write the same cache rows the replay writes
+            from luce_core.graphs import capture_graph
+
+            self.graphs[rows] = capture_graph(lambda: self._body(rows))
         g, out = self.graphs[rows]
         g.replay()
         return out
