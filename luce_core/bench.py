@@ -194,6 +194,11 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     import luce
     from luce_core.kv_memory import kv_bytes_per_token
 
+    exe = a.llama_bench or os.environ.get("LUCE_LLAMA_BENCH")
+    if exe:
+        from luce_core import llamacpp
+
+        llamacpp.check(exe)  # before minutes of benchmarking, not after
     llm = luce.load(a.model, caps=a.caps, **overrides)
     pps = [int(x) for x in str(a.pp).split(",") if x.strip()]
     if max(pps, default=0) + 1 > llm.plan.ctx or a.tg + 2 > llm.plan.ctx:
@@ -220,12 +225,13 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     m = llm.config
     anchor = None
-    exe = a.llama_bench or os.environ.get("LUCE_LLAMA_BENCH")
     if exe:  # llama.cpp in the same run, on the same GGUF: the result is a ratio
-        from luce_core import llamacpp
-
-        anchor = llamacpp.run(exe, llm.plan.loaded.path, pps, a.tg, max(a.reps, 1), llm.plan.device.startswith("cuda"))
-        anchor["luce_over_llamacpp"] = llamacpp.ratios(results, anchor["results"])
+        try:
+            anchor = llamacpp.run(exe, llm.plan.loaded.path, pps, a.tg, max(a.reps, 1),
+                                  llm.plan.device.startswith("cuda"))
+            anchor["luce_over_llamacpp"] = llamacpp.ratios(results, anchor["results"])
+        except ConfigError as e:  # keep luce's own results: they are written, and the run fails after
+            anchor = {"error": str(e)}
     return {
         **_header(_device_name(caps, llm.plan.device.startswith("cuda"))),
         "model": os.path.basename(llm.plan.loaded.path), "compute_dtype": llm.plan.dtype,
@@ -289,6 +295,10 @@ def main(a: argparse.Namespace) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")
+    anchor = result.get("llamacpp") or {}
+    if "error" in anchor:
+        print(f"luce bench: {anchor['error']}", file=sys.stderr)
+        return 1
     if a.check_baseline:
         fails = check_baseline(result, a.check_baseline)
         for f in fails:

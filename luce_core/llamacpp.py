@@ -39,10 +39,15 @@ def parse(stdout: str) -> dict[str, Any]:
             "build": first.get("build_commit")}
 
 
-def run(exe: str, model: str, pps: Sequence[int], tg: int, reps: int, gpu: bool,
-        timeout: float = 1800) -> dict[str, Any]:
+def check(exe: str) -> None:
+    """Fail before any benchmarking when ``exe`` cannot be run."""
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
         raise ConfigError(f"llama-bench not found or not executable: {exe}", remedy=REMEDY)
+
+
+def run(exe: str, model: str, pps: Sequence[int], tg: int, reps: int, gpu: bool,
+        timeout: float = 1800) -> dict[str, Any]:
+    check(exe)
     cmd = command(exe, model, pps, tg, reps, gpu)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -133,9 +133,15 @@ def test_bench_runs_llama_cpp_side_by_side(tiny, tmp_path) -> None:
                                             "tg4": round(r["results"]["tg4"]["tok_s"] / 100.0, 3)}
     # a llama-bench that fails, or is missing: a clear error with its reason, not a traceback
     for exe, why in ((_fake_llama_bench(tmp_path, fail=True), "out of memory"), (str(tmp_path / "nope"), "not found")):
+        out.unlink()
         proc = subprocess.run(args + ["--llama-bench", exe], capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert "remedy" in proc.stderr
+        if why == "out of memory":  # it failed after luce's runs: they are kept
+            r = json.loads(out.read_text())
+            assert r["results"]["pp16"]["tok_s"] > 0 and "out of memory" in r["llamacpp"]["error"]
+        else:  # missing: refused before any benchmarking
+            assert not out.exists()
 
 
 def test_llama_bench_parser_reads_real_output() -> None:
