@@ -29,8 +29,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=WEIGHT_FORMATS,
                    help="matmul weights: native (as stored, default) or nvfp4 (repacked at load); env LUCE_WEIGHTS")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (no CUDA-graph replay)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill forward (default %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prompt tokens per prefill forward (default: the attention implementation's choice, "
+                        "4096 for cuda, 512 for torch)")
     p.add_argument("--caps", help='force capabilities, e.g. "cc=7.5" (like LUCE_CAPS)')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _role_flags(p)

@@ -41,6 +41,11 @@ def _positive(inst: Any, attribute: attrs.Attribute, value: int) -> None:
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
+def _auto_or_positive(inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a positive integer (or 0: automatic), got {value!r}")
+
+
 @attrs.frozen
 class RunConfig:
     model_path: str = ""
@@ -54,8 +59,9 @@ class RunConfig:
     weights: str = attrs.field(factory=_weights_default, validator=_choice(WEIGHT_FORMATS))  # native | nvfp4
     cuda_graphs: bool = True
     # prompt tokens per prefill forward: larger chunks mean fewer kernel launches per prompt token
-    # (small models' prefill is bound by launch overhead) at the cost of larger activations
-    prefill_chunk: int = attrs.field(default=512, validator=_positive)
+    # (small models' prefill is bound by launch overhead) at the cost of larger activations.
+    # 0 = the attention implementation's preference (its ``prefill_chunk``, else 512)
+    prefill_chunk: int = attrs.field(default=0, validator=_auto_or_positive)
     overrides: dict[str, str] = attrs.field(factory=dict)  # role -> forced implementation name
     model: "ModelConfig | None" = None  # filled in after loading; linear/attention check it
     weight_types: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)  # e.g. {"Q4_1","F32"}

@@ -1,5 +1,6 @@
 """The element-wise rest of a transformer layer: RMSNorm (with the residual add fused in), RoPE
-on Q and K together, SwiGLU.
+on Q and K together, SwiGLU, and ``linear``: a projection with the SwiGLU of its [gate | up]
+output, which a backend can fuse into the matmul's epilogue.
 
 ``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
 implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
@@ -9,7 +10,7 @@ returned tensors and must not rely on the inputs being left untouched.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -31,6 +32,10 @@ class LayerOps(Protocol):
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up."""
+
+    def linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+               glu: bool = False) -> torch.Tensor:
+        """proj(x); with ``glu`` proj's output is [gate | up] and silu(gate) * up is returned."""
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,6 +59,15 @@ class TorchLayerOps:
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(gate) * up
+
+    def linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+               glu: bool = False) -> torch.Tensor:
+        # the unfused sequence, with this object's ops (a subclass's kernels run it too)
+        y = proj(x)
+        if not glu:
+            return y
+        f = y.shape[-1] // 2
+        return self.swiglu(y[..., :f], y[..., f:])
 
 
 TORCH_LAYER_OPS = TorchLayerOps()

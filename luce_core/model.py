@@ -174,7 +174,7 @@ class Transformer:
             write(i, k, v)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
             h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
-            d = b.down(ops.swiglu(*b.project_gate_up(h)))
+            d = b.down(ops.linear(b.gate_up, h, glu=True))  # SwiGLU fused into gate_up where it can
             nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
             h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
         if cfg.n_layers in capture:

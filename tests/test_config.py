@@ -40,7 +40,8 @@ def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> 
     args, _ = build_parser().parse_known_args(["generate", "x", "--prefill-chunk", "7"])
     assert RunConfig(**_overrides(args)).prefill_chunk == 7
     with pytest.raises(ConfigError, match="prefill_chunk must be a positive integer"):
-        RunConfig(prefill_chunk=0)
+        RunConfig(prefill_chunk=-1)
+    assert RunConfig().prefill_chunk == 0  # automatic: the attention implementation's choice
     path = write_tiny(tmp_path / "t.gguf", seed=2)
     prompt = list(range(5, 45))
     outs = []
@@ -51,4 +52,6 @@ def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> 
         llm.session.truncate(0)
         outs.append((logits, list(llm.generate_ids(prompt, 8))))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=1e-4)
+    auto = luce.load(path, device="cpu", dtype="f32", ctx=128, progress=False)
+    assert auto.session.prefill_chunk == 512  # the torch attention states no preference
     assert outs[0][1] == outs[1][1]

@@ -189,6 +189,56 @@ def test_linear_matches_dequant_oracles(dtype, case, m):
     assert float((got.double() - ref - base.double().cpu()).norm()) / scale < 2 * tol
 
 
+@settings(max_examples=30, deadline=None)
+@given(case=shape_st, m=st.sampled_from([1, 3, 8, 11, 40]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_linear_glu_epilogue(case, m, dtype):
+    """forward(glu=True) on W = [gate; up] is silu(x gate^T) * (x up^T) in f64 (GEMV: in its
+    epilogue; over 32 rows: GEMM then the op), and each verify row is bit-identical to the same
+    row alone (the decode step), so speculative verify stays lossless."""
+    from luce_cuda.linear import CudaLinear, GEMV_MAX_ROWS
+
+    qtype, n, blocks, seed = case
+    k = blocks * max(BLOCKS[qtype][0], 64)
+    scale = 0.37 if qtype == "NVFP4" else 1.0
+    w = _qtensor(qtype, 2 * n, k, seed, scale)
+    ref_w = _refs(w)
+    lin = CudaLinear(mma="bf16").prepare(w, torch.device("cuda"), dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    x *= 4 / float((x @ ref_w.T).abs().max().clamp_min(1e-6))  # gate and up within +-4: f16 holds the product
+    x = x.to("cuda", dtype)
+    gu = x.double().cpu() @ ref_w.T
+    ref = F.silu(gu[:, :n]) * gu[:, n:]
+    got = lin.forward(x, glu=True)
+    assert got.shape == (m, n) and got.dtype == dtype
+    tol = 2 * (ACT_TOL[dtype] if m <= GEMV_MAX_ROWS else GEMM_TOL["f16" if dtype == torch.float16 else "bf16"])
+    # error against the operands' scale (a single output may be ~0: silu of a large negative gate)
+    err = float((got.double().cpu() - ref).abs().max()) / max(float(ref.abs().max()), 1.0)
+    assert torch.isfinite(got).all() and err < tol, (qtype, n, k, m, err)
+    if m <= GEMV_MAX_ROWS:
+        for j in (0, m - 1):
+            torch.testing.assert_close(lin.forward(x[j:j + 1], glu=True), got[j:j + 1], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_layer_ops_linear_glu_matches_unfused():
+    """CudaLayerOps.linear(glu=True): one GEMV on a luce_cuda weight, a GEMV then the SwiGLU
+    kernel on a plain callable; both equal TorchLayerOps' op sequence."""
+    from luce_core.layer_ops import TORCH_LAYER_OPS
+    from luce_cuda.layer_ops import CudaLayerOps
+    from luce_cuda.linear import CudaLinear
+
+    lin = CudaLinear(mma="bf16").prepare(_qtensor("Q4_0", 96, 256, 7), torch.device("cuda"), torch.float32)
+    x = torch.randn(1, 256, device="cuda")
+    ref = TORCH_LAYER_OPS.linear(lin, x, glu=True)
+    assert ref.shape == (1, 48)
+    assert rel_err(CudaLayerOps().linear(lin, x, glu=True), ref) < 1e-5
+    assert rel_err(CudaLayerOps().linear(lambda h: lin(h), x, glu=True), ref) < 1e-5
+
+
 @pytest.mark.parametrize("k", [4096, 8192, 16384])  # 2, 4 and 8 warps share a row group
 @pytest.mark.parametrize("qtype", QUANTS)
 @pytest.mark.gpu

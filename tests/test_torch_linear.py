@@ -125,3 +125,17 @@ def test_smollm2_weights(smollm2_path) -> None:
         assert y.shape == (4, w.shape[0])
         np.testing.assert_allclose(y.numpy(), x.double().numpy() @ oracle(w).T, rtol=1e-4, atol=1e-4)
     assert y.shape == (4, 49152)
+
+
+
+def test_layer_ops_linear_glu():
+    """The reference ``LayerOps.linear``: proj(x), or with glu silu(gate) * up of its halves."""
+    from luce_core.layer_ops import TORCH_LAYER_OPS
+
+    w = torch.randn(48, 64, dtype=torch.float64)
+    proj = lambda h: h @ w.T  # noqa: E731
+    x = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(TORCH_LAYER_OPS.linear(proj, x), proj(x))
+    y = proj(x)
+    torch.testing.assert_close(TORCH_LAYER_OPS.linear(proj, x, glu=True),
+                               torch.nn.functional.silu(y[:, :24]) * y[:, 24:])

@@ -1,13 +1,19 @@
 """luce_core.layer_ops on CUDA: one fused kernel per op (kernels/ops.cu), in place where the
-protocol allows, no host sync, so a decode step built from them is capturable in a CUDA graph."""
+protocol allows, no host sync, so a decode step built from them is capturable in a CUDA graph.
+``linear(..., glu=True)`` on a luce_cuda weight computes SwiGLU in the gate|up GEMV's epilogue
+(kernels/gemv.cu): one launch fewer per layer."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
+from luce_core.layer_ops import TorchLayerOps
 from luce_cuda import ops
+from luce_cuda.linear import DenseLinear, QuantLinear
 
 
-class CudaLayerOps:
+class CudaLayerOps(TorchLayerOps):
     def _f32(self, w: torch.Tensor) -> torch.Tensor:
         # the kernels read f32 weights; the model keeps its norm weights in f32 already
         return w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
@@ -17,8 +23,7 @@ class CudaLayerOps:
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         if not self._ok(x):
-            from luce_core.layer_ops import rms_norm
-            return rms_norm(x, w, eps)
+            return super().rms_norm(x, w, eps)
         return ops.rms_norm(x, self._f32(w), eps)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
@@ -26,8 +31,7 @@ class CudaLayerOps:
         if x.dtype != residual.dtype:
             x = x.to(residual.dtype)
         if not (self._ok(x, residual) and residual.is_contiguous() and x.shape == residual.shape):
-            from luce_core.layer_ops import TORCH_LAYER_OPS
-            return TORCH_LAYER_OPS.add_rms_norm(x, residual, w, eps)
+            return super().add_rms_norm(x, residual, w, eps)
         return ops.add_rms_norm(x, residual, self._f32(w), eps), residual
 
     def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -36,3 +40,9 @@ class CudaLayerOps:
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(gate, up)
+
+    def linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+               glu: bool = False) -> torch.Tensor:
+        if isinstance(proj, (QuantLinear, DenseLinear)) and self._ok(x):
+            return proj.forward(x, glu=glu)
+        return super().linear(proj, x, glu=glu)

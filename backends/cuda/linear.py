@@ -26,7 +26,7 @@ from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.errors import ConfigError
 from luce_core.roles import QTensor
-from luce_cuda import programs
+from luce_cuda import ops, programs
 from luce_cuda.launch import device_index, get_kernel, launch
 from luce_cuda.weights import QUANTIZED, DeviceWeight, upload
 
@@ -95,9 +95,17 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-        """y = x @ W.T; into ``out`` when given, adding to it when ``accumulate`` (residual fusion)."""
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, *,
+                glu: bool = False) -> torch.Tensor:
+        """y = x @ W.T; into ``out`` when given, adding to it when ``accumulate`` (residual fusion).
+
+        ``glu``: W is [gate; up] and y = silu(x @ gate.T) * (x @ up.T), half W's rows wide; the
+        GEMV computes it in its epilogue (no SwiGLU launch), the GEMM path runs the op after."""
         n, k = self.w.n, self.w.k
+        if glu:
+            if n % 2 or (out is not None and accumulate):
+                raise ConfigError("glu needs an even number of weight rows (gate then up) and no accumulate")
+            n //= 2
         lead = x.shape[:-1]
         x2 = _rows(x, k)
         m = x2.shape[0]
@@ -110,21 +118,24 @@ class QuantLinear:
             # rounds exactly as a one-row decode step (lossless verify in bf16 too)
             y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
             for i in range(0, m, GEMV_CHUNK):
-                self._gemv_call(x2[i:i + GEMV_CHUNK], y[i:i + GEMV_CHUNK], accumulate and out is not None)
+                self._gemv_call(x2[i:i + GEMV_CHUNK], y[i:i + GEMV_CHUNK], accumulate and out is not None, glu)
+        elif glu:
+            gu = self._gemm_call(x2, None, False)
+            y = ops.swiglu(gu[:, :n], gu[:, n:], out=None if out is None else out.view(m, n))
         else:
             y = self._gemm_call(x2, out, accumulate)
         return y.reshape(*lead, n)
 
-    def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool) -> torch.Tensor:
-        n, k = self.w.n, self.w.k
+    def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False) -> torch.Tensor:
+        n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         m = x2.shape[0]
         kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}", device_index(x2))
-        per_block = GEMV_WARPS // self._wpr * GEMV_ROWS
+        per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
-                np.int64(y.stride(0)),
-                np.float32(self.w.alpha), np.int32(1 if accumulate else 0), np.int32(self._wpr)), like=x2)
+                np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
+                np.int32(self._wpr), np.int32(1 if glu else 0)), like=x2)
         return y
 
     _resident_cache: dict[int, int] = {}
@@ -186,8 +197,12 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, *,
+                glu: bool = False) -> torch.Tensor:
         y = torch.matmul(x.to(self.weight.dtype), self.weight.t()).to(x.dtype)
+        if glu:
+            f = y.shape[-1] // 2
+            y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
         if out is None:
             return y
         if accumulate:

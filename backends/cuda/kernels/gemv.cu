@@ -11,6 +11,10 @@
 // R rows (R*UN independent 16-byte loads in flight per lane), then reads the matching x chunk
 // once and uses it for the R rows. Every weight byte is read once; x comes from L1/L2.
 // Accumulation is FP32; the block scale is applied once per run of 16-32 weights.
+//
+// glu: W is [gate; up] (2N rows) and y[j, n] = silu(gate_n . x_j) * (up_n . x_j): each row group
+// is the pair (n, N + n), so the SwiGLU of a fused gate|up projection is its epilogue and needs
+// no launch (or pass over the activations) of its own.
 #include "quant.cuh"
 
 template <class F, class T>
@@ -33,7 +37,7 @@ __device__ __forceinline__ float run_dot(const float* q, const float* s, const f
 template <class F, class T, int R, int UN, int MX>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
-                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr) {
+                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
     __shared__ float red[8][MX * R];
@@ -43,12 +47,16 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     const int U = K >> 5, stride = 32 * wpr;
     // Persistent grid: the host launches about as many blocks as fit at once, and each block
     // walks row groups, so no half-empty last wave. The loop bound is block-uniform.
-    for (int base = blockIdx.x; base * groups * R < N; base += gridDim.x) {
-        const int row0 = (base * groups + group) * R;
+    // a group computes R consecutive output rows, or with glu one output from the R = 2 weight
+    // rows (n, N + n)
+    const int outs = glu ? 1 : R;
+    for (int base = blockIdx.x; base * groups * outs < N; base += gridDim.x) {
+        const int row0 = (base * groups + group) * outs;
         const bool active = row0 < N;
         int rows[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // a missing row re-reads the last one
+        for (int r = 0; r < R; ++r)  // a missing row re-reads the last one
+            rows[r] = glu ? min(row0, N - 1) + r * N : min(row0 + r, N - 1);
         float acc[MX][R];
 #pragma unroll
         for (int j = 0; j < MX; ++j)
@@ -123,7 +131,14 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     }
             __syncthreads();  // red is reused by the next row group
         }
-        if (active && wig == 0 && lane == 0) {
+        if (active && wig == 0 && lane == 0 && glu) {
+#pragma unroll
+            for (int j = 0; j < MX; ++j)
+                if (j < m) {
+                    const float g = acc[j][0] * alpha, u = acc[j][R - 1] * alpha;
+                    y[j * ys + row0] = from_f<T>(g / (1.f + expf(-g)) * u);
+                }
+        } else if (active && wig == 0 && lane == 0) {
 #pragma unroll
             for (int j = 0; j < MX; ++j)
 #pragma unroll
@@ -168,8 +183,9 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 #define DEF_GEMV_MX(QN, F, AN, T, MX, SUF)                                                               \
     extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN##SUF(                            \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
-        i64 xs, i64 ys, float alpha, int add_y, int wpr) {                                               \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr); \
+        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {                                      \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr, \
+                                               glu);                                                     \
     }
 #define DEF_GEMV(QN, F, AN, T)     \
     DEF_GEMV_MX(QN, F, AN, T, 1, ) \
@@ -179,7 +195,7 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \
         dequant_impl<F, float>(p0, p1, p2, p3, out, N, K, alpha);                                        \
     }
-#define LUCE_GEMV_ROWS 2  // rows per warp; the host sizes the grid with the same number
+#define LUCE_GEMV_ROWS 2  // rows per warp (glu needs 2); the host sizes the grid with the same number
 #define EXPAND(M, ...) M(__VA_ARGS__)  // expands LUCE_QNAME before ## pastes it
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, f16, __half)
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, bf16, __nv_bfloat16)
