@@ -196,8 +196,9 @@ def test_linear_matches_dequant_oracles(dtype, case, m):
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_linear_glu_epilogue(case, m, dtype):
     """forward(glu=True) on W = [gate; up] is silu(x gate^T) * (x up^T) in f64 (GEMV: in its
-    epilogue; over 32 rows: GEMM then the op), and each verify row is bit-identical to the same
-    row alone (the decode step), so speculative verify stays lossless."""
+    epilogue; over 32 rows: GEMM then the op); the GEMV's result is bit-identical to the unfused
+    GEMV + SwiGLU kernel, and each verify row to the same row alone (the decode step), so
+    speculative verify stays lossless."""
     from luce_cuda.linear import CudaLinear, GEMV_MAX_ROWS
 
     qtype, n, blocks, seed = case
@@ -218,6 +219,11 @@ def test_linear_glu_epilogue(case, m, dtype):
     err = float((got.double().cpu() - ref).abs().max()) / max(float(ref.abs().max()), 1.0)
     assert torch.isfinite(got).all() and err < tol, (qtype, n, k, m, err)
     if m <= GEMV_MAX_ROWS:
+        # fusing changes no bit: the unfused GEMV + SwiGLU kernel give the same output
+        from luce_cuda import ops
+
+        gu = lin(x)
+        torch.testing.assert_close(got, ops.swiglu(gu[:, :n], gu[:, n:]), rtol=0, atol=0)
         for j in (0, m - 1):
             torch.testing.assert_close(lin.forward(x[j:j + 1], glu=True), got[j:j + 1], rtol=0, atol=0)
 

@@ -14,7 +14,8 @@
 //
 // glu: W is [gate; up] (2N rows) and y[j, n] = silu(gate_n . x_j) * (up_n . x_j): each row group
 // is the pair (n, N + n), so the SwiGLU of a fused gate|up projection is its epilogue and needs
-// no launch (or pass over the activations) of its own.
+// no launch (or pass over the activations) of its own; the result is bit-identical to the GEMV
+// writing gate and up and ops.cu's swiglu reading them.
 #include "quant.cuh"
 
 template <class F, class T>
@@ -135,7 +136,9 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
 #pragma unroll
             for (int j = 0; j < MX; ++j)
                 if (j < m) {
-                    const float g = acc[j][0] * alpha, u = acc[j][R - 1] * alpha;
+                    // gate and up rounded to T first and the SwiGLU kernel's expression: the
+                    // fused epilogue gives bit for bit the unfused GEMV + swiglu output
+                    const float g = to_f(from_f<T>(acc[j][0] * alpha)), u = to_f(from_f<T>(acc[j][R - 1] * alpha));
                     y[j * ys + row0] = from_f<T>(g / (1.f + expf(-g)) * u);
                 }
         } else if (active && wig == 0 && lane == 0) {
