@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence
 import attrs
 import torch
 
-from luce_core.errors import ContextOverflowError
+from luce_core.errors import ContextOverflowError, DeviceMemoryError
 from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore
 from luce_core.sampling import Sampler
@@ -100,7 +100,16 @@ class Session:
         logits = None
         for s in range(start, len(ids), self.prefill_chunk):
             chunk = list(ids[s:s + self.prefill_chunk])
-            out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None), capture=capture)
+            try:
+                out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None),
+                                         capture=capture)
+            except torch.cuda.OutOfMemoryError:
+                # the chunks before this one stay in the session; this one's activations did not fit
+                raise DeviceMemoryError(
+                    f"out of GPU memory in the prefill forward of a {len(chunk)}-token chunk "
+                    f"(positions {s}..{s + len(chunk) - 1})",
+                    remedy="lower --prefill-chunk (e.g. 512; luce.load(prefill_chunk=...)), or free GPU "
+                           "memory") from None
             self.tokens += chunk
             self.kv.set_length(len(self.tokens))
             logits = out.logits[-1]

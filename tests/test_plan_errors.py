@@ -42,6 +42,27 @@ def test_out_of_memory_for_the_kv_cache(tiny, monkeypatch) -> None:
     assert "--ctx" in e.value.remedy
 
 
+def test_out_of_memory_in_a_prefill_chunk_keeps_the_earlier_chunks(tiny, monkeypatch) -> None:
+    """A prefill chunk whose activations do not fit is an error naming --prefill-chunk; the chunks
+    already run stay in the session, which goes on working."""
+    llm = luce.load(tiny, device="cpu", dtype="f32", ctx=64, prefill_chunk=8, progress=False)
+    model = llm.session.model
+    real = model.forward
+
+    def forward(tokens, start, kv, **kw):
+        if start >= 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(tokens, start, kv, **kw)
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(DeviceMemoryError, match="8-token chunk") as e:
+        llm.session.prefill(list(range(5, 25)))
+    assert "--prefill-chunk" in e.value.remedy
+    assert llm.session.tokens == list(range(5, 13))
+    monkeypatch.setattr(model, "forward", real)
+    logits, reused = llm.session.prefill(list(range(5, 25)))
+    assert reused == 8 and torch.isfinite(logits).all()
+
+
 def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
     """An implementation failing at first use (KernelError) gives way to the next candidate with
     a warning; the same failure of a forced implementation is an error."""
