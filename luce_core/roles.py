@@ -158,7 +158,8 @@ class Attention(Protocol):
 
         An implementation may also offer ``layer_ops`` (see ``luce_core.layer_ops.LayerOps``):
         fused RMSNorm, RoPE and SwiGLU for the rest of the layer; the model uses the torch ones
-        otherwise."""
+        otherwise. And ``prefill_chunk`` (int): the prompt tokens per prefill forward it prefers
+        when the user sets none (default 512)."""
 
 
 # ----------------------------------------------------------------------------- drafter
