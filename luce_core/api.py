@@ -46,8 +46,8 @@ class LLM:
         self.tokenizer = plan.loaded.tokenizer
         graphs = (plan.config.cuda_graphs and plan.device.startswith("cuda")
                   and hasattr(plan.kv, "write_at") and hasattr(plan.model.attention, "forward"))
-        chunk = plan.config.prefill_chunk or getattr(plan.model.attention, "prefill_chunk", 512)
-        self.session = Session(plan.model, plan.kv, plan.ctx, prefill_chunk=chunk, graphs=graphs)
+        self.session = Session(plan.model, plan.kv, plan.ctx, prefill_chunk=plan.config.prefill_chunk,
+                               graphs=graphs)
         self.last_stats = Stats()
         self.last_spec_stats = None
         self._spec, self._spec_key = None, None

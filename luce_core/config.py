@@ -60,7 +60,7 @@ class RunConfig:
     cuda_graphs: bool = True
     # prompt tokens per prefill forward: larger chunks mean fewer kernel launches per prompt token
     # (small models' prefill is bound by launch overhead) at the cost of larger activations.
-    # 0 = the attention implementation's preference (its ``prefill_chunk``, else 512)
+    # 0 = the attention implementation's preference (engine.Session resolves it)
     prefill_chunk: int = attrs.field(default=0, validator=_auto_or_positive)
     overrides: dict[str, str] = attrs.field(factory=dict)  # role -> forced implementation name
     model: "ModelConfig | None" = None  # filled in after loading; linear/attention check it

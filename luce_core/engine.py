@@ -64,12 +64,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Session:
-    """One sequence's state: the tokens whose K/V are in ``kv``."""
+DEFAULT_PREFILL_CHUNK = 512  # when neither the user nor the attention implementation sets one
 
-    def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 512,
+
+class Session:
+    """One sequence's state: the tokens whose K/V are in ``kv``. ``prefill_chunk`` 0 takes the
+    attention implementation's preference (its ``prefill_chunk``), else DEFAULT_PREFILL_CHUNK."""
+
+    def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 0,
                  graphs: bool = False):
-        self.model, self.kv, self.ctx, self.prefill_chunk = model, kv, ctx, prefill_chunk
+        self.model, self.kv, self.ctx = model, kv, ctx
+        self.prefill_chunk = prefill_chunk or getattr(model.attention, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
         self.tokens: list[int] = []
         self.graphs = None
         if graphs:

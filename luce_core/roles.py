@@ -159,7 +159,7 @@ class Attention(Protocol):
         An implementation may also offer ``layer_ops`` (see ``luce_core.layer_ops.LayerOps``):
         fused RMSNorm, RoPE and SwiGLU for the rest of the layer; the model uses the torch ones
         otherwise. And ``prefill_chunk`` (int): the prompt tokens per prefill forward it prefers
-        when the user sets none (default 512)."""
+        when the user sets none (else ``luce_core.engine.DEFAULT_PREFILL_CHUNK``)."""
 
 
 # ----------------------------------------------------------------------------- drafter

@@ -52,6 +52,23 @@ def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> 
         llm.session.truncate(0)
         outs.append((logits, list(llm.generate_ids(prompt, 8))))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=1e-4)
+    assert outs[0][1] == outs[1][1]
     auto = luce.load(path, device="cpu", dtype="f32", ctx=128, progress=False)
     assert auto.session.prefill_chunk == 512  # the torch attention states no preference
-    assert outs[0][1] == outs[1][1]
+
+
+def test_prefill_chunk_automatic_takes_the_attention_preference(tmp_path, monkeypatch) -> None:
+    """prefill_chunk 0 (the default) is resolved by the Session from the attention
+    implementation's ``prefill_chunk`` (luce_cuda's: 4096); a set value wins."""
+    import luce
+    from luce_core.engine import Session
+    from luce_drafters.testing import write_tiny
+    from luce_torch.attention import TorchAttention
+
+    path = write_tiny(tmp_path / "t.gguf", seed=2)
+    monkeypatch.setattr(TorchAttention, "prefill_chunk", 24, raising=False)
+    llm = luce.load(path, device="cpu", dtype="f32", ctx=128, progress=False)
+    assert llm.session.prefill_chunk == 24
+    assert Session(llm.plan.model, llm.plan.kv, 128).prefill_chunk == 24  # internal sessions too
+    assert luce.load(path, device="cpu", dtype="f32", ctx=128, prefill_chunk=7,
+                     progress=False).session.prefill_chunk == 7

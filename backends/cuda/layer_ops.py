@@ -10,7 +10,7 @@ import torch
 
 from luce_core.layer_ops import TorchLayerOps
 from luce_cuda import ops
-from luce_cuda.linear import DenseLinear, QuantLinear
+from luce_cuda.linear import QuantLinear
 
 
 class CudaLayerOps(TorchLayerOps):
@@ -43,6 +43,6 @@ class CudaLayerOps(TorchLayerOps):
 
     def linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
                glu: bool = False) -> torch.Tensor:
-        if isinstance(proj, (QuantLinear, DenseLinear)) and self._ok(x):
-            return proj.forward(x, glu=glu)
-        return super().linear(proj, x, glu=glu)
+        if glu and isinstance(proj, QuantLinear) and self._ok(x):
+            return proj.forward(x, glu=True)  # SwiGLU in the GEMV epilogue
+        return super().linear(proj, x, glu=glu)  # the projection, then the swiglu kernel

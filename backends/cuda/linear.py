@@ -197,12 +197,8 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, *,
-                glu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
         y = torch.matmul(x.to(self.weight.dtype), self.weight.t()).to(x.dtype)
-        if glu:
-            f = y.shape[-1] // 2
-            y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
         if out is None:
             return y
         if accumulate:
