@@ -1,8 +1,8 @@
 """``luce bench``: prefill (ppN), decode (tgN), time to first token, peak memory; JSON out.
 
-Numbers are medians over --reps runs after one warm-up. The JSON records device, commit and
-the exact command so a result can be reproduced and compared side by side (ratios, not lone
-absolute times). ``--check-baseline FILE`` turns the run into a perf gate.
+Numbers are medians over --reps runs after a warm-up (prefill: at least WARMUP_S seconds of it).
+The JSON records device, commit and the exact command so a result can be reproduced and compared
+side by side (ratios, not lone absolute times). ``--check-baseline FILE`` turns the run into a perf gate.
 """
 from __future__ import annotations
 
@@ -69,15 +69,25 @@ def _prompt(llm, n: int, seed: int = 0) -> list[int]:
     return [i if i not in specials else 100 for i in ids]
 
 
+WARMUP_S = 0.5
+
+
 def bench_prefill(llm, n: int, reps: int) -> dict[str, Any]:
     ids = _prompt(llm, n)
     s = llm.session
-    runs = []
-    for r in range(reps + 1):
+    # Warm-up: allocators, kernel caches, and GPU and CPU clocks, which a single 10 ms prefill
+    # after an idle spell does not bring up (small models' prefill is host-bound): at least one
+    # run and WARMUP_S seconds of prefills before the measured ones.
+    t0 = time.perf_counter()
+    while True:
         s.truncate(0)
-        t = _timed(llm, lambda: s.prefill(ids))
-        if r:  # the first run warms up allocators and kernel caches
-            runs.append(t)
+        _timed(llm, lambda: s.prefill(ids))
+        if time.perf_counter() - t0 >= WARMUP_S:
+            break
+    runs = []
+    for _ in range(reps):
+        s.truncate(0)
+        runs.append(_timed(llm, lambda: s.prefill(ids)))
     med = statistics.median(runs)
     return {"tokens": n, "tok_s": round(n / med, 1), "ttft_ms": round(med * 1e3, 2), "runs_s": [round(x, 5) for x in runs]}
 

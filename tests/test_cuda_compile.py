@@ -117,6 +117,53 @@ def test_compile_error_shows_log_and_kernel_name(tmp_path, monkeypatch):
     assert not (tmp_path / "cubin").exists() or not list((tmp_path / "cubin").iterdir())
 
 
+def test_every_kernel_waits_for_the_previous_grid_first():
+    """luce launches its kernels with programmatic dependent launch on SM 9.0+: a kernel's blocks
+    may run while the previous kernel is still writing, so each entry point's first statement
+    must be grid_dependency_sync() (luce_common.cuh)."""
+    import re
+
+    from luce_cuda import programs
+    from luce_cuda.compile import KERNEL_DIR
+
+    checked = 0
+    for prog in programs.ALL:
+        assert prog.pdl, f"{prog.name} is launched without PDL: mark it pdl=True once its kernels wait"
+        src = (KERNEL_DIR / prog.source).read_text()
+        for m in re.finditer(r"__global__[^{;]*\{", src):
+            first = re.match(r"[\s\\]*(\w+)\s*\(", src[m.end():])
+            assert first and first.group(1) == "grid_dependency_sync", \
+                f"{prog.source}: a kernel does not start with grid_dependency_sync(): {src[m.start():m.end()][:120]!r}"
+            checked += 1
+    assert checked >= 12
+
+
+@needs_nvrtc
+def test_grid_dependency_sync_is_griddepcontrol_from_sm90_only():
+    from cuda.bindings import nvrtc
+
+    from luce_cuda import compile as cc
+
+    src = (b'#include "luce_common.cuh"\n'
+           b'extern "C" __global__ void pdl_kernel(float* x) { grid_dependency_sync(); x[threadIdx.x] += 1.f; }')
+
+    def ptx(sm: int) -> str:  # NVRTC directly: PTX needs no driver
+        _, prog = nvrtc.nvrtcCreateProgram(src, b"pdl.cu", 0, [], [])
+        opts = [f"--gpu-architecture=compute_{sm}".encode(), b"-std=c++17", f"-I{cc.KERNEL_DIR}".encode(),
+                *(f"-I{d}".encode() for d in cc.include_dirs())]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        assert int(err) == 0, err
+        _, n = nvrtc.nvrtcGetPTXSize(prog)
+        buf = b" " * n
+        nvrtc.nvrtcGetPTX(prog, buf)
+        return buf.decode()
+
+    sm90 = ptx(90)
+    assert "griddepcontrol.wait" in sm90 and "griddepcontrol.launch_dependents" in sm90
+    assert sm90.index("griddepcontrol.wait") < sm90.index("ld.global")  # before any global access
+    assert "griddepcontrol" not in ptx(80)
+
+
 def test_launch_refuses_python_scalars():
     pytest.importorskip("cuda.core", reason=NO_NVRTC or "cuda-core is not installed")
     from luce_cuda.launch import launch

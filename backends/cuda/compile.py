@@ -50,6 +50,9 @@ class KernelProgram:
     min_sm: int = 75
     needs_mma_h: bool = False  # WMMA code needs crt/mma.h from the crt wheel
     code: str | None = None  # source text instead of the file (tests, third-party kernels)
+    # every kernel calls grid_dependency_sync() (luce_common.cuh) before touching global memory,
+    # so luce_cuda.launch may launch it with programmatic stream serialization on SM 9.0+
+    pdl: bool = False
 
     def supports(self, sm: int) -> bool:
         return sm >= self.min_sm

@@ -9,9 +9,14 @@
 * Modules are loaded once per (program, device) by :func:`get_kernel`; get every kernel (the
   ``warmup`` of luce_cuda.linear / luce_cuda.ops does) before any CUDA-graph capture so no
   module load happens while capturing.
+* Kernels of a program marked ``pdl`` are launched with programmatic stream serialization on
+  SM 9.0+ (programmatic dependent launch): the next kernel's blocks are dispatched while the
+  current one finishes and wait in ``grid_dependency_sync()``, which hides most of the launch
+  gap between the small kernels of a decode step, in CUDA graphs too. ``LUCE_PDL=0`` turns it off.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +32,8 @@ _modules: dict[tuple[str, int, int], Any] = {}
 _kernels: dict[tuple[str, int, int, str], Any] = {}
 _streams: dict[tuple[int, int], Any] = {}
 _devices: dict[int, Any] = {}
+_pdl_kernels: set[int] = set()  # id() of kernels whose program waits in grid_dependency_sync()
+_pdl_devices: dict[int, bool] = {}
 
 
 def _device(index: int) -> Any:
@@ -88,7 +95,17 @@ def get_kernel(prog: KernelProgram, name: str, index: int = 0) -> Any:
                 f"loading kernel {name!r} of {prog.name!r} failed: {e}",
                 remedy="force the torch implementation (e.g. LUCE_LINEAR=torch) and report it") from e
         _kernels[key] = k
+        if prog.pdl:
+            _pdl_kernels.add(id(k))
     return k
+
+
+def pdl_enabled(index: int = 0) -> bool:
+    """Whether kernels that support it are launched with programmatic dependent launch here."""
+    on = _pdl_devices.get(index)
+    if on is None:
+        on = _pdl_devices[index] = device_sm(index) >= 90 and os.environ.get("LUCE_PDL", "1") != "0"
+    return on
 
 
 def device_index(x: "torch.Tensor | torch.device | str | int") -> int:
@@ -101,13 +118,17 @@ def device_index(x: "torch.Tensor | torch.device | str | int") -> int:
     return d.index if d.index is not None else torch.cuda.current_device()
 
 
-def stream_for(t: "torch.Tensor") -> Any:
-    """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
+def _raw_stream(index: int) -> int:
     import torch
 
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # a plain int, without a Stream object
+    return int(raw(index)) if raw is not None else int(torch.cuda.current_stream(index).cuda_stream)
+
+
+def stream_for(t: "torch.Tensor") -> Any:
+    """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
     index = device_index(t)
-    ts = torch.cuda.current_stream(index)
-    key = (index, int(ts.cuda_stream))
+    key = (index, _raw_stream(index))
     s = _streams.get(key)
     if s is None:
 
@@ -118,7 +139,7 @@ def stream_for(t: "torch.Tensor") -> Any:
             def __cuda_stream__(self) -> tuple[int, int]:
                 return (0, self.handle)
 
-        s = _device(index).create_stream(_TorchStream(int(ts.cuda_stream)))
+        s = _device(index).create_stream(_TorchStream(key[1]))
         _streams[key] = s
     return s
 
@@ -126,11 +147,16 @@ def stream_for(t: "torch.Tensor") -> Any:
 _ALLOWED = (np.integer, np.floating)
 
 
+_configs: dict[tuple[Any, ...], Any] = {}  # LaunchConfig per (grid, block, shmem, pdl): built once
+
+
 def launch(kernel: Any, grid: tuple[int, ...] | int, block: tuple[int, ...] | int, args: tuple[Any, ...],
            like: "torch.Tensor", shmem: int = 0) -> None:
     """Launch ``kernel`` with ``args`` on the current torch stream of ``like``'s device.
 
-    Tensors are passed as their data pointers; scalars must be numpy scalars (exact C type)."""
+    Tensors are passed as their data pointers; scalars must be numpy scalars (exact C type).
+    This runs once per kernel of every eager forward (prefill is host-bound on small models), so
+    it keeps its per-call work to the argument list."""
     import torch
     from cuda.core import LaunchConfig
     from cuda.core import launch as cu_launch
@@ -145,5 +171,10 @@ def launch(kernel: Any, grid: tuple[int, ...] | int, block: tuple[int, ...] | in
             packed.append(0)  # a null pointer
         else:
             raise TypeError(f"kernel argument {a!r} must be a tensor, None or a numpy scalar of the exact C type")
-    cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+    pdl = id(kernel) in _pdl_kernels and pdl_enabled(device_index(like))
+    key = (grid, block, shmem, pdl)
+    cfg = _configs.get(key)
+    if cfg is None:
+        cfg = _configs[key] = LaunchConfig(grid=grid, block=block, shmem_size=shmem,
+                                           programmatic_stream_serialization=pdl)
     cu_launch(stream_for(like), cfg, kernel, *packed)

@@ -36,27 +36,38 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(n):
             model.forward(torch.tensor([100], device=model.device), a.depth + i, kv)
 
-    eager(3)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eager(a.steps)
+    def table(what: str, run) -> None:
         torch.cuda.synchronize()
-    per: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name][0] += 1
-            per[e.name][1] += e.time_range.elapsed_us()
-    total = sum(v[1] for v in per.values()) / a.steps
-    print(f"{llm.selected()}\neager step at depth {a.depth}: {total:.1f} us of kernels, "
-          f"{sum(v[0] for v in per.values()) / a.steps:.0f} launches")
-    for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[: a.top]:
-        print(f"{us / a.steps:9.1f} us/step {count / a.steps:6.1f}/step {us / count:8.2f} us/launch  {name[:80]}")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(a.steps)
+            torch.cuda.synchronize()
+        per: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.name][0] += 1
+                per[e.name][1] += e.time_range.elapsed_us()
+        total = sum(v[1] for v in per.values()) / a.steps
+        print(f"{what} step at depth {a.depth}: {total:.1f} us of kernels, "
+              f"{sum(v[0] for v in per.values()) / a.steps:.0f} launches")
+        for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[: a.top]:
+            print(f"{us / a.steps:9.1f} us/step {count / a.steps:6.1f}/step {us / count:8.2f} us/launch  {name[:80]}")
+
+    eager(3)
+    print(llm.selected())
+    table("eager", eager)
     if s.graphs is None:
         return
     s.truncate(0)
     s.prefill(prompt)
     s.step(100)  # captures the graph of this window
     graph, _ = next(iter(s.graphs.graphs.values()))
+
+    def replays(n: int) -> None:
+        for _ in range(n):
+            graph.replay()
+
+    # kernels inside graph replays run back to back (no host gaps), so their times differ from eager
+    table("graphed", replays)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(100):

@@ -15,13 +15,20 @@ ACTS: dict[str, str] = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 _QFMT = {"q4_0": "FQ4_0", "q4_1": "FQ4_1", "q8_0": "FQ8_0", "q4_k": "FQ4_K", "q6_k": "FQ6_K", "nvfp4": "FNVFP4"}
 
 
+# Decode GEMVs of the simple formats are latency-bound: capping them at 64 registers fits 4
+# blocks (32 warps) per SM instead of 3, so more weight loads are in flight (no spills in the
+# loop; the K-quants would spill, so they keep the compiler's choice).
+_GEMV_MINB = {"q4_0": 4, "q8_0": 4}
+
+
 def _qdefs(q: str) -> tuple[tuple[str, str], ...]:
     return (("LUCE_QNAME", q), ("LUCE_QFMT", _QFMT[q]))
 
 
 # One program per weight format, so a model compiles only what it uses.
 GEMV: dict[str, KernelProgram] = {
-    q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, defines=_qdefs(q),
+    q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, pdl=True,
+                     defines=(*_qdefs(q), ("LUCE_GEMV_MINB", str(_GEMV_MINB.get(q, 1)))),
                      kernels=tuple(f"gemv_{q}_{a}{x}" for a in ("f16", "bf16", "f32") for x in ("", "_x8"))
                      + (f"dequant_{q}",))
     for q in QTYPES.values()}
@@ -29,11 +36,11 @@ GEMV: dict[str, KernelProgram] = {
 # Prefill GEMM on tensor cores: FP16 WMMA from SM 7.5 (the SM75 path, also usable later), BF16
 # WMMA from SM 8.0. Activations are in the MMA type.
 GEMM_F16: dict[str, KernelProgram] = {
-    q: KernelProgram(name=f"gemm_{q}_f16", source="gemm.cu", min_sm=75, needs_mma_h=True,
+    q: KernelProgram(name=f"gemm_{q}_f16", source="gemm.cu", min_sm=75, needs_mma_h=True, pdl=True,
                      defines=(*_qdefs(q), ("LUCE_MMA_BF16", "0")), kernels=(f"gemm_{q}_f16",))
     for q in QTYPES.values()}
 GEMM_BF16: dict[str, KernelProgram] = {
-    q: KernelProgram(name=f"gemm_{q}_bf16", source="gemm.cu", min_sm=80, needs_mma_h=True,
+    q: KernelProgram(name=f"gemm_{q}_bf16", source="gemm.cu", min_sm=80, needs_mma_h=True, pdl=True,
                      defines=(*_qdefs(q), ("LUCE_MMA_BF16", "1")), kernels=(f"gemm_{q}_bf16",))
     for q in QTYPES.values()}
 
@@ -45,25 +52,25 @@ KV_FORMATS = ("f16", "bf16", "f32", "q8_0", "q4_0")
 HEAD_DIMS = (64, 128)
 
 ATTN_DECODE: dict[str, KernelProgram] = {
-    kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75,
+    kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75, pdl=True,
                       defines=(("LUCE_KV_K", str(i)),),
                       kernels=tuple(f"flash_decode_{kv}_d{d}" for d in HEAD_DIMS))
     for i, kv in enumerate(KV_FORMATS)}
 
 # Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.
 ATTN_PREFILL = KernelProgram(
-    name="attn_prefill", source="attention_prefill.cu", min_sm=75,
+    name="attn_prefill", source="attention_prefill.cu", min_sm=75, pdl=True,
     kernels=tuple(f"flash_prefill_{kv}_d{d}" for kv in _KV for d in HEAD_DIMS))
 
 OPS = KernelProgram(
-    name="ops", source="ops.cu", min_sm=75,
+    name="ops", source="ops.cu", min_sm=75, pdl=True,
     kernels=tuple(f"{op}_{a}" for op in ("rms_norm", "rope_normal", "rope_neox", "rope_qk_normal", "rope_qk_neox",
                                           "swiglu") for a in ACTS.values()))
 
 # Fused KV-cache append (rotate + quantize/convert + scatter of K and V in one launch). The head
 # vector sits in shared memory as f32: head_dim up to KV_MAX_DIM (32 KiB, under the 48 KiB default).
 KV_MAX_DIM = 8192
-KV_APPEND = KernelProgram(name="kv_append", source="kv_append.cu", min_sm=75, kernels=("kv_append",))
+KV_APPEND = KernelProgram(name="kv_append", source="kv_append.cu", min_sm=75, pdl=True, kernels=("kv_append",))
 
 ALL: tuple[KernelProgram, ...] = (*GEMV.values(), *GEMM_F16.values(), *GEMM_BF16.values(), *ATTN_DECODE.values(),
                                   ATTN_PREFILL, OPS, KV_APPEND)

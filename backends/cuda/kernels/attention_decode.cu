@@ -443,6 +443,7 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
         const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml,        \
         int* done, void* out, int H, int Hkv, int T, int kst, int vst, int len, const int* len_ptr,            \
         const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group) {   \
+        grid_dependency_sync();                                                                               \
         flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst, len,   \
                                  len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group);           \
     }

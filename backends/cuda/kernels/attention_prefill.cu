@@ -178,6 +178,7 @@ __device__ __forceinline__ void flash_prefill_impl(const void* __restrict__ q, v
     extern "C" __global__ void __launch_bounds__(128) flash_prefill_##KN##_d##D(                         \
         const void* q, void* out, int dt, const TKV* k, const TKV* v, int T, int start, int H, int Hkv,  \
         i64 kvs, float scale_log2) {                                                                      \
+        grid_dependency_sync();                                                                           \
         flash_prefill_impl<TKV, D>(q, out, dt, k, v, T, start, H, Hkv, kvs, scale_log2);                  \
     }
 DEF_PREFILL(f16, __half, 64)

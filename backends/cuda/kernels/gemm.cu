@@ -142,6 +142,7 @@ __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, 
     extern "C" __global__ void __launch_bounds__(128) gemm_##QN##_##AN(                                  \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const MT* x, MT* y, int M, int N, int K, \
         i64 xs, i64 ys, float alpha, int add_y) {                                                         \
+        grid_dependency_sync();                                                                           \
         gemm_impl<F>(QW{p0, p1, p2, p3, K}, x, y, M, N, xs, ys, alpha, add_y);                            \
     }
 #define EXPAND(M, ...) M(__VA_ARGS__)

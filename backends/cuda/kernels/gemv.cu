@@ -184,9 +184,10 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
 // (decode) or up to 8 (suffix _x8); dequantization writes f32.
 #define DEF_GEMV_MX(QN, F, AN, T, MX, SUF)                                                               \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##QN##_##AN##SUF(                            \
+    extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1) gemv_##QN##_##AN##SUF(                            \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
         i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {                                      \
+        grid_dependency_sync();                                                                          \
         gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr, \
                                                glu);                                                     \
     }
@@ -196,8 +197,12 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \
+        grid_dependency_sync();                                                                          \
         dequant_impl<F, float>(p0, p1, p2, p3, out, N, K, alpha);                                        \
     }
+#ifndef LUCE_GEMV_MINB
+#define LUCE_GEMV_MINB 1  // blocks per SM the decode kernel's register budget must allow (programs.py)
+#endif
 #define LUCE_GEMV_ROWS 2  // rows per warp (glu needs 2); the host sizes the grid with the same number
 #define EXPAND(M, ...) M(__VA_ARGS__)  // expands LUCE_QNAME before ## pastes it
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, f16, __half)

@@ -80,6 +80,7 @@ extern "C" __global__ void __launch_bounds__(128) kv_append(
     i64 k_st, i64 k_sh, i64 v_st, i64 v_sh, u8* __restrict__ k_dst, u8* __restrict__ v_dst,
     int k_fmt, int v_fmt, const i64* __restrict__ pos, i64 start, i64 capacity, int T, int H, int D,
     const float* __restrict__ signs, int group, float scale) {
+    grid_dependency_sync();
     extern __shared__ float s[];  // D floats
     const int row = blockIdx.x;
     const int t = row / H, h = row - t * H;

@@ -116,28 +116,34 @@ __device__ __forceinline__ void swiglu_impl(const T* __restrict__ g, const T* __
 #define DEF_OPS(AN, T)                                                                                         \
     extern "C" __global__ void __launch_bounds__(1024) rms_norm_##AN(const T* x, T* res, const float* w, T* out, \
                                                                    int H, float eps, i64 xs, i64 rs, i64 os) { \
+        grid_dependency_sync();                                                                                \
         rms_norm_impl<T>(x, res, w, out, H, eps, xs, rs, os);                                                  \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) rope_normal_##AN(                                        \
         T* x, const int* pos, int start, const float* inv_freq, int T_, int nh, int rope_dim, i64 st, i64 sh) { \
+        grid_dependency_sync();                                                                                 \
         rope_impl<T, false>(x, pos, start, inv_freq, T_, nh, rope_dim, st, sh);                                \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) rope_neox_##AN(                                          \
         T* x, const int* pos, int start, const float* inv_freq, int T_, int nh, int rope_dim, i64 st, i64 sh) { \
+        grid_dependency_sync();                                                                                 \
         rope_impl<T, true>(x, pos, start, inv_freq, T_, nh, rope_dim, st, sh);                                 \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) rope_qk_normal_##AN(                                     \
         T* q, T* k, const i64* pos, int start, const float* cs, const float* sn, int T_, int nhq, int nhk,    \
         int half, i64 qst, i64 qsh, i64 kst, i64 ksh) {                                                        \
+        grid_dependency_sync();                                                                                \
         rope_qk_impl<T, false>(q, k, pos, start, cs, sn, T_, nhq, nhk, half, qst, qsh, kst, ksh);              \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) rope_qk_neox_##AN(                                       \
         T* q, T* k, const i64* pos, int start, const float* cs, const float* sn, int T_, int nhq, int nhk,    \
         int half, i64 qst, i64 qsh, i64 kst, i64 ksh) {                                                        \
+        grid_dependency_sync();                                                                                \
         rope_qk_impl<T, true>(q, k, pos, start, cs, sn, T_, nhq, nhk, half, qst, qsh, kst, ksh);               \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) swiglu_##AN(const T* g, const T* u, T* out, int R, int F, \
                                                                  i64 gs, i64 us, i64 os) {                     \
+        grid_dependency_sync();                                                                                \
         swiglu_impl<T>(g, u, out, R, F, gs, us, os);                                                           \
     }
 DEF_OPS(f16, __half)
