@@ -3,9 +3,11 @@
     python -m luce_cuda.profile_decode MODEL.gguf [--depth 512] [--steps 10]
 
 Prints the kernels of one eager decode step at context ``depth`` (time per step, launches per
-step, time per launch; from the torch profiler's CUDA activity) and the time of one graphed
-step (CUDA-graph replays back to back, CUDA events). The sum of kernel times against the graph
-step time shows how much of a step is launch gaps rather than kernels.
+step, time per launch; from the torch profiler's CUDA activity), the same table for graph
+replays, and the time of one graphed step (replays back to back, CUDA events). The sum of eager
+kernel times against the graphed step time shows how much of a step is launch gaps. With
+programmatic dependent launch (SM 9.0+) a graphed kernel's time includes its wait for the
+previous kernel, so the graphed table's times overlap and sum to more than the step.
 """
 from __future__ import annotations
 

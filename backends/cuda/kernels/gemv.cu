@@ -184,7 +184,8 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
 // (decode) or up to 8 (suffix _x8); dequantization writes f32.
 #define DEF_GEMV_MX(QN, F, AN, T, MX, SUF)                                                               \
-    extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1) gemv_##QN##_##AN##SUF(                            \
+    extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                    \
+        gemv_##QN##_##AN##SUF(                                                                           \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
         i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {                                      \
         grid_dependency_sync();                                                                          \
