@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -118,17 +119,18 @@ def device_index(x: "torch.Tensor | torch.device | str | int") -> int:
     return d.index if d.index is not None else torch.cuda.current_device()
 
 
-def _raw_stream(index: int) -> int:
+@functools.lru_cache(maxsize=1)
+def _current_raw_stream() -> Any:
+    """index -> torch's current stream handle on that device, as a plain int (no Stream object
+    where torch offers it)."""
     import torch
 
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # a plain int, without a Stream object
-    return int(raw(index)) if raw is not None else int(torch.cuda.current_stream(index).cuda_stream)
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw if raw is not None else (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-def stream_for(t: "torch.Tensor") -> Any:
-    """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
-    index = device_index(t)
-    key = (index, _raw_stream(index))
+def _stream(index: int) -> Any:
+    key = (index, int(_current_raw_stream()(index)))
     s = _streams.get(key)
     if s is None:
 
@@ -142,6 +144,11 @@ def stream_for(t: "torch.Tensor") -> Any:
         s = _device(index).create_stream(_TorchStream(key[1]))
         _streams[key] = s
     return s
+
+
+def stream_for(t: "torch.Tensor") -> Any:
+    """cuda.core Stream wrapping torch's current stream on ``t``'s device (cached by handle)."""
+    return _stream(device_index(t))
 
 
 _ALLOWED = (np.integer, np.floating)
@@ -171,10 +178,11 @@ def launch(kernel: Any, grid: tuple[int, ...] | int, block: tuple[int, ...] | in
             packed.append(0)  # a null pointer
         else:
             raise TypeError(f"kernel argument {a!r} must be a tensor, None or a numpy scalar of the exact C type")
-    pdl = id(kernel) in _pdl_kernels and pdl_enabled(device_index(like))
+    index = device_index(like)
+    pdl = id(kernel) in _pdl_kernels and pdl_enabled(index)
     key = (grid, block, shmem, pdl)
     cfg = _configs.get(key)
     if cfg is None:
         cfg = _configs[key] = LaunchConfig(grid=grid, block=block, shmem_size=shmem,
                                            programmatic_stream_serialization=pdl)
-    cu_launch(stream_for(like), cfg, kernel, *packed)
+    cu_launch(_stream(index), cfg, kernel, *packed)
