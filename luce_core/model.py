@@ -133,8 +133,7 @@ class Transformer:
         """
         T = tokens.shape[0]
         pos = torch.arange(start, start + T, device=self.device) if positions is None else positions.to(self.device)
-        return self._run(tokens.to(self.device), pos, kv, lambda i, k, v: kv.write(i, start, k, v),
-                         start, mask, logits_rows, capture)
+        return self._run(tokens.to(self.device), pos, kv, start, start, mask, logits_rows, capture)
 
     @torch.inference_mode()
     def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int,
@@ -146,11 +145,10 @@ class Transformer:
         the slots up to its own (``window`` bounds what a reference implementation reads).
         Returns logits [T, vocab] (and the ``capture`` features, as ``forward`` does).
         """
-        return self._run(tokens, pos, kv, lambda i, k, v: kv.write_at(i, pos, k, v),
-                         window - tokens.shape[0], None, None, capture, positions=pos)
+        return self._run(tokens, pos, kv, pos, window - tokens.shape[0], None, None, capture, positions=pos)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
-             write: Callable[[int, torch.Tensor, torch.Tensor], None], attn_start: int,
+             slots: int | torch.Tensor, attn_start: int,
              mask: torch.Tensor | None, logits_rows: slice | torch.Tensor | None,
              capture: Sequence[int], positions: torch.Tensor | None = None) -> ForwardOut:
         cfg, ops = self.cfg, self.ops
@@ -170,13 +168,13 @@ class Transformer:
             v = v.view(T, cfg.n_kv_heads, hd)
             if b.q_norm is not None:
                 q, k = ops.rms_norm(q, b.q_norm, cfg.rms_eps), ops.rms_norm(k, b.k_norm, cfg.rms_eps)
-            q, k = ops.rope_qk(q, k, self.cos, self.sin, pos, cfg.rope_style)
-            write(i, k, v)
+            # K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
+            q = ops.rope_store(kv, i, slots, q, k, v, self.cos, self.sin, pos, cfg.rope_style)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
-            h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
-            d = b.down(ops.linear(b.gate_up, h, glu=True))  # SwiGLU fused into gate_up where it can
+            h, x = ops.linear_add_norm(b.o, a.reshape(T, cfg.n_heads * hd), x, b.ffn_norm, cfg.rms_eps)
+            g = ops.linear(b.gate_up, h, glu=True)  # SwiGLU fused into gate_up where it can
             nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
-            h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
+            h, x = ops.linear_add_norm(b.down, g, x, nxt, cfg.rms_eps)
         if cfg.n_layers in capture:
             feats.append(x)
         rows = h if logits_rows is None else h[logits_rows]

@@ -120,22 +120,28 @@ def test_compile_error_shows_log_and_kernel_name(tmp_path, monkeypatch):
 def test_every_kernel_waits_for_the_previous_grid_first():
     """luce launches its kernels with programmatic dependent launch on SM 9.0+: a kernel's blocks
     may run while the previous kernel is still writing, so each entry point's first statement
-    must be grid_dependency_sync() (luce_common.cuh)."""
+    must be grid_dependency_sync() (luce_common.cuh), or one call of a before_wait_* function
+    (reads only what the previous kernel does not write) followed by it."""
     import re
 
     from luce_cuda import programs
     from luce_cuda.compile import KERNEL_DIR
 
-    checked = 0
+    checked = prewait = 0
     for prog in programs.ALL:
         assert prog.pdl, f"{prog.name} is launched without PDL: mark it pdl=True once its kernels wait"
         src = (KERNEL_DIR / prog.source).read_text()
         for m in re.finditer(r"__global__[^{;]*\{", src):
-            first = re.match(r"[\s\\]*(\w+)\s*\(", src[m.end():])
+            body = src[m.end():]
+            pre = re.match(r"[\s\\]*(?:const \w+ \w+ = )?before_wait_\w+(?:<[^>]*>)?\s*\([^;]*\);", body)
+            if pre:
+                body = body[pre.end():]
+            first = re.match(r"[\s\\]*(\w+)\s*\(", body)
             assert first and first.group(1) == "grid_dependency_sync", \
                 f"{prog.source}: a kernel does not start with grid_dependency_sync(): {src[m.start():m.end()][:120]!r}"
             checked += 1
-    assert checked >= 12
+            prewait += bool(pre)
+    assert checked >= 12 and prewait >= 2  # the GEMV and flash-decode prefetch
 
 
 @needs_nvrtc
@@ -162,6 +168,45 @@ def test_grid_dependency_sync_is_griddepcontrol_from_sm90_only():
     assert "griddepcontrol.wait" in sm90 and "griddepcontrol.launch_dependents" in sm90
     assert sm90.index("griddepcontrol.wait") < sm90.index("ld.global")  # before any global access
     assert "griddepcontrol" not in ptx(80)
+
+
+@needs_nvrtc
+def test_weights_and_kv_rows_are_prefetched_before_the_wait(monkeypatch):
+    """The decode GEMV prefetches its first rows of weights, and flash-decode its split's K/V rows,
+    into L2 while the previous kernel runs: prefetch.global.L2 ahead of griddepcontrol.wait in the
+    sm_90 PTX; LUCE_PREFETCH=0 compiles them out (and keys the cache apart)."""
+    import re
+
+    from cuda.bindings import nvrtc
+
+    from luce_cuda import compile as cc
+    from luce_cuda import programs
+
+    def entry(prog, name: str) -> str:  # NVRTC directly: PTX needs no driver
+        src = cc.read_source(prog.source).encode()
+        _, p = nvrtc.nvrtcCreateProgram(src, prog.source.encode(), 0, [], [])
+        opts = [b"--gpu-architecture=compute_90", b"-std=c++17", f"-I{cc.KERNEL_DIR}".encode(),
+                *(f"-I{d}".encode() for d in cc.include_dirs()),
+                *(f"-D{k}={v}".encode() for k, v in cc._defines(prog, 90))]
+        (err,) = nvrtc.nvrtcCompileProgram(p, len(opts), opts)
+        assert int(err) == 0, err
+        _, n = nvrtc.nvrtcGetPTXSize(p)
+        buf = b" " * n
+        nvrtc.nvrtcGetPTX(p, buf)
+        ptx = buf.decode()
+        m = re.search(r"\.entry " + name + r"\(", ptx)
+        assert m, name
+        nxt = ptx.find(".entry ", m.end())
+        return ptx[m.end():nxt if nxt > 0 else len(ptx)]
+
+    for prog, name in ((programs.GEMV["q4_0"], "gemv_q4_0_bf16"), (programs.ATTN_DECODE["f16"], "flash_decode_f16_d64")):
+        body = entry(prog, name)
+        assert "prefetch.global.L2" in body and body.index("prefetch.global.L2") < body.index("griddepcontrol.wait")
+        on = cc.cache_key(prog, 90)
+        monkeypatch.setenv("LUCE_PREFETCH", "0")
+        assert cc.cache_key(prog, 90) != on
+        assert "prefetch.global" not in entry(prog, name)
+        monkeypatch.delenv("LUCE_PREFETCH")
 
 
 def test_launch_refuses_python_scalars():

@@ -280,3 +280,48 @@ def test_write_at_replays_in_a_cuda_graph(kd, vd, rot):
     torch.cuda.synchronize()
     np.testing.assert_array_equal(cu._k_raw.cpu().numpy(), ref._k_raw.numpy())
     np.testing.assert_array_equal(cu._v_raw.cpu().numpy(), ref._v_raw.numpy())
+
+
+@pytest.mark.parametrize("kd,vd,rot", [("f16", "f16", False), ("bf16", "q8_0", False), ("q8_0", "q4_0", True),
+                                       ("q4_0", "f32", True), ("f32", "bf16", False)])
+@settings(max_examples=8, deadline=None, database=None)
+@given(T=st.integers(1, 9), H=st.integers(1, 3), G=st.sampled_from([1, 3, 4]), D=st.sampled_from([64, 128]),
+       src=st.sampled_from(SRC_DTYPES), style=st.sampled_from(["normal", "neox"]), partial=st.booleans(),
+       as_tensor=st.booleans(), seed=st.integers(0, 2**31))
+@pytest.mark.gpu
+@needs_gpu
+def test_write_rotary_is_rope_qk_then_write(kd, vd, rot, T, H, G, D, src, style, partial, as_tensor, seed):
+    """RoPE fused into the append kernel: q rotated in place and the cache bytes are bit for bit
+    ops.rope_qk followed by write/write_at, positions independent of the slots (a tree verify)."""
+    from luce_core import rope
+    from luce_cuda import ops
+    from luce_cuda.kv import CudaKVStorage
+
+    gen = torch.Generator().manual_seed(seed)
+    cap = T + 16
+    qkv = (torch.randn(T, (G + 2) * H, D, generator=gen) * 3).to(src).cuda()  # q, k, v as column views
+    rd = D // 2 if partial else D
+    inv = 10000.0 ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+    cos, sin = rope.rope_tables(inv.float(), 64, torch.device("cuda"))
+    positions = torch.randint(0, 64, (T,), generator=gen).cuda()
+    slots = torch.randperm(cap, generator=gen)[:T].cuda() if as_tensor else int(torch.randint(0, 16, (1,), generator=gen))
+    stores = [CudaKVStorage().allocate(_spec(kd, vd, rot, H, D, cap, "cuda")) for _ in range(2)]
+    qs = []
+    for fused, store in zip((True, False), stores):
+        x = qkv.clone()
+        q, k, v = x[:, :G * H], x[:, G * H:(G + 1) * H], x[:, (G + 1) * H:]
+        if fused:
+            assert store.write_rotary(1, slots, q, k, v, cos, sin, positions, style)
+        else:
+            q, k = ops.rope_qk(q, k, cos, sin, style=style, positions=positions)
+            (store.write_at if as_tensor else store.write)(1, slots, k, v)
+        qs.append(q.clone())
+    torch.testing.assert_close(qs[0], qs[1], rtol=0, atol=0)
+    for a, b in zip(_raw(stores[0]), _raw(stores[1])):
+        np.testing.assert_array_equal(a, b)
+    assert np.asarray(_raw(stores[0])[0]).any(), "nothing was written"
+    # what the kernel cannot serve (q in another dtype) is refused untouched, for the unfused path
+    other = torch.float32 if src != torch.float32 else torch.float16
+    assert not stores[0].write_rotary(0, slots, qkv[:, :G * H].to(other), qkv[:, G * H:(G + 1) * H],
+                                      qkv[:, (G + 1) * H:], cos, sin, positions, style)
+    assert not _raw(stores[0])[0][0].any()

@@ -160,6 +160,13 @@ def _project_headers_digest() -> str:
     return h.hexdigest()
 
 
+def _defines(prog: KernelProgram, sm: int) -> list[tuple[str, str]]:
+    out = [*prog.defines, ("LUCE_SM", str(sm))]
+    if os.environ.get("LUCE_PREFETCH") == "0":  # A/B switch for the prefetch before the PDL wait
+        out.append(("LUCE_PREFETCH", "0"))
+    return out
+
+
 def _options(prog: KernelProgram, sm: int, target: str) -> Any:
     from cuda.core import ProgramOptions
 
@@ -171,14 +178,14 @@ def _options(prog: KernelProgram, sm: int, target: str) -> Any:
     arch = f"sm_{sm}" if target == "cubin" else f"compute_{sm}"
     return ProgramOptions(
         name=prog.source, arch=arch, std="c++17", include_path=[str(KERNEL_DIR), *dirs],
-        define_macro=[*prog.defines, ("LUCE_SM", str(sm))],
+        define_macro=_defines(prog, sm),
         use_bundled_headers=True if _bundled_headers() else None,
     )
 
 
 def _options_text(prog: KernelProgram, sm: int, target: str) -> str:
     # A deterministic rendering of everything that changes the compile output.
-    return repr((prog.source, sorted(prog.defines), sm, target, "c++17", prog.needs_mma_h))
+    return repr((prog.source, sorted(_defines(prog, sm)), target, "c++17", prog.needs_mma_h))
 
 
 def cache_key(prog: KernelProgram, sm: int, target: str = "cubin") -> str:

@@ -85,7 +85,32 @@ class CudaKVStore(TorchKVStore):
             pos = pos.to(torch.int64)
         self._append(layer, pos, 0, k, v)
 
-    def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_rotary(self, layer: int, slots: int | torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, style: str) -> bool:
+        """RoPE and the append in one launch: rotate q [T, Hq, D] in place and k [T, H, D] by the
+        f32 tables cos/sin [max_pos, rope_dim/2] at ``positions`` (int64 device tensor [T]), then
+        store k and v at ``slots`` (start int, as ``write``; or a device tensor, as ``write_at``).
+        Bit for bit ``ops.rope_qk`` followed by ``write``. Returns False, having done nothing,
+        when the kernel cannot serve the call; the caller then rotates and writes separately."""
+        T = k.shape[0]
+        if not (self._kernel_reads(k, v) and q.dtype == k.dtype and q.device == self._device
+                and q.dim() == 3 and q.stride(-1) == 1 and q.shape[0] == T and q.shape[2] == k.shape[2]
+                and style in ("normal", "neox") and cos.dtype == torch.float32 and sin.dtype == torch.float32
+                and cos.is_contiguous() and sin.is_contiguous() and cos.device == self._device
+                and 2 * cos.shape[-1] <= k.shape[2] and positions.shape == (T,) and positions.device == self._device
+                and (not isinstance(slots, torch.Tensor) or (slots.shape == (T,) and slots.device == self._device))):
+            return False
+        self._check_write(k, v, None if isinstance(slots, torch.Tensor) else int(slots))
+        rp = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
+        if isinstance(slots, torch.Tensor):
+            self._append(layer, slots if slots.dtype == torch.int64 else slots.to(torch.int64), 0, k, v,
+                         rope=(q, rp, cos, sin, style))
+        else:
+            self._append(layer, None, int(slots), k, v, rope=(q, rp, cos, sin, style))
+        return True
+
+    def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple | None = None) -> None:
         T, H, D = k.shape
         if T == 0:
             return
@@ -94,11 +119,18 @@ class CudaKVStore(TorchKVStore):
         if v.stride(-1) != 1:
             v = v.contiguous()
         kd, vd = self.k[layer], self.v[layer]  # [capacity, H, row] views of this layer
-        launch(get_kernel(programs.KV_APPEND, KERNEL, self._device.index), (T * H, 2), (self._threads,),
+        if rope is None:
+            q, rp, cos, sin, hq, half, neox, ys = None, None, None, None, 0, 0, 0, 2
+        else:
+            q, rp, cos, sin, style = rope
+            hq, half, neox, ys = q.shape[1], cos.shape[-1], int(style == "neox"), 3
+        launch(get_kernel(programs.KV_APPEND, KERNEL, self._device.index), (T * max(H, hq), ys), (self._threads,),
                (k, v, np.int32(SRC[k.dtype]), np.int32(SRC[v.dtype]), np.int64(k.stride(0)), np.int64(k.stride(1)),
                 np.int64(v.stride(0)), np.int64(v.stride(1)), kd, vd, self._kfmt, self._vfmt, pos, np.int64(start),
                 np.int64(self.spec.capacity), np.int32(T), np.int32(H), np.int32(D), self._signs, self._group,
-                self._scale), like=k, shmem=4 * D)
+                self._scale, q, np.int64(q.stride(0) if q is not None else 0),
+                np.int64(q.stride(1) if q is not None else 0), np.int32(hq), rp, cos, sin, np.int32(half),
+                np.int32(neox)), like=k, shmem=4 * D)
 
 
 class CudaKVStorage:

@@ -261,6 +261,59 @@ __device__ __forceinline__ void store_out(void* out, int dt, i64 at, float v) { 
     else reinterpret_cast<float*>(out)[at] = v;
 }
 
+// What a block can do before the previous kernel's writes are visible (see luce_common.cuh): read
+// the lengths and positions (set by the host or by kernels at least two launches back, never by
+// the KV append right before), bound each row's visible positions, and prefetch its split's K
+// and V rows into L2 (the cache rows of earlier steps; the newest rows are being written now,
+// which a prefetch does not mind).
+struct DecodeRange {
+    int base, end, pb, pe, n_split;
+    bool run;  // false: a split past every row's length, nothing to do
+    const int* lim;  // row g sees positions p < lim[g] of this split (shared memory)
+};
+__device__ __forceinline__ void prefetch_row(const u8* p, int n) {
+    for (int o = 0; o < n; o += 128) prefetch_l2(p + o);
+    prefetch_l2(p + n - 1);
+}
+template <int FK, int D>
+__device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __restrict__ k, const u8* __restrict__ v,
+                                                                int v_fmt, int H, int Hkv, int T, int kst, int vst,
+                                                                int len, const int* __restrict__ len_ptr,
+                                                                const i64* __restrict__ pos_ptr, int n_max,
+                                                                int split_len) {
+    __shared__ int lim[GMAX];
+    const int hk = blockIdx.x, split = blockIdx.y;
+    const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
+    DecodeRange r;
+    r.base = len_ptr ? *len_ptr : len;
+    r.end = 0;
+    for (int g = 0; g < GB; ++g) {
+        const int t = (r0 + g) / G;
+        r.end = max(r.end, min(pos_ptr ? (int)pos_ptr[t] + 1 : r.base + t, n_max));
+    }
+    r.pb = split * split_len;
+    r.pe = min(r.end, r.pb + split_len);
+    r.n_split = max(1, (r.end + split_len - 1) / split_len);  // splits that run for these rows
+    // the merge reads only splits below each row's length; split 0 always runs, so a row with no
+    // visible position still gets its output (zeros)
+    r.run = !(r.pb >= r.end && split > 0);
+    r.lim = lim;
+    if (!r.run) return r;
+    if (threadIdx.x < GMAX) {
+        const int g = threadIdx.x, t = (r0 + g) / G;
+        lim[g] = g < GB ? min(r.pe, min(pos_ptr ? (int)pos_ptr[t] + 1 : r.base + t, n_max)) : 0;
+    }
+#if LUCE_PREFETCH
+    const int vrb = v_fmt == F_F16 || v_fmt == F_BF16 ? 2 * D : v_fmt == F_F32 ? 4 * D : v_fmt == F_Q8_0 ? D / 32 * 34
+                                                                                                     : D / 32 * 18;
+    for (int p = r.pb + threadIdx.x; p < r.pe; p += blockDim.x) {
+        prefetch_row(k + (i64)p * kst + (i64)hk * RowBytes<FK, D>::value, RowBytes<FK, D>::value);
+        prefetch_row(v + (i64)p * vst + (i64)hk * vrb, vrb);
+    }
+#endif
+    return r;
+}
+
 template <int FK, int D>
 __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, i64 qst,
                                                   const u8* __restrict__ k, const u8* __restrict__ v, int v_fmt,
@@ -269,31 +322,19 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
                                                   int T, int kst, int vst,
                                                   int len, const int* __restrict__ len_ptr,
                                                   const i64* __restrict__ pos_ptr, int n_max, int split_len,
-                                                  float scale_log2, const float* __restrict__ signs, int rot_group) {
+                                                  float scale_log2, const float* __restrict__ signs, int rot_group,
+                                                  const DecodeRange& dr) {
     constexpr int DPL = D / 32;
     __shared__ __align__(16) float qs[GMAX][D];
     __shared__ float ps[WARPS][GMAX][32];
     __shared__ float red_o[WARPS][GMAX][D];
     __shared__ float red_m[WARPS][GMAX], red_l[WARPS][GMAX];
 
+    if (!dr.run) return;
     const int hk = blockIdx.x, split = blockIdx.y;
     const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
-    const int base = len_ptr ? *len_ptr : len;
-    __shared__ int lim[GMAX];  // row g sees positions p < lim[g] of this split
-    int end = 0;
-    for (int g = 0; g < GB; ++g) {
-        const int t = (r0 + g) / G;
-        end = max(end, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max));
-    }
-    const int pb = split * split_len, pe = min(end, pb + split_len);
-    const int n_split = max(1, (end + split_len - 1) / split_len);  // splits that run for these rows
-    // the merge reads only splits below each row's length; split 0 always runs, so a row with no
-    // visible position still gets its output (zeros)
-    if (pb >= end && split > 0) return;
-    if (threadIdx.x < GMAX) {
-        const int g = threadIdx.x, t = (r0 + g) / G;
-        lim[g] = g < GB ? min(pe, min(pos_ptr ? (int)pos_ptr[t] + 1 : base + t, n_max)) : 0;
-    }
+    const int base = dr.base, pb = dr.pb, pe = dr.pe, n_split = dr.n_split;
+    const int* lim = dr.lim;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
     for (int i = threadIdx.x; i < GMAX * D; i += blockDim.x) {
@@ -443,9 +484,11 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
         const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml,        \
         int* done, void* out, int H, int Hkv, int T, int kst, int vst, int len, const int* len_ptr,            \
         const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group) {   \
+        const DecodeRange dr = before_wait_flash_decode<FK, D>(k, v, v_fmt, H, Hkv, T, kst, vst, len, len_ptr,  \
+                                                                pos_ptr, n_max, split_len);                   \
         grid_dependency_sync();                                                                               \
         flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst, len,   \
-                                 len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group);           \
+                                 len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group, dr);       \
     }
 // Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
 // format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.

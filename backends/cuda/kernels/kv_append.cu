@@ -71,40 +71,85 @@ __device__ __forceinline__ void pack_q4_0(float x, u8* blk, int lane) {
     if (lane < 16) blk[2 + lane] = (u8)(q | (hi << 4));
 }
 
+__device__ __forceinline__ float kv_round(float x, int dt) {  // to the source dtype and back
+    if (dt == SRC_F16) return __half2float(__float2half_rn(x));
+    if (dt == SRC_BF16) return __bfloat162float(__float2bfloat16_rn(x));
+    return x;
+}
+__device__ __forceinline__ void kv_store_src(void* p, int dt, i64 i, float x) {
+    if (dt == SRC_F16) static_cast<__half*>(p)[i] = __float2half_rn(x);
+    else if (dt == SRC_BF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+    else static_cast<float*>(p)[i] = x;
+}
+
 // k_src/v_src [T, H, D] with element strides (st, sh) and contiguous channels; k_dst/v_dst are
 // one layer's cache. Slot of token t: pos[t] (int64, read on device) or start + t when pos is
 // null; a slot outside [0, capacity) is skipped (never written out of bounds). signs (float [D])
 // non-null: rotate K with groups of `group` elements and final factor `scale`.
+//
+// RoPE fused in (cos_t non-null): K is rotated before it is stored, and the query heads q [T, Hq,
+// D] (strides q_st, q_sh; dtype k_dt) in place, by blocks y = 2, at position rpos[t] from the f32
+// tables [max_pos, half] ("normal": pairs (2i, 2i+1), neox: (i, i + half)). The rotated K is
+// rounded to its source dtype first, so the cache holds what rope_qk followed by this kernel
+// stores, bit for bit. One launch instead of two.
 extern "C" __global__ void __launch_bounds__(128) kv_append(
     const void* __restrict__ k_src, const void* __restrict__ v_src, int k_dt, int v_dt,
     i64 k_st, i64 k_sh, i64 v_st, i64 v_sh, u8* __restrict__ k_dst, u8* __restrict__ v_dst,
     int k_fmt, int v_fmt, const i64* __restrict__ pos, i64 start, i64 capacity, int T, int H, int D,
-    const float* __restrict__ signs, int group, float scale) {
+    const float* __restrict__ signs, int group, float scale, void* __restrict__ q, i64 q_st, i64 q_sh, int Hq,
+    const i64* __restrict__ rpos, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int half,
+    int neox) {
     grid_dependency_sync();
     extern __shared__ float s[];  // D floats
+    const int nh = max(H, Hq);
     const int row = blockIdx.x;
-    const int t = row / H, h = row - t * H;
+    const int t = row / nh, h = row - t * nh;
+    if (t >= T) return;
+    if (blockIdx.y == 2) {  // a query head: RoPE in place
+        if (h >= Hq) return;
+        const i64 p = rpos[t], base = (i64)t * q_st + (i64)h * q_sh;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            float o0, o1;
+            rope_pair(kv_load(q, k_dt, base + i0), kv_load(q, k_dt, base + i1), cos_t[p * half + i],
+                      sin_t[p * half + i], o0, o1);
+            kv_store_src(q, k_dt, base + i0, o0);
+            kv_store_src(q, k_dt, base + i1, o1);
+        }
+        return;
+    }
     const bool is_k = blockIdx.y == 0;
     const i64 slot = pos ? pos[t] : start + t;
-    if (t >= T || slot < 0 || slot >= capacity) return;  // uniform over the block
+    if (h >= H || slot < 0 || slot >= capacity) return;  // uniform over the block
     const void* src = is_k ? k_src : v_src;
     const int dt = is_k ? k_dt : v_dt;
     const i64 base = (i64)t * (is_k ? k_st : v_st) + (i64)h * (is_k ? k_sh : v_sh);
     const float* sg = is_k ? signs : nullptr;
     const int fmt = is_k ? k_fmt : v_fmt;
 
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        const float x = kv_load(src, dt, base + i);
-        s[i] = sg ? __fmul_rn(x, sg[i]) : x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) s[i] = kv_load(src, dt, base + i);
+    if (is_k && cos_t) {
+        __syncthreads();
+        const i64 p = rpos[t];
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            float o0, o1;
+            rope_pair(s[i0], s[i1], cos_t[p * half + i], sin_t[p * half + i], o0, o1);
+            s[i0] = kv_round(o0, dt);
+            s[i1] = kv_round(o1, dt);
+        }
+    }
+    if (sg) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < D; i += blockDim.x) s[i] = __fmul_rn(s[i], sg[i]);
     }
     __syncthreads();
     float sc = 1.0f;
     if (sg) {
         // butterflies (a, b) -> (a + b, a - b) between elements hh apart; with 2*hh <= group the
         // pairs never cross a group, so one pass over the whole vector is the grouped transform
-        const int half = D >> 1;
         for (int hh = 1; hh < group; hh <<= 1) {
-            for (int p = threadIdx.x; p < half; p += blockDim.x) {
+            for (int p = threadIdx.x; p < (D >> 1); p += blockDim.x) {
                 const int i = (p / hh) * (2 * hh) + (p % hh);
                 const float a = s[i], b = s[i + hh];
                 s[i] = __fadd_rn(a, b);

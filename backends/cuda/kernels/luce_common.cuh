@@ -26,6 +26,21 @@ __device__ __forceinline__ void grid_dependency_sync() {
 #endif
 }
 
+// Work before the wait overlaps the previous kernel. It lives in functions named before_wait_*
+// (the only statement a kernel may run ahead of grid_dependency_sync(); a test checks this) and
+// may read only what the previous kernel does not write: weights, and KV rows of earlier steps.
+// An L2 prefetch is always safe: L2 is the point of coherence, a prefetch changes no loaded value.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#ifndef LUCE_PREFETCH
+#define LUCE_PREFETCH 1  // 0: no prefetch before the wait (LUCE_PREFETCH=0 in the environment, for A/B runs)
+#endif
+// every 128-byte line of [p, p + bytes), spread over nth threads
+__device__ __forceinline__ void prefetch_l2_range(const void* p, size_t bytes, int tid, int nth) {
+    if (bytes == 0) return;
+    const size_t a = reinterpret_cast<size_t>(p), a0 = a & ~(size_t)127, a1 = a + bytes;
+    for (size_t o = a0 + (size_t)tid * 128; o < a1; o += (size_t)nth * 128) prefetch_l2(reinterpret_cast<const void*>(o));
+}
+
 // ---------------------------------------------------------------- scalar conversions
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -42,6 +57,14 @@ __device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xf
 __device__ __forceinline__ float2 h2f2(u32 w) {
     __half2 h = *reinterpret_cast<__half2*>(&w);
     return __half22float2(h);
+}
+
+// ---------------------------------------------------------------- RoPE
+// One rotated pair (a, b) by the angle with cosine cs and sine sn. Explicit IEEE ops (no FMA
+// contraction), so ops.cu's rope_qk and kv_append.cu's fused RoPE round alike.
+__device__ __forceinline__ void rope_pair(float a, float b, float cs, float sn, float& o0, float& o1) {
+    o0 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+    o1 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
 }
 
 // ---------------------------------------------------------------- vector loads of 8 elements
@@ -80,3 +103,90 @@ __device__ __forceinline__ float warp_max(float v) {
 // Small unsigned integers (< 2^23) to float exactly without I2F: OR into the mantissa of 2^23.
 #define LUCE_MAGIC 8388608.0f
 __device__ __forceinline__ float u2f_magic(u32 q) { return __uint_as_float(0x4B000000u | q) - LUCE_MAGIC; }
+
+// ---------------------------------------------------------------- RMSNorm of one row
+// h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w, by the first nth
+// threads of the block (a multiple of 32; the others only join the barriers). A thread keeps its
+// RMS_VPT values of h in registers (H <= RMS_VPT * nth, checked by the host), so all its loads
+// are in flight at once and nothing is re-read after the reduction. The sum's order depends
+// only on nth: the rms_norm kernel and the GEMV's fused norm (same nth) agree bit for bit.
+// CG: x was written by other blocks of this kernel; read it past L1 (and no residual).
+constexpr int RMS_VPT = 16;
+template <class T> __device__ __forceinline__ float ld_act(const T* p, bool cg) {
+    if constexpr (sizeof(T) == 2) {
+        const u16 b = cg ? __ldcg(reinterpret_cast<const unsigned short*>(p)) : *reinterpret_cast<const u16*>(p);
+        T v;
+        *reinterpret_cast<u16*>(&v) = b;
+        return to_f(v);
+    } else {
+        return to_f(cg ? __ldcg(reinterpret_cast<const float*>(p)) : *p);
+    }
+}
+// The sum of v over the first nth threads (warp sums, then the warp sums in order), to all.
+__device__ __forceinline__ float block_sum(float v, bool on, int nth, float* red) {
+    const int tid = threadIdx.x;
+    v = warp_sum(v);
+    if ((tid & 31) == 0 && on) red[tid >> 5] = v;
+    __syncthreads();
+    if (tid < 32) {
+        float t = tid < (nth >> 5) ? red[tid] : 0.f;
+        t = warp_sum(t);
+        if (tid == 0) red[0] = t;
+    }
+    __syncthreads();
+    return red[0];
+}
+template <class T, bool CG>
+__device__ __forceinline__ void rms_norm_row(const T* __restrict__ xr, T* __restrict__ rr, const float* __restrict__ w,
+                                             T* __restrict__ orow, int H, float eps, int nth) {
+    __shared__ float red[32];
+    const int tid = threadIdx.x;
+    const bool on = tid < nth;
+    if constexpr (CG) {  // no residual; x is read twice (from L2) instead of kept: few registers
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < RMS_VPT; ++j) {
+            const int i = tid + j * nth;
+            if (on && i < H) {
+                const float h = ld_act(xr + i, true);
+                ss = fmaf(h, h, ss);
+            }
+        }
+        const float inv = rsqrtf(block_sum(ss, on, nth, red) / (float)H + eps);
+#pragma unroll
+        for (int j = 0; j < RMS_VPT; ++j) {
+            const int i = tid + j * nth;
+            if (on && i < H) orow[i] = from_f<T>(ld_act(xr + i, true) * inv * w[i]);
+        }
+        __syncthreads();
+        return;
+    }
+    // every load first (x, the residual and w: no store in between, so they are all in flight
+    // together), then the math
+    float hv[RMS_VPT], rv[RMS_VPT], wv[RMS_VPT], ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = tid + j * nth;
+        const bool in = on && i < H;
+        hv[j] = in ? ld_act(xr + i, CG) : 0.f;
+        rv[j] = in && rr ? to_f(rr[i]) : 0.f;
+        wv[j] = in ? w[i] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = tid + j * nth;
+        if (on && rr && i < H) {
+            const T hq = from_f<T>(hv[j] + rv[j]);
+            rr[i] = hq;
+            hv[j] = to_f(hq);  // normalize exactly what the residual stream now holds
+        }
+        ss = fmaf(hv[j], hv[j], ss);
+    }
+    const float inv = rsqrtf(block_sum(ss, on, nth, red) / (float)H + eps);
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = tid + j * nth;
+        if (on && i < H) orow[i] = from_f<T>(hv[j] * inv * wv[j]);
+    }
+    __syncthreads();  // red is free again (a caller may normalize another row next)
+}

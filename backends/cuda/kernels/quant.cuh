@@ -71,6 +71,7 @@ __device__ __forceinline__ void unpack_nibbles(const uint4& v, float* q) {
 // ------------------------------------------------------------------ Q4_0: {half d; u8 qs[16]}
 // p0: qs [N][K/2]; p2: d [N][K/32] half.   w = d * (nibble - 8)
 struct FQ4_0 {
+    static constexpr int ROW_DIV[4] = {2, 0, 16, 0};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
     static constexpr bool HAS_OFFSET = false, NIBBLE = true;
     struct Raw { uint4 q; u32 d; };
@@ -92,6 +93,7 @@ struct FQ4_0 {
 // ------------------------------------------------------------------ Q4_1: {half d; half m; u8 qs[16]}
 // p0: qs [N][K/2]; p2: (d, m) [N][K/32] half2.   w = d * nibble + m
 struct FQ4_1 {
+    static constexpr int ROW_DIV[4] = {2, 0, 8, 0};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
     static constexpr bool HAS_OFFSET = true, NIBBLE = true;
     struct Raw { uint4 q; u32 dm; };
@@ -115,6 +117,7 @@ struct FQ4_1 {
 // ------------------------------------------------------------------ Q8_0: {half d; i8 qs[32]}
 // p0: qs [N][K]; p2: d [N][K/32] half.   w = d * q
 struct FQ8_0 {
+    static constexpr int ROW_DIV[4] = {1, 0, 16, 0};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 1, RLEN = 32, RSTRIDE = 0;
     static constexpr bool HAS_OFFSET = false, NIBBLE = false;
     struct Raw { uint4 a, b; u32 d; };
@@ -152,6 +155,7 @@ __device__ __forceinline__ void q4k_scale_min(const uint4& h, int sb, float& s, 
 }
 
 struct FQ4_K {
+    static constexpr int ROW_DIV[4] = {2, 0, 16, 0};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 32;
     static constexpr bool HAS_OFFSET = true, NIBBLE = true;
     struct Raw { uint4 q, h; };
@@ -187,6 +191,7 @@ struct FQ4_K {
 // Unit u = (block b, half h, part p, j): ql bytes 16u..16u+15 hold quarter p (low nibbles) and
 // quarter p+2 (high nibbles) of half h, elements 16j.. of each quarter (quarters are 32 apart).
 struct FQ6_K {
+    static constexpr int ROW_DIV[4] = {2, 4, 16, 128};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 64;
     static constexpr bool HAS_OFFSET = false, NIBBLE = false;
     struct Raw { uint4 l, h; u32 sc; u32 d; };
@@ -233,6 +238,7 @@ __device__ __forceinline__ float e2m1x2(u32 n) {  // doubled E2M1 value of nibbl
 }
 
 struct FNVFP4 {
+    static constexpr int ROW_DIV[4] = {2, 0, 16, 0};  // plane p holds K / ROW_DIV[p] bytes per row (0: unused)
     static constexpr int NRUN = 2, RLEN = 16, RSTRIDE = 16;
     static constexpr bool HAS_OFFSET = false, NIBBLE = false;
     struct Raw { uint4 q; u32 sc; };
@@ -255,6 +261,20 @@ struct FNVFP4 {
         }
     }
 };
+
+// Before the previous kernel's grid is waited for (see luce_common.cuh): L2 prefetch of the bytes
+// of weight rows [n0, n1) in every plane. Weights are written once at load, so reading them early
+// is safe, and the GEMV's first loads then hit L2 instead of DRAM.
+template <class F>
+__device__ __forceinline__ void prefetch_rows(const QW& w, int n0, int n1, int tid, int nth) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        if (F::ROW_DIV[p] == 0) continue;
+        const size_t rb = (size_t)(w.K / F::ROW_DIV[p]);
+        const u8* base = p == 0 ? w.p0 : p == 1 ? w.p1 : p == 2 ? w.p2 : w.p3;
+        prefetch_l2_range(base + n0 * rb, (n1 - n0) * rb, tid, nth);
+    }
+}
 
 // load + unpack in one go (dequantization and the GEMM tile loader).
 template <class F>
