@@ -5,7 +5,7 @@ output, which a backend can fuse into the matmul's epilogue.
 ``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
 implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
 what makes a decode step a few dozen kernels instead of hundreds (``rope_store``: RoPE and the
-KV append in one; ``linear_add_norm``: a projection, the residual add and the next RMSNorm in one). Implementations may work in
+KV append in one). Implementations may work in
 place (``add_rms_norm`` updating ``residual``, ``rope_qk`` rotating q and k): callers must use the
 returned tensors and must not rely on the inputs being left untouched.
 """
@@ -33,11 +33,6 @@ class LayerOps(Protocol):
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D] and k [T, Hk, D] rotated for positions pos [T] (int64) with the f32
         tables cos/sin [max_positions, rope_dim/2]."""
-
-    def linear_add_norm(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor,
-                        w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """add_rms_norm(proj(x), residual, w, eps): an output projection into the residual stream
-        and the next norm, which a backend can fuse into the projection."""
 
     def rope_store(self, kv: "KVStore", layer: int, slots: int | torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
@@ -72,10 +67,6 @@ class TorchLayerOps:
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
         c, s = cos[pos], sin[pos]
         return rope.apply_rope(q, c, s, style), rope.apply_rope(k, c, s, style)
-
-    def linear_add_norm(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor,
-                        w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.add_rms_norm(self.linear(proj, x), residual, w, eps)
 
     def rope_store(self, kv: "KVStore", layer: int, slots: int | torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,

@@ -171,10 +171,10 @@ class Transformer:
             # K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
             q = ops.rope_store(kv, i, slots, q, k, v, self.cos, self.sin, pos, cfg.rope_style)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
-            h, x = ops.linear_add_norm(b.o, a.reshape(T, cfg.n_heads * hd), x, b.ffn_norm, cfg.rms_eps)
-            g = ops.linear(b.gate_up, h, glu=True)  # SwiGLU fused into gate_up where it can
+            h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
+            d = b.down(ops.linear(b.gate_up, h, glu=True))  # SwiGLU fused into gate_up where it can
             nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
-            h, x = ops.linear_add_norm(b.down, g, x, nxt, cfg.rms_eps)
+            h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
         if cfg.n_layers in capture:
             feats.append(x)
         rows = h if logits_rows is None else h[logits_rows]

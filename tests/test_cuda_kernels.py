@@ -232,40 +232,6 @@ def test_linear_glu_epilogue(case, m, dtype):
             torch.testing.assert_close(lin.forward(x[j:j + 1], glu=True), got[j:j + 1], rtol=0, atol=0)
 
 
-@settings(max_examples=30, deadline=None)
-@given(qtype=st.sampled_from(QUANTS), n=st.sampled_from([64, 576, 2048, 4000, 4096, 4160]),
-       m=st.sampled_from([1, 1, 3, 8, 11, 32, 40]), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
-       seed=st.integers(0, 2**31))
-@pytest.mark.gpu
-@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
-def test_linear_add_norm_fuses_the_residual_norm(qtype, n, m, dtype, seed):
-    """CudaLayerOps.linear_add_norm on a luce_cuda weight: the GEMV adds into the residual and its
-    last block normalizes (one launch per 8 rows), bit for bit the GEMV then ops.add_rms_norm;
-    where the GEMV path does not serve it (over 32 rows, rows over 4096) the unfused sequence
-    runs. Repeated calls re-arm the finished-block counter (the result does not change)."""
-    from luce_cuda import ops
-    from luce_cuda.layer_ops import CudaLayerOps
-    from luce_cuda.linear import CudaLinear
-
-    k = max(BLOCKS[qtype][0], 64) * 2
-    lin = CudaLinear(mma="bf16").prepare(_qtensor(qtype, n, k, seed, 0.37 if qtype == "NVFP4" else 1.0),
-                                         torch.device("cuda"), dtype)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(m, k, device="cuda", generator=g) * 0.1).to(dtype)
-    res0 = torch.randn(m, n, device="cuda", generator=g).to(dtype)
-    w = torch.rand(n, device="cuda", generator=g) + 0.5
-    want_res = res0.clone()
-    want = ops.add_rms_norm(lin(x), want_res, w, 1e-5)
-    for _ in range(2):
-        res = res0.clone()
-        got, res_out = CudaLayerOps().linear_add_norm(lin, x, res, w, 1e-5)
-        assert res_out is res and torch.isfinite(got).all()
-        torch.testing.assert_close(res, want_res, rtol=0, atol=0)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    fused = lin.forward_residual_norm(x, res0.clone(), w, 1e-5)
-    assert (fused is None) == (n > 4096), "the fused path serves every GEMV-sized call with rows up to 4096"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_layer_ops_linear_glu_matches_unfused():

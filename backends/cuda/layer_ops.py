@@ -1,9 +1,8 @@
 """luce_core.layer_ops on CUDA: one fused kernel per op (kernels/ops.cu), in place where the
 protocol allows, no host sync, so a decode step built from them is capturable in a CUDA graph.
 ``linear(..., glu=True)`` on a luce_cuda weight computes SwiGLU in the gate|up GEMV's epilogue
-(kernels/gemv.cu), ``linear_add_norm`` the residual add and the next RMSNorm in the output
-projection's GEMV, and ``rope_store`` RoPE inside the KV append: six launches per decoded layer
-(QKV, append, attention, O, gate|up, down) instead of nine."""
+(kernels/gemv.cu), and ``rope_store`` RoPE inside the KV append: eight launches per decoded
+layer (QKV, append, attention, O, norm, gate|up, down, norm) instead of nine."""
 from __future__ import annotations
 
 from typing import Callable
@@ -39,15 +38,6 @@ class CudaLayerOps(TorchLayerOps):
     def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rope_qk(q, k, cos, sin, style=style, positions=pos)
-
-    def linear_add_norm(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor,
-                        w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # decode and verify: the GEMV adds into the residual and its last block normalizes
-        if isinstance(proj, QuantLinear) and self._ok(x, residual):
-            h = proj.forward_residual_norm(x, residual, self._f32(w), eps)
-            if h is not None:
-                return h, residual
-        return super().linear_add_norm(proj, x, residual, w, eps)
 
     def rope_store(self, kv, layer: int, slots: int | torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,

@@ -69,7 +69,6 @@ class QuantLinear:
         self._q = q
         self._gemv = programs.GEMV[q]
         self._gemm = {"f16": programs.GEMM_F16[q], "bf16": programs.GEMM_BF16[q]}
-        self._done: torch.Tensor | None = None  # the fused residual norm's finished-block counter
         # warps per GEMV row group: about 2 units (64 weights) per lane, 1..8 warps
         units = w.k // 32
         self._wpr = 1
@@ -87,8 +86,6 @@ class QuantLinear:
             get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}", idx)
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
-        if self._done is None:  # allocated before any graph capture; the kernel re-arms it
-            self._done = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", idx))
 
     def _gemm_type(self, dtype: torch.dtype) -> str:
         if self.mma == "f16":
@@ -129,43 +126,16 @@ class QuantLinear:
             y = self._gemm_call(x2, out, accumulate)
         return y.reshape(*lead, n)
 
-    def forward_residual_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
-                              eps: float) -> torch.Tensor | None:
-        """``residual += x @ W.T`` (the product rounded to residual's dtype first, as
-        ``ops.add_rms_norm`` adds it), then return ``rms_norm(residual) * w`` (w: f32), in one GEMV
-        launch per chunk of 8 rows: the last block to finish normalizes. Bit for bit this
-        GEMV followed by ``ops.add_rms_norm``. None, having done nothing, where the GEMV path
-        does not serve the call (prefill-sized inputs, rows over 4096, mixed dtypes)."""
-        n, k = self.w.n, self.w.k
-        if x.shape[-1] != k or residual.shape[-1] != n:
-            return None
-        m = x.numel() // k
-        if not (0 < m <= GEMV_MAX_ROWS and n <= 32 * GEMV_WARPS * ops.RMS_VPT and x.dtype in ACT
-                and residual.dtype == x.dtype and residual.is_contiguous() and residual.numel() == m * n
-                and w.dtype == torch.float32 and w.is_contiguous() and w.numel() == n and self._done is not None
-                and self._done.device == x.device):
-            return None
-        x2 = _rows(x, k)
-        y = residual.view(m, n)
-        h = torch.empty_like(y)
-        for i in range(0, m, GEMV_CHUNK):
-            self._gemv_call(x2[i:i + GEMV_CHUNK], y[i:i + GEMV_CHUNK], False, norm=(w, h[i:i + GEMV_CHUNK], eps))
-        return h.view(residual.shape)
-
-    def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False,
-                   norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False) -> torch.Tensor:
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         m = x2.shape[0]
         kern = get_kernel(self._gemv, f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}", device_index(x2))
         per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2))
-        nw, nout, eps = norm if norm is not None else (None, None, 0.0)
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
-                np.int32(self._wpr), np.int32(1 if glu else 0), nw, nout,
-                np.int64(nout.stride(0) if nout is not None else 0), np.float32(eps),
-                np.int32(ops.rms_norm_threads(n)), self._done if norm is not None else None), like=x2)
+                np.int32(self._wpr), np.int32(1 if glu else 0)), like=x2)
         return y
 
     _resident_cache: dict[int, int] = {}

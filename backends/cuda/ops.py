@@ -55,12 +55,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: 
     return _norm(x, residual, w, eps, out)
 
 
-def rms_norm_threads(h: int) -> int:
-    """Threads that normalize a row of h: the sum's order, so every kernel that normalizes (the
-    rms_norm kernel, the GEMV's fused residual norm) uses this count and they agree bit for bit."""
-    return 128 if h <= 128 * RMS_VPT else 256 if h <= 256 * RMS_VPT else 1024
-
-
 def _norm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float,
           out: torch.Tensor | None) -> torch.Tensor:
     h = x.shape[-1]
@@ -74,7 +68,7 @@ def _norm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float
     rows = x2.shape[0]
     if rows == 0:
         return o
-    threads = rms_norm_threads(h)
+    threads = 128 if h <= 128 * RMS_VPT else 256 if h <= 256 * RMS_VPT else 1024
     if h > threads * RMS_VPT:
         raise ConfigError(f"rms_norm: rows of {h} exceed the kernel's {1024 * RMS_VPT}")
     launch(_k(programs.OPS, f"rms_norm_{_act(x)}", x), (rows,), (threads,),

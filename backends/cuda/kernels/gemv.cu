@@ -12,10 +12,6 @@
 // once and uses it for the R rows. Every weight byte is read once; x comes from L1/L2.
 // Accumulation is FP32; the block scale is applied once per run of 16-32 weights.
 //
-// Residual norm (nw non-null): y is the residual stream, y[j, n] += round(x W^T)[j, n], and the
-// last block to finish writes nout[j] = rms_norm(y[j]) * nw (see the epilogue): the add_rms_norm
-// after an attention output or FFN down projection, without a launch of its own.
-//
 // glu: W is [gate; up] (2N rows) and y[j, n] = silu(gate_n . x_j) * (up_n . x_j): each row group
 // is the pair (n, N + n), so the SwiGLU of a fused gate|up projection is its epilogue and needs
 // no launch (or pass over the activations) of its own; the result is bit-identical to the GEMV
@@ -39,20 +35,10 @@ __device__ __forceinline__ float run_dot(const float* q, const float* s, const f
     return part;
 }
 
-// Kept out of line: once per launch in one block, and its registers stay out of the GEMV loop's
-// budget (the decode GEMVs are capped at 64).
-template <class T>
-__device__ __noinline__ void residual_norm(const T* y, i64 ys, int m, const float* nw, T* nout, i64 nos, int N,
-                                           float eps, int nth) {
-    for (int j = 0; j < m; ++j) rms_norm_row<T, true>(y + j * ys, nullptr, nw, nout + j * nos, N, eps, nth);
-}
-
 template <class F, class T, int R, int UN, int MX>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
-                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu,
-                                          const float* __restrict__ nw, T* __restrict__ nout, i64 nos, float eps,
-                                          int nth, int* __restrict__ done) {
+                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
     __shared__ float red[8][MX * R];
@@ -163,29 +149,12 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     if (j < m && row0 + r < N) {
                         float v = acc[j][r] * alpha;
                         T* dst = y + j * ys + row0 + r;
-                        // with the norm: the projection rounded first, as add_rms_norm adds it
-                        if (nw) v = to_f(from_f<T>(v)) + to_f(*dst);
-                        else if (add_y) v += to_f(*dst);
+                        if (add_y) v += to_f(*dst);
                         *dst = from_f<T>(v);
                     }
                 }
         }
     }
-    if (!nw) return;
-    // Residual norm: y is the residual stream (y += x W^T above); the last block to finish
-    // normalizes its m rows into nout, as the rms_norm kernel with nth threads would (one launch
-    // fewer per projection), and re-arms the counter for the next launch or graph replay.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(done, 1) == (int)gridDim.x - 1;
-        if (last) *done = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    residual_norm<T>(y, ys, m, nw, nout, nos, N, eps, nth);
 }
 
 // The rows this block's first row group reads (the first wave of the persistent grid: at most one
@@ -234,12 +203,11 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
     extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                    \
         gemv_##QN##_##AN##SUF(                                                                           \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
-        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, T* nout, i64 nos,     \
-        float eps, int nth, int* done) {                                                                 \
+        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {                                      \
         before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu);                             \
         grid_dependency_sync();                                                                          \
         gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr, \
-                                               glu, nw, nout, nos, eps, nth, done);                      \
+                                               glu);                                                     \
     }
 #define DEF_GEMV(QN, F, AN, T)     \
     DEF_GEMV_MX(QN, F, AN, T, 1, ) \

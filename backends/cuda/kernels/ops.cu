@@ -3,11 +3,54 @@
 // All math is FP32; inputs/outputs are f16, bf16 or f32 (one kernel per type).
 #include "luce_common.cuh"
 
+// h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w.  One block per row;
+// a thread keeps its RMS_VPT values of h in registers (H <= RMS_VPT * blockDim, checked by the
+// host), so all its loads are in flight at once and nothing is re-read after the reduction.
+constexpr int RMS_VPT = 16;
 template <class T>
 __device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __restrict__ res, const float* __restrict__ w,
                                               T* __restrict__ out, int H, float eps, i64 xs, i64 rs, i64 os) {
+    __shared__ float red[32];
     const i64 row = blockIdx.x;
-    rms_norm_row<T, false>(x + row * xs, res ? res + row * rs : nullptr, w, out + row * os, H, eps, blockDim.x);
+    const T* xr = x + row * xs;
+    T* rr = res ? res + row * rs : nullptr;
+    // every load first (x, the residual and w: no store in between, so they are all in flight
+    // together), then the math
+    float hv[RMS_VPT], rv[RMS_VPT], wv[RMS_VPT], ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        const bool in = i < H;
+        hv[j] = in ? to_f(xr[i]) : 0.f;
+        rv[j] = in && rr ? to_f(rr[i]) : 0.f;
+        wv[j] = in ? w[i] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (rr && i < H) {
+            const T hq = from_f<T>(hv[j] + rv[j]);
+            rr[i] = hq;
+            hv[j] = to_f(hq);  // normalize exactly what the residual stream now holds
+        }
+        ss = fmaf(hv[j], hv[j], ss);
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / (float)H + eps);
+    T* orow = out + row * os;
+#pragma unroll
+    for (int j = 0; j < RMS_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < H) orow[i] = from_f<T>(hv[j] * inv * wv[j]);
+    }
 }
 
 // In place on x [T, n_heads, D] (strides st, sh in elements). Position of row t: pos[t], or
