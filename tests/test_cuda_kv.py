@@ -325,3 +325,7 @@ def test_write_rotary_is_rope_qk_then_write(kd, vd, rot, T, H, G, D, src, style,
     assert not stores[0].write_rotary(0, slots, qkv[:, :G * H].to(other), qkv[:, G * H:(G + 1) * H],
                                       qkv[:, (G + 1) * H:], cos, sin, positions, style)
     assert not _raw(stores[0])[0][0].any()
+    from luce_cuda.kv import ROTARY_MAX_T  # prefill-sized chunks take rope_qk + append
+    big = torch.zeros(ROTARY_MAX_T + 1, (G + 2) * H, D, dtype=src, device="cuda")
+    assert not stores[0].write_rotary(0, 0, big[:, :G * H], big[:, G * H:(G + 1) * H], big[:, (G + 1) * H:], cos, sin,
+                                      torch.zeros(ROTARY_MAX_T + 1, dtype=torch.int64, device="cuda"), style)

@@ -37,6 +37,10 @@ from luce_torch.kv import TorchKVStore
 FMT = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # kv_append.cu KV_*
 SRC = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kv_append.cu SRC_* (= ops.DT_CODE)
 KERNEL = "kv_append"
+# write_rotary serves decode and verify steps up to this many tokens. A prefill chunk keeps
+# rope_qk + append: the fused grid's blocks per query head were slower there (SmolLM2 pp4096
+# 185 055 against 210 664 tok/s on an H200).
+ROTARY_MAX_T = 32
 
 
 def warmup(device: torch.device | str | int = 0) -> None:
@@ -91,9 +95,10 @@ class CudaKVStore(TorchKVStore):
         f32 tables cos/sin [max_pos, rope_dim/2] at ``positions`` (int64 device tensor [T]), then
         store k and v at ``slots`` (start int, as ``write``; or a device tensor, as ``write_at``).
         Bit for bit ``ops.rope_qk`` followed by ``write``. Returns False, having done nothing,
-        when the kernel cannot serve the call; the caller then rotates and writes separately."""
+        when the kernel cannot serve the call (or T > ROTARY_MAX_T); the caller then rotates and
+        writes separately."""
         T = k.shape[0]
-        if not (self._kernel_reads(k, v) and q.dtype == k.dtype and q.device == self._device
+        if not (T <= ROTARY_MAX_T and self._kernel_reads(k, v) and q.dtype == k.dtype and q.device == self._device
                 and q.dim() == 3 and q.stride(-1) == 1 and q.shape[0] == T and q.shape[2] == k.shape[2]
                 and style in ("normal", "neox") and cos.dtype == torch.float32 and sin.dtype == torch.float32
                 and cos.is_contiguous() and sin.is_contiguous() and cos.device == self._device

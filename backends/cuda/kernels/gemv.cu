@@ -157,16 +157,18 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     }
 }
 
-// The rows this block's first row group reads (the first wave of the persistent grid: at most one
-// pass over the block's share, so a weight larger than L2 is not streamed in twice), prefetched
-// into L2 while the previous kernel finishes.
+// The rows of this block, prefetched into L2 while the previous kernel finishes, when the grid
+// covers the weight in one pass. A GEMV of several passes (a large gate|up, the LM head) streams
+// at full bandwidth from its start anyway, and its prefetch only doubled the requests: on an H200
+// a 16384x2048 Q8_0 GEMV took 16.1 us with it and 14.7 without, while one-pass shapes gained
+// 3-12 % (bench/results/README.md).
 template <class F, int R>
 __device__ __forceinline__ void before_wait_gemv(const u8* p0, const u8* p1, const u8* p2, const u8* p3, int N,
                                                  int K, int wpr, int glu) {
 #if LUCE_PREFETCH
-    const int outs = glu ? 1 : R, n0 = blockIdx.x * ((blockDim.x >> 5) / wpr) * outs;
-    if (n0 >= N) return;
-    const int n1 = min(N, n0 + ((blockDim.x >> 5) / wpr) * outs);
+    const int per_block = ((blockDim.x >> 5) / wpr) * (glu ? 1 : R), n0 = blockIdx.x * per_block;
+    if (n0 >= N || (long long)gridDim.x * per_block < N) return;
+    const int n1 = min(N, n0 + per_block);
     const QW w{p0, p1, p2, p3, K};
     prefetch_rows<F>(w, n0, n1, threadIdx.x, blockDim.x);
     if (glu) prefetch_rows<F>(w, N + n0, N + n1, threadIdx.x, blockDim.x);  // the up rows
