@@ -292,3 +292,26 @@ def test_plugin_factory_allocates_this_store():
     store = impl.create(None, cfg).allocate(spec("q4_0", "q8_0", rotation=cfg.kv_rotation, fingerprint="abc"))
     assert isinstance(store, TorchKVStore) and store.rotated and store.fingerprint == "abc"
     assert store.k.dtype == torch.uint8 and store.k.shape == (2, 32, 2, 36)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["start", "slots"])
+def test_rope_store_is_rope_then_write(as_tensor):
+    """LayerOps.rope_store (the model's one call per layer): q and k rotated at the positions,
+    K/V stored at the slots (write from a start, write_at from a tensor); the positions are
+    independent of the slots, as in a tree verify."""
+    from luce_core import rope
+    from luce_core.layer_ops import TORCH_LAYER_OPS
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 4, 2, 64, generator=gen).unbind(0)
+    q = torch.randn(4, 6, 64, generator=gen)
+    cos, sin = rope.rope_tables(10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64), 32, torch.device("cpu"))
+    pos = torch.tensor([5, 7, 7, 9])
+    slots = torch.tensor([2, 0, 3, 1]) if as_tensor else 1
+    store, ref = TorchKVStore(spec("f16", "f16")), TorchKVStore(spec("f16", "f16"))
+    got_q = TORCH_LAYER_OPS.rope_store(store, 1, slots, q.clone(), k.clone(), v, cos, sin, pos, "normal")
+    want_q, want_k = TORCH_LAYER_OPS.rope_qk(q.clone(), k.clone(), cos, sin, pos, "normal")
+    (ref.write_at if as_tensor else ref.write)(1, slots, want_k, v)
+    assert torch.equal(got_q, want_q) and not torch.equal(got_q, q)
+    assert torch.equal(store.read(1, 8)[0], ref.read(1, 8)[0]) and torch.equal(store.read(1, 8)[1], ref.read(1, 8)[1])
+    assert torch.count_nonzero(store.read(1, 8)[0]) > 0
