@@ -1,11 +1,11 @@
 """The element-wise rest of a transformer layer: RMSNorm (with the residual add fused in), RoPE
-on Q and K together, SwiGLU, and ``linear``: a projection with the SwiGLU of its [gate | up]
-output, which a backend can fuse into the matmul's epilogue.
+on Q and K together (``rope_store``: and the KV append after it, which a backend can do in the
+same kernel), SwiGLU, and ``linear``: a projection with the SwiGLU of its [gate | up] output,
+which a backend can fuse into the matmul's epilogue.
 
 ``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
 implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
-what makes a decode step a few dozen kernels instead of hundreds (``rope_store``: RoPE and the
-KV append in one). Implementations may work in
+what makes a decode step a few dozen kernels instead of hundreds. Implementations may work in
 place (``add_rms_norm`` updating ``residual``, ``rope_qk`` rotating q and k): callers must use the
 returned tensors and must not rely on the inputs being left untouched.
 """
