@@ -144,30 +144,31 @@ def test_every_kernel_waits_for_the_previous_grid_first():
     assert checked >= 12 and prewait >= 2  # the GEMV and flash-decode prefetch
 
 
-@needs_nvrtc
-def test_grid_dependency_sync_is_griddepcontrol_from_sm90_only():
+def _ptx(src: bytes, sm: int, defines: tuple[tuple[str, str], ...] = ()) -> str:
+    """PTX of a kernel source for compute_<sm>, from NVRTC directly (PTX needs no driver)."""
     from cuda.bindings import nvrtc
 
     from luce_cuda import compile as cc
 
+    _, prog = nvrtc.nvrtcCreateProgram(src, b"test.cu", 0, [], [])
+    opts = [f"--gpu-architecture=compute_{sm}".encode(), b"-std=c++17", f"-I{cc.KERNEL_DIR}".encode(),
+            *(f"-I{d}".encode() for d in cc.include_dirs()), *(f"-D{k}={v}".encode() for k, v in defines)]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    assert int(err) == 0, err
+    _, n = nvrtc.nvrtcGetPTXSize(prog)
+    buf = b" " * n
+    nvrtc.nvrtcGetPTX(prog, buf)
+    return buf.decode()
+
+
+@needs_nvrtc
+def test_grid_dependency_sync_is_griddepcontrol_from_sm90_only():
     src = (b'#include "luce_common.cuh"\n'
            b'extern "C" __global__ void pdl_kernel(float* x) { grid_dependency_sync(); x[threadIdx.x] += 1.f; }')
-
-    def ptx(sm: int) -> str:  # NVRTC directly: PTX needs no driver
-        _, prog = nvrtc.nvrtcCreateProgram(src, b"pdl.cu", 0, [], [])
-        opts = [f"--gpu-architecture=compute_{sm}".encode(), b"-std=c++17", f"-I{cc.KERNEL_DIR}".encode(),
-                *(f"-I{d}".encode() for d in cc.include_dirs())]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        assert int(err) == 0, err
-        _, n = nvrtc.nvrtcGetPTXSize(prog)
-        buf = b" " * n
-        nvrtc.nvrtcGetPTX(prog, buf)
-        return buf.decode()
-
-    sm90 = ptx(90)
+    sm90 = _ptx(src, 90)
     assert "griddepcontrol.wait" in sm90 and "griddepcontrol.launch_dependents" in sm90
     assert sm90.index("griddepcontrol.wait") < sm90.index("ld.global")  # before any global access
-    assert "griddepcontrol" not in ptx(80)
+    assert "griddepcontrol" not in _ptx(src, 80)
 
 
 @needs_nvrtc
@@ -177,23 +178,11 @@ def test_weights_and_kv_rows_are_prefetched_before_the_wait(monkeypatch):
     sm_90 PTX; LUCE_PREFETCH=0 compiles them out (and keys the cache apart)."""
     import re
 
-    from cuda.bindings import nvrtc
-
     from luce_cuda import compile as cc
     from luce_cuda import programs
 
-    def entry(prog, name: str) -> str:  # NVRTC directly: PTX needs no driver
-        src = cc.read_source(prog.source).encode()
-        _, p = nvrtc.nvrtcCreateProgram(src, prog.source.encode(), 0, [], [])
-        opts = [b"--gpu-architecture=compute_90", b"-std=c++17", f"-I{cc.KERNEL_DIR}".encode(),
-                *(f"-I{d}".encode() for d in cc.include_dirs()),
-                *(f"-D{k}={v}".encode() for k, v in cc._defines(prog, 90))]
-        (err,) = nvrtc.nvrtcCompileProgram(p, len(opts), opts)
-        assert int(err) == 0, err
-        _, n = nvrtc.nvrtcGetPTXSize(p)
-        buf = b" " * n
-        nvrtc.nvrtcGetPTX(p, buf)
-        ptx = buf.decode()
+    def entry(prog, name: str) -> str:
+        ptx = _ptx(cc.read_source(prog.source).encode(), 90, tuple(cc._defines(prog, 90)))
         m = re.search(r"\.entry " + name + r"\(", ptx)
         assert m, name
         nxt = ptx.find(".entry ", m.end())
