@@ -105,13 +105,10 @@ class CudaKVStore(TorchKVStore):
                 and 2 * cos.shape[-1] <= k.shape[2] and positions.shape == (T,) and positions.device == self._device
                 and (not isinstance(slots, torch.Tensor) or (slots.shape == (T,) and slots.device == self._device))):
             return False
-        self._check_write(k, v, None if isinstance(slots, torch.Tensor) else int(slots))
-        rp = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
-        if isinstance(slots, torch.Tensor):
-            self._append(layer, slots if slots.dtype == torch.int64 else slots.to(torch.int64), 0, k, v,
-                         rope=(q, rp, cos, sin, style))
-        else:
-            self._append(layer, None, int(slots), k, v, rope=(q, rp, cos, sin, style))
+        tensor = isinstance(slots, torch.Tensor)
+        self._check_write(k, v, None if tensor else int(slots))
+        pos, start = (slots.to(torch.int64), 0) if tensor else (None, int(slots))  # .to: a no-op on int64
+        self._append(layer, pos, start, k, v, rope=(q, positions.to(torch.int64), cos, sin, style))
         return True
 
     def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor,

@@ -267,7 +267,7 @@ __device__ __forceinline__ void store_out(void* out, int dt, i64 at, float v) { 
 // and V rows into L2 (the cache rows of earlier steps; the newest rows are being written now,
 // which a prefetch does not mind).
 struct DecodeRange {
-    int base, end, pb, pe, n_split;
+    int base, pb, pe, n_split;
     bool run;  // false: a split past every row's length, nothing to do
     const int* lim;  // row g sees positions p < lim[g] of this split (shared memory)
 };
@@ -286,17 +286,17 @@ __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __rest
     const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
     DecodeRange r;
     r.base = len_ptr ? *len_ptr : len;
-    r.end = 0;
+    int end = 0;
     for (int g = 0; g < GB; ++g) {
         const int t = (r0 + g) / G;
-        r.end = max(r.end, min(pos_ptr ? (int)pos_ptr[t] + 1 : r.base + t, n_max));
+        end = max(end, min(pos_ptr ? (int)pos_ptr[t] + 1 : r.base + t, n_max));
     }
     r.pb = split * split_len;
-    r.pe = min(r.end, r.pb + split_len);
-    r.n_split = max(1, (r.end + split_len - 1) / split_len);  // splits that run for these rows
+    r.pe = min(end, r.pb + split_len);
+    r.n_split = max(1, (end + split_len - 1) / split_len);  // splits that run for these rows
     // the merge reads only splits below each row's length; split 0 always runs, so a row with no
     // visible position still gets its output (zeros)
-    r.run = !(r.pb >= r.end && split > 0);
+    r.run = !(r.pb >= end && split > 0);
     r.lim = lim;
     if (!r.run) return r;
     if (threadIdx.x < GMAX) {
