@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from luce_core.config import DEFAULT_BUDGET
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", default="512", help="prompt lengths to time, comma-separated (default %(default)s)")
@@ -11,7 +13,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--check-baseline", metavar="FILE", nargs="?", const="bench/baseline.json",
                    help="compare with a perf baseline and fail on regressions")
-    p.add_argument("--draft-budget", type=int, default=8, help="with --drafter: drafts per step (default %(default)s)")
+    p.add_argument("--draft-budget", type=int, default=DEFAULT_BUDGET, help="with --drafter: drafts per step (default %(default)s)")
     p.add_argument("--draft-model", help="with --drafter draft-model/dflash: its file")
     p.add_argument("--spec-tokens", type=int, default=128,
                    help="with --drafter: tokens generated per prompt of the code and chat sets (default %(default)s)")

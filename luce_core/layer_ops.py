@@ -1,7 +1,8 @@
 """The element-wise rest of a transformer layer: RMSNorm (with the residual add fused in), RoPE
 on Q and K together (``rope_store``: and the KV append after it, which a backend can do in the
-same kernel), SwiGLU, and ``linear``: a projection with the SwiGLU of its [gate | up] output,
-which a backend can fuse into the matmul's epilogue.
+same kernel), SwiGLU, and the projections with what a backend can fuse into the matmul:
+``linear`` (the SwiGLU of a [gate | up] output, in the epilogue), ``norm_linear`` (the RMSNorm of
+its input, in the prologue) and ``linear_residual`` (the residual add, in the epilogue).
 
 ``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
 implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
@@ -48,6 +49,14 @@ class LayerOps(Protocol):
                glu: bool = False) -> torch.Tensor:
         """proj(x); with ``glu`` proj's output is [gate | up] and silu(gate) * up is returned."""
 
+    def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+                    eps: float, *, glu: bool = False) -> torch.Tensor:
+        """linear(proj, rms_norm(x, w, eps), glu=glu)."""
+
+    def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        residual: torch.Tensor) -> torch.Tensor:
+        """residual + proj(x) rounded to residual's dtype (may update residual in place)."""
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -89,6 +98,14 @@ class TorchLayerOps:
             return y
         f = y.shape[-1] // 2
         return self.swiglu(y[..., :f], y[..., f:])
+
+    def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+                    eps: float, *, glu: bool = False) -> torch.Tensor:
+        return self.linear(proj, self.rms_norm(x, w, eps), glu=glu)
+
+    def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        residual: torch.Tensor) -> torch.Tensor:
+        return residual + proj(x).to(residual.dtype)
 
 
 TORCH_LAYER_OPS = TorchLayerOps()

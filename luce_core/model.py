@@ -40,8 +40,10 @@ class Block:
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V (column views of one matmul's output) for hidden states h [..., hidden]."""
+        return self.split_qkv(self.qkv(h))
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nq, nk, _ = self.qkv_split
-        qkv = self.qkv(h)
         return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
 
     def project_gate_up(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,29 +156,28 @@ class Transformer:
         cfg, ops = self.cfg, self.ops
         T = tokens.shape[0]
         hd = cfg.head_dim
-        x = self.embed_tokens(tokens)
+        eps = cfg.rms_eps
+        x = self.embed_tokens(tokens)  # the residual stream; each norm is fused into the matmul after it
         feats: list[torch.Tensor] = []
-        h = ops.rms_norm(x, self.blocks[0].attn_norm, cfg.rms_eps)
         for i, b in enumerate(self.blocks):
             if i in capture:
                 feats.append(x.clone())  # ops may update x in place below
-            q, k, v = b.project_qkv(h)
+            q, k, v = b.split_qkv(ops.norm_linear(b.qkv, x, b.attn_norm, eps))
             if b.q_bias is not None:
                 q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
             q = q.view(T, cfg.n_heads, hd)
             k = k.view(T, cfg.n_kv_heads, hd)
             v = v.view(T, cfg.n_kv_heads, hd)
             if b.q_norm is not None:
-                q, k = ops.rms_norm(q, b.q_norm, cfg.rms_eps), ops.rms_norm(k, b.k_norm, cfg.rms_eps)
+                q, k = ops.rms_norm(q, b.q_norm, eps), ops.rms_norm(k, b.k_norm, eps)
             # K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
             q = ops.rope_store(kv, i, slots, q, k, v, self.cos, self.sin, pos, cfg.rope_style)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
-            h, x = ops.add_rms_norm(b.o(a.reshape(T, cfg.n_heads * hd)), x, b.ffn_norm, cfg.rms_eps)
-            d = b.down(ops.linear(b.gate_up, h, glu=True))  # SwiGLU fused into gate_up where it can
-            nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.out_norm
-            h, x = ops.add_rms_norm(d, x, nxt, cfg.rms_eps)
+            x = ops.linear_residual(b.o, a.reshape(T, cfg.n_heads * hd), x)
+            g = ops.norm_linear(b.gate_up, x, b.ffn_norm, eps, glu=True)  # SwiGLU fused in where it can
+            x = ops.linear_residual(b.down, g, x)
         if cfg.n_layers in capture:
             feats.append(x)
-        rows = h if logits_rows is None else h[logits_rows]
-        logits = self.lm_head(rows).float()
+        rows = x if logits_rows is None else x[logits_rows]
+        logits = ops.norm_linear(self.lm_head, rows, self.out_norm, eps).float()
         return ForwardOut(logits, torch.cat(feats, dim=-1) if feats else None)

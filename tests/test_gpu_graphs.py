@@ -47,6 +47,35 @@ def test_cuda_backend_greedy_matches_torch_reference(smollm2_path) -> None:
     assert margin < 0.25, f"divergence at token {n} is not a near-tie (margin {margin:.3f})"
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_fused_norm_and_residual_change_no_logit(smollm2_path, dtype) -> None:
+    """The GEMVs' fused RMSNorm and residual add give the logits of the unfused kernels (an
+    rms_norm launch before each projection, an add after O and down) bit for bit: a prefill
+    chunk (GEMM path), a decode step and a verify-sized step."""
+    from luce_core.layer_ops import TorchLayerOps
+    from luce_cuda.layer_ops import CudaLayerOps
+
+    class Unfused(CudaLayerOps):
+        norm_linear = TorchLayerOps.norm_linear  # the CUDA rms_norm kernel, then the projection
+        linear_residual = TorchLayerOps.linear_residual  # the projection, then an add in torch
+
+    llm = luce.load(smollm2_path, device="cuda", dtype=dtype, ctx=512, cuda_graphs=False, progress=False)
+    model, kv = llm.session.model, llm.session.kv
+    ids = torch.tensor(llm.encode("The capital of France is Paris. The capital of Spain is") * 5, device="cuda")
+    assert len(ids) >= 46
+
+    def run(ops) -> list[torch.Tensor]:
+        model.ops = ops
+        kv.set_length(0)
+        return [model.forward(ids[:40], 0, kv).logits, model.forward(ids[40:41], 40, kv).logits,
+                model.forward(ids[41:46], 41, kv).logits]
+
+    fused, unfused = run(CudaLayerOps()), run(Unfused())
+    for f, u in zip(fused, unfused):
+        assert torch.isfinite(f).all()
+        assert torch.equal(f, u), f"max diff {(f - u).abs().max()}"
+
+
 def test_graphed_speculative_chain_equals_plain_greedy(smollm2_path) -> None:
     """Prompt-lookup chain verify replayed as CUDA graphs keeps the target's greedy tokens (f32,
     where batched and single-row rounding agree) and actually accepts drafts."""

@@ -1,8 +1,11 @@
 """luce_core.layer_ops on CUDA: one fused kernel per op (kernels/ops.cu), in place where the
 protocol allows, no host sync, so a decode step built from them is capturable in a CUDA graph.
-``linear(..., glu=True)`` on a luce_cuda weight computes SwiGLU in the gate|up GEMV's epilogue
-(kernels/gemv.cu), and ``rope_store`` RoPE inside the KV append: eight launches per decoded
-layer (QKV, append, attention, O, norm, gate|up, down, norm) instead of nine."""
+On a luce_cuda weight the GEMV (kernels/gemv.cu) takes in what surrounds it: SwiGLU in the
+gate|up epilogue (``linear(..., glu=True)``), the RMSNorm of its input in its prologue
+(``norm_linear``), the residual add in its epilogue (``linear_residual``); ``rope_store`` does RoPE
+inside the KV append. A decoded layer is six launches: QKV (normalizing), append, attention,
+O (+ residual), gate|up (normalizing, SwiGLU), down (+ residual). Each fusion gives bit for bit
+the unfused kernels' result."""
 from __future__ import annotations
 
 from typing import Callable
@@ -56,3 +59,16 @@ class CudaLayerOps(TorchLayerOps):
         if glu and isinstance(proj, QuantLinear) and self._ok(x):
             return proj.forward(x, glu=True)  # SwiGLU in the GEMV epilogue
         return super().linear(proj, x, glu=glu)  # the projection, then the swiglu kernel
+
+    def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+                    eps: float, *, glu: bool = False) -> torch.Tensor:
+        if isinstance(proj, QuantLinear) and self._ok(x):
+            return proj.forward(x, glu=glu, norm=(self._f32(w), eps))
+        return super().norm_linear(proj, x, w, eps, glu=glu)
+
+    def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        residual: torch.Tensor) -> torch.Tensor:
+        if isinstance(proj, QuantLinear) and self._ok(x, residual) and x.dtype == residual.dtype \
+                and residual.is_contiguous():
+            return proj.forward(x, out=residual, accumulate=True)
+        return super().linear_residual(proj, x, residual)

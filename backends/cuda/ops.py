@@ -20,7 +20,7 @@ from luce_cuda.launch import device_index, get_kernel, launch
 ACT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 DT_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LOG2E = 1.4426950408889634
-RMS_VPT = 16  # values per thread in rms_norm (ops.cu RMS_VPT)
+RMS_VPT = 16  # values per thread in rms_norm (luce_common.cuh RMS_VPT)
 SPLIT_LEN = 128  # positions per flash-decode split: one 32-position tile per warp of a block
 
 
@@ -41,6 +41,16 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- RMSNorm
+def rms_threads(h: int) -> int:
+    """Threads of the rms_norm kernel for rows of h; its summation order depends on it, and the
+    GEMV's fused RMSNorm reproduces that order from this number."""
+    threads = 128 if h <= 128 * RMS_VPT else 256 if h <= 256 * RMS_VPT else 1024
+    if h > threads * RMS_VPT:
+        raise ConfigError(f"rms_norm: rows of {h} exceed the kernel's {1024 * RMS_VPT}",
+                          remedy="no luce model has a hidden size this large; use the torch backend")
+    return threads
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * w over the last dim; w is promoted to f32 (pass it as f32
     to avoid a conversion per call)."""
@@ -68,9 +78,7 @@ def _norm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float
     rows = x2.shape[0]
     if rows == 0:
         return o
-    threads = 128 if h <= 128 * RMS_VPT else 256 if h <= 256 * RMS_VPT else 1024
-    if h > threads * RMS_VPT:
-        raise ConfigError(f"rms_norm: rows of {h} exceed the kernel's {1024 * RMS_VPT}")
+    threads = rms_threads(h)
     launch(_k(programs.OPS, f"rms_norm_{_act(x)}", x), (rows,), (threads,),
            (x2, r2, wf, o2, np.int32(h), np.float32(eps), np.int64(x2.stride(0)),
             np.int64(r2.stride(0) if r2 is not None else 0), np.int64(o2.stride(0))), like=x)

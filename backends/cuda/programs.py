@@ -30,7 +30,8 @@ def _qdefs(q: str) -> tuple[tuple[str, str], ...]:
 GEMV: dict[str, KernelProgram] = {
     q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, pdl=True,
                      defines=(*_qdefs(q), ("LUCE_GEMV_MINB", str(_GEMV_MINB.get(q, 1)))),
-                     kernels=tuple(f"gemv_{q}_{a}{x}" for a in ("f16", "bf16", "f32") for x in ("", "_x8"))
+                     kernels=tuple(f"gemv_{q}_{a}{x}{n}" for a in ("f16", "bf16", "f32") for x in ("", "_x8")
+                                   for n in ("", "_norm"))
                      + (f"dequant_{q}",))
     for q in QTYPES.values()}
 

@@ -1,6 +1,7 @@
 // Prefill GEMM on tensor cores, weights dequantized tile by tile into shared memory.
 //
-// y[m, n] = alpha * sum_k x[m, k] * W[n, k]  (+ y[m, n] when add_y).
+// y[m, n] = alpha * sum_k x[m, k] * W[n, k]  (with add_y: y[m, n] + that product rounded to the
+// output type, bit for bit the GEMM followed by a residual add).
 // Block tile 64 (rows of x) x 64 (rows of W) x 128 (k); 4 warps in 2x2, each 32x32 as 2x2 WMMA
 // 16x16x16 fragments, FP32 accumulators. The W tile is decoded from the quantized planes (one
 // 32-weight unit per thread and step) into the MMA type; x must already be in the MMA type.
@@ -132,7 +133,7 @@ __device__ __forceinline__ void gemm_impl(const QW w, const MT* __restrict__ x, 
         if (m0 + r < M && n0 + c < N) {
             MT* dst = y + (i64)(m0 + r) * ys + n0 + c;
             float v = sm.c[r][c] * alpha;
-            if (add_y) v += to_f(*dst);
+            if (add_y) v = to_f(from_f<MT>(v)) + to_f(*dst);  // as the GEMM, then the residual add
             *dst = from_f<MT>(v);
         }
     }

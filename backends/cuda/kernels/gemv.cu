@@ -16,6 +16,13 @@
 // is the pair (n, N + n), so the SwiGLU of a fused gate|up projection is its epilogue and needs
 // no launch (or pass over the activations) of its own; the result is bit-identical to the GEMV
 // writing gate and up and ops.cu's swiglu reading them.
+//
+// add_y (residual fusion): y = y + (the product rounded to T), what the unfused GEMV followed by
+// ops.cu's residual add gives bit for bit.
+// Kernels _norm (NORM): x is the residual stream and each of its m rows is RMS-normalized (weight
+// nw, eps; summed as ops.cu's rms_norm kernel of nt threads sums it, rounded to T as it rounds)
+// into dynamic shared memory before the dot products read it: bit for bit rms_norm then the GEMV,
+// one launch (and one pass over the activations) fewer.
 #include "quant.cuh"
 
 template <class F, class T>
@@ -35,10 +42,24 @@ __device__ __forceinline__ float run_dot(const float* q, const float* s, const f
     return part;
 }
 
-template <class F, class T, int R, int UN, int MX>
+// The m rows of x RMS-normalized into xn (rows of K).
+template <class T>
+__device__ __forceinline__ void norm_rows(const T* __restrict__ x, i64 xs, int m, int K, const float* __restrict__ nw,
+                                          float eps, int nt, T* xn) {
+    __shared__ float red[32];
+    for (int j = 0; j < m; ++j) {
+        const T* xr = x + j * xs;
+        const float inv = rms_inv_block(xr, K, eps, nt, red);
+        for (int i = threadIdx.x; i < K; i += blockDim.x) xn[j * K + i] = from_f<T>(to_f(xr[i]) * inv * nw[i]);
+    }
+    __syncthreads();
+}
+
+template <class F, class T, int R, int UN, int MX, bool NORM>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
-                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {
+                                          int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu,
+                                          const float* __restrict__ nw, float eps, int nt) {
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
     __shared__ float red[8][MX * R];
@@ -51,6 +72,9 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     // a group computes R consecutive output rows, or with glu one output from the R = 2 weight
     // rows (n, N + n)
     const int outs = glu ? 1 : R;
+    extern __shared__ __align__(16) unsigned char gemv_xn[];
+    T* xn = reinterpret_cast<T*>(gemv_xn);
+    if constexpr (NORM) norm_rows(x, xs, m, K, nw, eps, nt, xn);
     for (int base = blockIdx.x; base * groups * outs < N; base += gridDim.x) {
         const int row0 = (base * groups + group) * outs;
         const bool active = row0 < N;
@@ -79,11 +103,14 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     for (int j = 0; j < MX; ++j) {
                         if (j >= m) break;  // uniform: m is a kernel argument
                         float xv[32];
-                        const T* xr = x + j * xs + F::k0(u);
+                        const T* xr = (NORM ? xn + j * K : x + j * xs) + F::k0(u);
 #pragma unroll
                         for (int r = 0; r < F::NRUN; ++r)
 #pragma unroll
-                            for (int c = 0; c < F::RLEN; c += 8) load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                            for (int c = 0; c < F::RLEN; c += 8) {
+                                if constexpr (NORM) load8s(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                                else load8(xr + r * F::RSTRIDE + c, xv + r * F::RLEN + c);
+                            }
                         if constexpr (F::NIBBLE) {
                             float sx_lo = 0.f, sx_hi = 0.f;
 #pragma unroll
@@ -149,7 +176,7 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     if (j < m && row0 + r < N) {
                         float v = acc[j][r] * alpha;
                         T* dst = y + j * ys + row0 + r;
-                        if (add_y) v += to_f(*dst);
+                        if (add_y) v = to_f(from_f<T>(v)) + to_f(*dst);
                         *dst = from_f<T>(v);
                     }
                 }
@@ -162,10 +189,12 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
 // at full bandwidth from its start anyway, and its prefetch only doubled the requests: on an H200
 // a 16384x2048 Q8_0 GEMV took 16.1 us with it and 14.7 without, while one-pass shapes gained
 // 3-12 % (bench/results/README.md).
+// The fused RMSNorm's weight (NORM kernels) likewise, whatever the grid.
 template <class F, int R>
 __device__ __forceinline__ void before_wait_gemv(const u8* p0, const u8* p1, const u8* p2, const u8* p3, int N,
-                                                 int K, int wpr, int glu) {
+                                                 int K, int wpr, int glu, const float* nw) {
 #if LUCE_PREFETCH
+    if (nw) prefetch_l2_range(nw, (size_t)K * 4, threadIdx.x, blockDim.x);
     const int per_block = ((blockDim.x >> 5) / wpr) * (glu ? 1 : R), n0 = blockIdx.x * per_block;
     if (n0 >= N || (long long)gridDim.x * per_block < N) return;
     const int n1 = min(N, n0 + per_block);
@@ -200,20 +229,23 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 
 // One program per weight format: the host passes -DLUCE_QNAME=q4_0 -DLUCE_QFMT=FQ4_0 (see
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
-// (decode) or up to 8 (suffix _x8); dequantization writes f32.
-#define DEF_GEMV_MX(QN, F, AN, T, MX, SUF)                                                               \
-    extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                    \
-        gemv_##QN##_##AN##SUF(                                                                           \
-        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,  \
-        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu) {                                      \
-        before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu);                             \
-        grid_dependency_sync();                                                                          \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, wpr, \
-                                               glu);                                                     \
+// (decode) or up to 8 (suffix _x8), each also with the fused RMSNorm (suffix _norm: m * K * sizeof(T)
+// bytes of dynamic shared memory); dequantization writes f32.
+#define DEF_GEMV_MX(QN, F, AN, T, MX, NORM, SUF)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                     \
+        gemv_##QN##_##AN##SUF(                                                                            \
+        const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,   \
+        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, float eps, int nt) {   \
+        before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu, NORM ? nw : nullptr);         \
+        grid_dependency_sync();                                                                           \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, \
+                                                     wpr, glu, nw, eps, nt);                              \
     }
-#define DEF_GEMV(QN, F, AN, T)     \
-    DEF_GEMV_MX(QN, F, AN, T, 1, ) \
-    DEF_GEMV_MX(QN, F, AN, T, 8, _x8)
+#define DEF_GEMV(QN, F, AN, T)                 \
+    DEF_GEMV_MX(QN, F, AN, T, 1, false, )      \
+    DEF_GEMV_MX(QN, F, AN, T, 8, false, _x8)   \
+    DEF_GEMV_MX(QN, F, AN, T, 1, true, _norm)  \
+    DEF_GEMV_MX(QN, F, AN, T, 8, true, _x8_norm)
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \

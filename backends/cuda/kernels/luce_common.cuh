@@ -88,6 +88,25 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* __restrict__ p, float
     o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z); o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
 }
 
+// The same from shared memory (8 halves / bf16: 16-byte aligned; 8 floats: 32-byte aligned).
+__device__ __forceinline__ void load8s(const float* p, float* o) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void load8s(const __half* p, float* o) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    float2 f;
+    f = h2f2(v.x); o[0] = f.x; o[1] = f.y;
+    f = h2f2(v.y); o[2] = f.x; o[3] = f.y;
+    f = h2f2(v.z); o[4] = f.x; o[5] = f.y;
+    f = h2f2(v.w); o[6] = f.x; o[7] = f.y;
+}
+__device__ __forceinline__ void load8s(const __nv_bfloat16* p, float* o) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
+    o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z); o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
+}
+
 // ---------------------------------------------------------------- warp reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -98,6 +117,35 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+// ---------------------------------------------------------------- RMSNorm statistics
+constexpr int RMS_VPT = 16;  // values per thread of ops.cu's rms_norm kernel (H <= RMS_VPT * threads)
+
+// rsqrt(mean(x^2) + eps) of row x[0..H), summed exactly as ops.cu's rms_norm kernel launched with
+// nt threads sums it (thread t: fmaf over x[t + j*nt] for j < RMS_VPT; one warp_sum per warp; the
+// warp totals summed by one warp_sum), so a block of any size normalizes bit for bit as that
+// kernel does: its warps play the kernel's warps in turn. red: 32 floats of shared memory; every
+// thread gets the result. Ends with a barrier, so red can be reused at once.
+template <class T>
+__device__ __forceinline__ float rms_inv_block(const T* __restrict__ x, int H, float eps, int nt, float* red) {
+    const int lane = threadIdx.x & 31;
+    for (int v0 = threadIdx.x - lane; v0 < nt; v0 += blockDim.x) {  // warp-uniform
+        const int v = v0 + lane;
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < RMS_VPT; ++j) {
+            const int i = v + j * nt;
+            const float h = i < H ? to_f(x[i]) : 0.f;
+            ss = fmaf(h, h, ss);
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) red[v0 >> 5] = ss;
+    }
+    __syncthreads();
+    const float tot = warp_sum(lane < (nt >> 5) ? red[lane] : 0.f);
+    __syncthreads();
+    return rsqrtf(tot / (float)H + eps);
 }
 
 // Small unsigned integers (< 2^23) to float exactly without I2F: OR into the mantissa of 2^23.

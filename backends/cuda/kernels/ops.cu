@@ -6,7 +6,7 @@
 // h = x (+ res, written back into res); out = h * rsqrt(mean(h^2) + eps) * w.  One block per row;
 // a thread keeps its RMS_VPT values of h in registers (H <= RMS_VPT * blockDim, checked by the
 // host), so all its loads are in flight at once and nothing is re-read after the reduction.
-constexpr int RMS_VPT = 16;
+// luce_common.cuh's rms_inv_block reproduces this summation order (the GEMV's fused RMSNorm).
 template <class T>
 __device__ __forceinline__ void rms_norm_impl(const T* __restrict__ x, T* __restrict__ res, const float* __restrict__ w,
                                               T* __restrict__ out, int H, float eps, i64 xs, i64 rs, i64 os) {
