@@ -44,6 +44,9 @@ def test_bench_json(tiny, tmp_path) -> None:
         s = spec[name]
         assert s["steps"] > 0 and s["verify_ms_per_step"] > 0 and s["draft_ms_per_step"] >= 0
         assert all(0.0 <= r <= 1.0 for r in s["acceptance_rate_at"])
+        # the set's tokens per verify is a step-weighted mean of the prompts' own
+        per = s["acceptance_length_per_prompt"]
+        assert len(per) == 4 and min(per) - 1e-3 <= s["acceptance_length"] <= max(per) + 1e-3
 
 
 def test_bench_kv_sweep(tiny, tmp_path) -> None:
