@@ -147,14 +147,14 @@ class QuantLinear:
         m = x2.shape[0]
         name = f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
         kern = get_kernel(self._gemv, name, device_index(x2))
-        smem = 0 if norm is None else m * k * x2.element_size()
-        nw, eps = (None, 0.0) if norm is None else norm
+        # the norm's shared rows, weight, eps and the rms_norm kernel's thread count (its summation order)
+        smem, nw, eps, nt = (0, None, 0.0, 0) if norm is None else (m * k * x2.element_size(), *norm, ops.rms_threads(k))
         per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2, smem))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
-                np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(ops.rms_threads(k))),
+                np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(nt)),
                like=x2, shmem=smem)
         return y
 
