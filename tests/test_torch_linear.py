@@ -139,3 +139,25 @@ def test_layer_ops_linear_glu():
     y = proj(x)
     torch.testing.assert_close(TORCH_LAYER_OPS.linear(proj, x, glu=True),
                                torch.nn.functional.silu(y[:, :24]) * y[:, 24:])
+
+
+def test_layer_ops_norm_linear_and_residual():
+    """The reference ``norm_linear`` (proj of the RMS-normalized input, glu too) and
+    ``linear_residual`` (the residual plus proj, in the residual's dtype), against formulas."""
+    from luce_core.layer_ops import TORCH_LAYER_OPS
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 64, dtype=torch.float64, generator=g)
+    proj = lambda h: h @ w.T  # noqa: E731
+    x = torch.randn(3, 64, dtype=torch.float64, generator=g) * 4
+    nw = torch.rand(64, dtype=torch.float64, generator=g) + 0.5
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+    f32 = dict(rtol=1e-5, atol=1e-5)  # the reference norm computes in f32
+    torch.testing.assert_close(TORCH_LAYER_OPS.norm_linear(proj, x, nw, 1e-6), proj(h), **f32)
+    y = proj(h)
+    torch.testing.assert_close(TORCH_LAYER_OPS.norm_linear(proj, x, nw, 1e-6, glu=True),
+                               torch.nn.functional.silu(y[:, :24]) * y[:, 24:], **f32)
+    r = torch.randn(3, 48, generator=g).to(torch.bfloat16)
+    got = TORCH_LAYER_OPS.linear_residual(proj, x, r)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, r + proj(x).to(torch.bfloat16))
