@@ -68,43 +68,39 @@ __device__ __forceinline__ void rope_pair(float a, float b, float cs, float sn, 
 }
 
 // ---------------------------------------------------------------- vector loads of 8 elements
-// p must be 16-byte aligned (8 halves / bf16) or 32-byte aligned data of 8 floats (two float4).
-__device__ __forceinline__ void load8(const float* __restrict__ p, float* o) {
-    float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+// 8 elements as floats from the 16 bytes (halves, bf16) or two float4 that hold them; the first
+// argument only picks the element type.
+__device__ __forceinline__ void unpack8(const float*, float4 a, float4 b, float* o) {
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
-__device__ __forceinline__ void load8(const __half* __restrict__ p, float* o) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ void unpack8(const __half*, uint4 v, float* o) {
     float2 f;
     f = h2f2(v.x); o[0] = f.x; o[1] = f.y;
     f = h2f2(v.y); o[2] = f.x; o[3] = f.y;
     f = h2f2(v.z); o[4] = f.x; o[5] = f.y;
     f = h2f2(v.w); o[6] = f.x; o[7] = f.y;
 }
-__device__ __forceinline__ void load8(const __nv_bfloat16* __restrict__ p, float* o) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ void unpack8(const __nv_bfloat16*, uint4 v, float* o) {
     o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
     o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z); o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
 }
 
-// The same from shared memory (8 halves / bf16: 16-byte aligned; 8 floats: 32-byte aligned).
-__device__ __forceinline__ void load8s(const float* p, float* o) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+// From global memory through the read-only path (load8) or from shared memory (load8s).
+// p must be 16-byte aligned (8 halves / bf16) or 32-byte aligned data of 8 floats (two float4).
+__device__ __forceinline__ void load8(const float* __restrict__ p, float* o) {
+    unpack8(p, __ldg(reinterpret_cast<const float4*>(p)), __ldg(reinterpret_cast<const float4*>(p) + 1), o);
 }
-__device__ __forceinline__ void load8s(const __half* p, float* o) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    float2 f;
-    f = h2f2(v.x); o[0] = f.x; o[1] = f.y;
-    f = h2f2(v.y); o[2] = f.x; o[3] = f.y;
-    f = h2f2(v.z); o[4] = f.x; o[5] = f.y;
-    f = h2f2(v.w); o[6] = f.x; o[7] = f.y;
+__device__ __forceinline__ void load8(const __half* __restrict__ p, float* o) {
+    unpack8(p, __ldg(reinterpret_cast<const uint4*>(p)), o);
 }
-__device__ __forceinline__ void load8s(const __nv_bfloat16* p, float* o) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
-    o[4] = bf16_lo(v.z); o[5] = bf16_hi(v.z); o[6] = bf16_lo(v.w); o[7] = bf16_hi(v.w);
+__device__ __forceinline__ void load8(const __nv_bfloat16* __restrict__ p, float* o) {
+    unpack8(p, __ldg(reinterpret_cast<const uint4*>(p)), o);
+}
+template <class T> __device__ __forceinline__ void load8s(const T* p, float* o) {
+    unpack8(p, reinterpret_cast<const uint4*>(p)[0], o);
+}
+template <> __device__ __forceinline__ void load8s(const float* p, float* o) {
+    unpack8(p, reinterpret_cast<const float4*>(p)[0], reinterpret_cast<const float4*>(p)[1], o);
 }
 
 // ---------------------------------------------------------------- warp reductions
