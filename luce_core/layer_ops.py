@@ -1,14 +1,14 @@
-"""The element-wise rest of a transformer layer: RMSNorm (with the residual add fused in), RoPE
-on Q and K together (``rope_store``: and the KV append after it, which a backend can do in the
-same kernel), SwiGLU, and the projections with what a backend can fuse into the matmul:
+"""The element-wise rest of a transformer layer: RMSNorm, RoPE on Q and K together
+(``rope_store``: and the KV append after it, which a backend can do in the same kernel),
+SwiGLU, and the projections with what a backend can fuse into the matmul:
 ``linear`` (the SwiGLU of a [gate | up] output, in the epilogue), ``norm_linear`` (the RMSNorm of
 its input, in the prologue) and ``linear_residual`` (the residual add, in the epilogue).
 
 ``TorchLayerOps`` is the reference the model uses by default. A backend whose attention
 implementation offers ``layer_ops`` (luce_cuda: one fused kernel per op) replaces it, which is
 what makes a decode step a few dozen kernels instead of hundreds. Implementations may work in
-place (``add_rms_norm`` updating ``residual``, ``rope_qk`` rotating q and k): callers must use the
-returned tensors and must not rely on the inputs being left untouched.
+place (``linear_residual`` updating ``residual``, ``rope_qk`` rotating q and k): callers must use
+the returned tensors and must not rely on the inputs being left untouched.
 """
 from __future__ import annotations
 
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 class LayerOps(Protocol):
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) * w over the last dim (f32 math, x's dtype out)."""
-
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(r), r) with r = residual + x rounded to residual's dtype."""
 
     def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +62,6 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class TorchLayerOps:
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, w, eps)
-
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        r = residual + x.to(residual.dtype)
-        return rms_norm(r, w, eps), r
 
     def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:

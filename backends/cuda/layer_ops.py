@@ -30,14 +30,6 @@ class CudaLayerOps(TorchLayerOps):
             return super().rms_norm(x, w, eps)
         return ops.rms_norm(x, self._f32(w), eps)
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.dtype != residual.dtype:
-            x = x.to(residual.dtype)
-        if not (self._ok(x, residual) and residual.is_contiguous() and x.shape == residual.shape):
-            return super().add_rms_norm(x, residual, w, eps)
-        return ops.add_rms_norm(x, residual, self._f32(w), eps), residual
-
     def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 pos: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rope_qk(q, k, cos, sin, style=style, positions=pos)
