@@ -295,9 +295,11 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     length_arg = np.int32(0 if dyn else int(length))
     len_ptr = length if dyn else None
     sl = np.float32(scale * LOG2E / (math.sqrt(rot_group) if rot_group > 1 else 1.0))
-    grid = (hkv, n_splits, -(-t * (h // hkv) // 8))
+    rows = t * (h // hkv)
+    ng = 4 if rows <= 4 else 8  # query rows per block (kernel suffix _g4: a decode step, GQA group <= 4)
+    grid = (hkv, n_splits, -(-rows // ng))
     prog = programs.ATTN_DECODE[kf]
-    launch(_k(prog, f"flash_decode_{kf}_d{d}", q), grid, (128,),
+    launch(_k(prog, f"flash_decode_{kf}_d{d}{'_g4' if ng == 4 else ''}", q), grid, (128,),
            (q3, np.int32(DT_CODE[q.dtype]), np.int64(q3.stride(0)), k, v, np.int32(KV_FORMATS[vf]), ws.o, ws.ml,
             ws.done, o, np.int32(h), np.int32(hkv), np.int32(t), np.int32(k.stride(0) * k.element_size()),
             np.int32(v.stride(0) * v.element_size()), length_arg, len_ptr, positions, np.int32(n_max),
@@ -342,7 +344,8 @@ def warmup(device: torch.device | str | int = 0, dtypes: tuple[torch.dtype, ...]
                 get_kernel(programs.ATTN_PREFILL, f"flash_prefill_{a}_d{d}", idx)
     for f in kv_formats:
         for d in head_dims:
-            get_kernel(programs.ATTN_DECODE[f], f"flash_decode_{f}_d{d}", idx)
+            for g in ("", "_g4"):
+                get_kernel(programs.ATTN_DECODE[f], f"flash_decode_{f}_d{d}{g}", idx)
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_qk", "rope_inv_freq", "swiglu", "flash_decode", "flash_prefill",

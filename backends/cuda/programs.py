@@ -48,7 +48,8 @@ GEMM_BF16: dict[str, KernelProgram] = {
 
 _KV = ("f16", "bf16")  # cache dtypes the prefill kernel reads (others are converted first)
 # Cache formats flash-decode reads, K and V independently: one kernel per K format and head dim,
-# V's format is an argument (a switch outside the inner loop), so all 25 pairs cost 10 kernels.
+# V's format is an argument (a switch outside the inner loop), so all 25 pairs cost 10 kernels
+# (twice: blocks of 8 query rows, and of 4 for decode steps of GQA groups up to 4).
 # One program per K format (the split merge happens in the same kernel): a model compiles one of them.
 KV_FORMATS = ("f16", "bf16", "f32", "q8_0", "q4_0")
 HEAD_DIMS = (64, 128)
@@ -56,7 +57,7 @@ HEAD_DIMS = (64, 128)
 ATTN_DECODE: dict[str, KernelProgram] = {
     kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75, pdl=True,
                       defines=(("LUCE_KV_K", str(i)),),
-                      kernels=tuple(f"flash_decode_{kv}_d{d}" for d in HEAD_DIMS))
+                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}" for d in HEAD_DIMS for g in ("", "_g4")))
     for i, kv in enumerate(KV_FORMATS)}
 
 # Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.

@@ -10,8 +10,9 @@
 // selects one K format per program (luce_cuda.programs.ATTN_DECODE).
 //
 // Rows: query row r = t * G + g is token t's head hk*G + g (GQA group G = H / Hkv). Grid
-// (n_kv_heads, n_splits, ceil(T*G/8)), block 128 = 4 warps; a block serves up to 8 rows of one
-// KV head, so each K/V row is read once for a whole group (and for several tokens when G < 8).
+// (n_kv_heads, n_splits, ceil(T*G/NG)), block 128 = 4 warps; a block serves up to NG = 8 (or 4,
+// kernels _g4) rows of one KV head, so each K/V row is read once for a whole group (and for
+// several tokens when G < NG). A row's arithmetic does not depend on NG or on its block-mates.
 // Token t sees positions [0, end_t): end_t = positions[t] + 1 (int64 device pointer), else
 // len + t (len from device memory, len_ptr, or an argument), so a captured CUDA graph replays
 // with new lengths; blocks past every row's length exit at once. Positions a row may not see
@@ -87,12 +88,11 @@ __device__ __forceinline__ float byte_f(u32 x, int k) {
 // s[g] += d * sum_i q_g[c0 + i] * e_i over one quantized block at channels c0..c0+31 (g < GB).
 // The block's quants start at byte 4*a + sh/8 of the words x (sh 0, 16 or 32: funnel shifts);
 // constants after unrolling where the caller knows the offsets.
-template <int F, int D>
-__device__ __forceinline__ void block_dot(const u32* x, int a, int sh, float d, int c0, const float (*qs)[D], int GB,
-                                          float* s) {
-    float bs[GMAX];
+template <int F, int D, int NG>
+__device__ __forceinline__ void block_dot(const u32* x, int a, int sh, float d, int c0, const float (*qs)[D], float* s) {
+    float bs[NG];
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) bs[g] = 0.f;
+    for (int g = 0; g < NG; ++g) bs[g] = 0.f;
     if constexpr (F == F_Q8_0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -101,8 +101,7 @@ __device__ __forceinline__ void block_dot(const u32* x, int a, int sh, float d, 
             for (int k = 0; k < 4; ++k) {
                 const float e = byte_f(xq, k) - (LUCE_MAGIC + 128.0f);
 #pragma unroll
-                for (int g = 0; g < GMAX; ++g)
-                    if (g < GB) bs[g] = fmaf(qs[g][c0 + 4 * j + k], e, bs[g]);
+                for (int g = 0; g < NG; ++g) bs[g] = fmaf(qs[g][c0 + 4 * j + k], e, bs[g]);
             }
         }
     } else {
@@ -115,21 +114,20 @@ __device__ __forceinline__ void block_dot(const u32* x, int a, int sh, float d, 
                 const float el = byte_f(lo, k) - (LUCE_MAGIC + 8.0f);
                 const float eh = byte_f(hi, k) - (LUCE_MAGIC + 8.0f);
 #pragma unroll
-                for (int g = 0; g < GMAX; ++g)
-                    if (g < GB) {
-                        bs[g] = fmaf(qs[g][c0 + 4 * j + k], el, bs[g]);
-                        bs[g] = fmaf(qs[g][c0 + 16 + 4 * j + k], eh, bs[g]);
-                    }
+                for (int g = 0; g < NG; ++g) {
+                    bs[g] = fmaf(qs[g][c0 + 4 * j + k], el, bs[g]);
+                    bs[g] = fmaf(qs[g][c0 + 16 + 4 * j + k], eh, bs[g]);
+                }
             }
         }
     }
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) s[g] = fmaf(d, bs[g], s[g]);
+    for (int g = 0; g < NG; ++g) s[g] = fmaf(d, bs[g], s[g]);
 }
 
-// s[g] += q_g . k_row (q_g in qs[g], g < GB).
-template <int F, int D>
-__device__ __forceinline__ void score_row(const u8* __restrict__ row, const float (*qs)[D], int GB, float* s) {
+// s[g] += q_g . k_row (q_g in qs[g], g < NG).
+template <int F, int D, int NG>
+__device__ __forceinline__ void score_row(const u8* __restrict__ row, const float (*qs)[D], float* s) {
     if constexpr (F == F_F16 || F == F_BF16 || F == F_F32) {
         typedef typename FloatOf<F>::T T;
         const T* kr = reinterpret_cast<const T*>(row);
@@ -138,10 +136,9 @@ __device__ __forceinline__ void score_row(const u8* __restrict__ row, const floa
             float kv8[8];
             load8(kr + c, kv8);
 #pragma unroll
-            for (int g = 0; g < GMAX; ++g)
-                if (g < GB)
+            for (int g = 0; g < NG; ++g)
 #pragma unroll
-                    for (int t = 0; t < 8; ++t) s[g] = fmaf(qs[g][c + t], kv8[t], s[g]);
+                for (int t = 0; t < 8; ++t) s[g] = fmaf(qs[g][c + t], kv8[t], s[g]);
         }
     } else if constexpr (RowBytes<F, D>::value % 8 == 0) {
         // D=128: rows are 8-byte aligned. The whole row goes into registers with 8-byte loads, all
@@ -164,8 +161,8 @@ __device__ __forceinline__ void score_row(const u8* __restrict__ row, const floa
             for (int i = 0; i < HW; ++i) x[i] = hh ? w[HW + i] : w[i];
             x[HW] = 0;
             // block 0 at byte 0 (quants from byte 2), block 1 at byte BB (BB % 4 == 2: quants aligned)
-            block_dot<F, D>(x, 0, 16, half_bits(x[0]), 64 * hh, qs, GB, s);
-            block_dot<F, D>(x, (BB + 2) / 4, 0, half_bits(x[BB / 4] >> 16), 64 * hh + 32, qs, GB, s);
+            block_dot<F, D, NG>(x, 0, 16, half_bits(x[0]), 64 * hh, qs, s);
+            block_dot<F, D, NG>(x, (BB + 2) / 4, 0, half_bits(x[BB / 4] >> 16), 64 * hh + 32, qs, s);
         }
     } else {
         // D=64: rows only 4-byte aligned. One block at a time from the aligned word below it (9 or
@@ -178,7 +175,7 @@ __device__ __forceinline__ void score_row(const u8* __restrict__ row, const floa
             u32 x[NW];
 #pragma unroll
             for (int i = 0; i < NW; ++i) x[i] = __ldg(wp + i);
-            block_dot<F, D>(x, 0, 16 + sh, half_bits(x[0] >> sh), 32 * b, qs, GB, s);
+            block_dot<F, D, NG>(x, 0, 16 + sh, half_bits(x[0] >> sh), 32 * b, qs, s);
         }
     }
 }
@@ -227,9 +224,9 @@ template <int F, int D> __device__ __forceinline__ void load_v(const u8* __restr
 }
 
 // acc[g] += sum_j ps[g][j] * V[tile + j] over the nv positions of a tile.
-template <int FV, int D>
-__device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst, int tile, int nv, int lane, int GB,
-                                             const float (*pw)[32], float (&acc)[GMAX][D / 32]) {
+template <int FV, int D, int NG>
+__device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst, int tile, int nv, int lane,
+                                             const float (*pw)[32], float (&acc)[NG][D / 32]) {
     // VB rows' loads are issued before any of their FMAs (a dependent load per row would leave
     // the warp waiting on memory latency 32 times per tile); the FMA order stays row by row.
     constexpr int VB = D == 64 ? 32 : 16;  // 64 registers of V per lane
@@ -242,12 +239,11 @@ __device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst,
         for (int j = 0; j < VB; ++j) {
             if (j0 + j >= nv) break;  // warp-uniform
 #pragma unroll
-            for (int g = 0; g < GMAX; ++g)
-                if (g < GB) {
-                    const float pj = pw[g][j0 + j];
+            for (int g = 0; g < NG; ++g) {
+                const float pj = pw[g][j0 + j];
 #pragma unroll
-                    for (int e = 0; e < D / 32; ++e) acc[g][e] = fmaf(pj, vv[j][e], acc[g][e]);
-                }
+                for (int e = 0; e < D / 32; ++e) acc[g][e] = fmaf(pj, vv[j][e], acc[g][e]);
+            }
         }
     }
 }
@@ -275,7 +271,7 @@ __device__ __forceinline__ void prefetch_row(const u8* p, int n) {
     for (int o = 0; o < n; o += 128) prefetch_l2(p + o);
     prefetch_l2(p + n - 1);
 }
-template <int FK, int D>
+template <int FK, int D, int NG>
 __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __restrict__ k, const u8* __restrict__ v,
                                                                 int v_fmt, int H, int Hkv, int T, int kst, int vst,
                                                                 int len, const int* __restrict__ len_ptr,
@@ -283,7 +279,7 @@ __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __rest
                                                                 int split_len) {
     __shared__ int lim[GMAX];
     const int hk = blockIdx.x, split = blockIdx.y;
-    const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
+    const int G = H / Hkv, r0 = blockIdx.z * NG, GB = min(NG, T * G - r0);
     DecodeRange r;
     r.base = len_ptr ? *len_ptr : len;
     int end = 0;
@@ -314,7 +310,7 @@ __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __rest
     return r;
 }
 
-template <int FK, int D>
+template <int FK, int D, int NG>
 __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, i64 qst,
                                                   const u8* __restrict__ k, const u8* __restrict__ v, int v_fmt,
                                                   float* __restrict__ ws_o, float* __restrict__ ws_ml,
@@ -325,19 +321,19 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
                                                   float scale_log2, const float* __restrict__ signs, int rot_group,
                                                   const DecodeRange& dr) {
     constexpr int DPL = D / 32;
-    __shared__ __align__(16) float qs[GMAX][D];
-    __shared__ float ps[WARPS][GMAX][32];
-    __shared__ float red_o[WARPS][GMAX][D];
-    __shared__ float red_m[WARPS][GMAX], red_l[WARPS][GMAX];
+    __shared__ __align__(16) float qs[NG][D];
+    __shared__ __align__(16) float ps[WARPS][NG][32];
+    __shared__ float red_o[WARPS][NG][D];
+    __shared__ float red_m[WARPS][NG], red_l[WARPS][NG];
 
     if (!dr.run) return;
     const int hk = blockIdx.x, split = blockIdx.y;
-    const int G = H / Hkv, r0 = blockIdx.z * GMAX, GB = min(GMAX, T * G - r0);
+    const int G = H / Hkv, r0 = blockIdx.z * NG, GB = min(NG, T * G - r0);
     const int base = dr.base, pb = dr.pb, pe = dr.pe, n_split = dr.n_split;
     const int* lim = dr.lim;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-    for (int i = threadIdx.x; i < GMAX * D; i += blockDim.x) {
+    for (int i = threadIdx.x; i < NG * D; i += blockDim.x) {  // rows g >= GB: q = 0, never stored
         const int g = i / D, d = i % D;
         float x = 0.f;
         if (g < GB) {
@@ -360,9 +356,15 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     }
     __syncthreads();
 
-    float m[GMAX], lsum[GMAX], acc[GMAX][DPL];
+    // Every loop over the rows below runs all NG of them (a compile-time count: straight-line code
+    // whose NG independent chains the scheduler interleaves; with a runtime bound each row was a
+    // branch and the rows ran one after another, on a GPU where this kernel has a warp or two
+    // per SM to hide latency with). A row past GB has q = 0 and no visible position (lim 0).
+    float m[NG], lsum[NG], acc[NG][DPL];
+    int lm[NG];
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
+    for (int g = 0; g < NG; ++g) {
+        lm[g] = lim[g];
         m[g] = -LUCE_INF;
         lsum[g] = 0.f;
 #pragma unroll
@@ -380,39 +382,37 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
 
     for (int tile = pb + warp * 32; tile < pe; tile += WARPS * 32) {
         const int p = tile + lane;
-        float s[GMAX];
+        float s[NG];
 #pragma unroll
-        for (int g = 0; g < GMAX; ++g) s[g] = 0.f;
-        if (p < pe) score_row<FK, D>(kb + (i64)p * kst, qs, GB, s);
+        for (int g = 0; g < NG; ++g) s[g] = 0.f;
+        if (p < pe) score_row<FK, D, NG>(kb + (i64)p * kst, qs, s);
 #pragma unroll
-        for (int g = 0; g < GMAX; ++g) {
-            if (g < GB) {
-                const bool ok = p < lim[g];
-                const float sv = ok ? s[g] : -LUCE_INF;
-                const float mn = fmaxf(m[g], warp_max(sv));
-                const float mr = mn == -LUCE_INF ? 0.f : mn;  // no visible key for this row yet
-                const float corr = exp2f(m[g] - mr);
-                const float pr = ok ? exp2f(sv - mr) : 0.f;
-                lsum[g] = lsum[g] * corr + pr;
+        for (int g = 0; g < NG; ++g) {
+            const bool ok = p < lm[g];
+            const float sv = ok ? s[g] : -LUCE_INF;
+            const float mn = fmaxf(m[g], warp_max(sv));
+            const float mr = mn == -LUCE_INF ? 0.f : mn;  // no visible key for this row yet
+            const float corr = exp2f(m[g] - mr);
+            const float pr = ok ? exp2f(sv - mr) : 0.f;
+            lsum[g] = lsum[g] * corr + pr;
 #pragma unroll
-                for (int e = 0; e < DPL; ++e) acc[g][e] *= corr;
-                m[g] = mn;
-                ps[warp][g][lane] = pr;
-            }
+            for (int e = 0; e < DPL; ++e) acc[g][e] *= corr;
+            m[g] = mn;
+            ps[warp][g][lane] = pr;
         }
         __syncwarp();
         const int nv = min(32, pe - tile);
         switch (v_fmt) {  // warp-uniform, once per tile
-            case F_F16: accumulate_v<F_F16, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
-            case F_BF16: accumulate_v<F_BF16, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
-            case F_F32: accumulate_v<F_F32, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
-            case F_Q8_0: accumulate_v<F_Q8_0, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
-            default: accumulate_v<F_Q4_0, D>(vb, vst, tile, nv, lane, GB, ps[warp], acc); break;
+            case F_F16: accumulate_v<F_F16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
+            case F_BF16: accumulate_v<F_BF16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
+            case F_F32: accumulate_v<F_F32, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
+            case F_Q8_0: accumulate_v<F_Q8_0, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
+            default: accumulate_v<F_Q4_0, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
         }
         __syncwarp();
     }
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
+    for (int g = 0; g < NG; ++g) {
         const float l = warp_sum(lsum[g]);
         if (lane == 0) {
             red_m[warp][g] = m[g];
@@ -479,17 +479,22 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     }
 }
 
-#define DEF_DECODE(KN, FK, D)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D(                              \
+#define DEF_DECODE_NG(KN, FK, D, NG, SUF)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D##SUF(                         \
         const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml,        \
         int* done, void* out, int H, int Hkv, int T, int kst, int vst, int len, const int* len_ptr,            \
         const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group) {   \
-        const DecodeRange dr = before_wait_flash_decode<FK, D>(k, v, v_fmt, H, Hkv, T, kst, vst, len, len_ptr,  \
-                                                                pos_ptr, n_max, split_len);                   \
+        const DecodeRange dr = before_wait_flash_decode<FK, D, NG>(k, v, v_fmt, H, Hkv, T, kst, vst, len,       \
+                                                                    len_ptr, pos_ptr, n_max, split_len);      \
         grid_dependency_sync();                                                                               \
-        flash_decode_impl<FK, D>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst, len,   \
-                                 len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group, dr);       \
+        flash_decode_impl<FK, D, NG>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst,    \
+                                     len, len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group, dr); \
     }
+// Blocks of 8 query rows, and of 4 (suffix _g4: a decode step of a model with GQA groups of up to
+// 4, where 8 would double the scoring work for nothing).
+#define DEF_DECODE(KN, FK, D)              \
+    DEF_DECODE_NG(KN, FK, D, GMAX, )       \
+    DEF_DECODE_NG(KN, FK, D, 4, _g4)
 // Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
 // format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.
 #if !defined(LUCE_KV_K) || LUCE_KV_K == 0
