@@ -116,11 +116,11 @@ def bench_decode(llm, n: int, reps: int, depth: int = 1) -> dict[str, Any]:
 def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str | None) -> dict[str, Any]:
     """Greedy decode tok/s with ``drafter`` vs plain decoding on the same prompt sets
     (luce_core.prompt_sets), plus acceptance length; outputs must be identical to count."""
-    from luce_core.prompt_sets import SETS
+    from luce_core.prompt_sets import CHAT_TEMPLATED, SETS
 
     out: dict[str, Any] = {"drafter": drafter, "budget": budget, "tokens_per_prompt": n}
     for name, prompts in SETS.items():
-        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if name == "chat" else p
+        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if name in CHAT_TEMPLATED else p
                  for p in prompts]
         ids = [llm.encode(t) for t in texts]
         times = {"plain": 0.0, "spec": 0.0}

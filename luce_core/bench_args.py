@@ -16,7 +16,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-budget", type=int, default=DEFAULT_BUDGET, help="with --drafter: drafts per step (default %(default)s)")
     p.add_argument("--draft-model", help="with --drafter draft-model/dflash: its file")
     p.add_argument("--spec-tokens", type=int, default=128,
-                   help="with --drafter: tokens generated per prompt of the code and chat sets (default %(default)s)")
+                   help="with --drafter: tokens generated per prompt of each prompt set (default %(default)s)")
     p.add_argument("--llama-bench", metavar="PATH",
                    help="also run llama.cpp's llama-bench on the same GGUF and report luce / llama.cpp ratios "
                         "(default: $LUCE_LLAMA_BENCH when set)")

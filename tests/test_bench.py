@@ -37,7 +37,10 @@ def test_bench_json(tiny, tmp_path) -> None:
     assert r["kv"]["allocated_bytes"] == 256 * r["kv"]["bytes_per_token"]
     assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False and r["prefill_chunk"] == 512
     spec = r["speculative"]
-    for name in ("code", "chat"):  # speculative greedy decoding must reproduce plain greedy decoding
+    from luce_core.prompt_sets import SETS
+
+    assert set(SETS) == {"code", "chat", "edit"} and set(SETS) <= set(spec)
+    for name in SETS:  # speculative greedy decoding must reproduce plain greedy decoding
         assert spec[name]["identical_outputs"] == "4/4", spec
         assert spec[name]["plain_tok_s"] > 0 and spec[name]["acceptance_length"] >= 1.0
         # the draft / verify split and per-depth acceptance are reported per set

@@ -1,8 +1,9 @@
 """Where a decode step's GPU time goes, on a CUDA machine.
 
-    python -m luce_cuda.profile_decode MODEL.gguf [--depth 512] [--steps 10]
+    python -m luce_cuda.profile_decode MODEL.gguf [--depth 512] [--steps 10] [--rows 1]
 
-Prints the kernels of one eager decode step at context ``depth`` (time per step, launches per
+Prints the kernels of one eager decode step (``--rows`` R > 1: a speculative verify step of R
+tokens) at context ``depth`` (time per step, launches per
 step, time per launch; from the torch profiler's CUDA activity), the same table for graph
 replays, and the time of one graphed step (replays back to back, CUDA events). The sum of eager
 kernel times against the graphed step time shows how much of a step is launch gaps. With
@@ -23,20 +24,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=512, help="context tokens before the profiled steps")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--rows", type=int, default=1, help="tokens per step: 1 decode, 2..32 a speculative verify")
     a = ap.parse_args(argv)
+    if not 1 <= a.rows <= 32:
+        ap.error("--rows must be 1..32")
     import luce
     from torch.profiler import ProfilerActivity, profile
 
-    llm = luce.load(a.model, ctx=max(2048, 2 * a.depth), progress=False)
+    llm = luce.load(a.model, ctx=max(2048, 2 * a.depth + a.steps * a.rows), progress=False)
     s = llm.session
     model, kv = s.model, s.kv
     prompt = [100 + i % 1000 for i in range(a.depth)]
     s.truncate(0)
     s.prefill(prompt)
 
+    toks = torch.full((a.rows,), 100, device=model.device)
+
     def eager(n: int) -> None:
         for i in range(n):
-            model.forward(torch.tensor([100], device=model.device), a.depth + i, kv)
+            model.forward(toks, a.depth + i * a.rows, kv)
 
     def table(what: str, run) -> None:
         torch.cuda.synchronize()
@@ -61,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     s.truncate(0)
     s.prefill(prompt)
-    s.step(100)  # captures the graph of this window
-    graph, _ = next(iter(s.graphs.graphs.values()))
+    s.graphs.run([100] * a.rows, a.depth)  # captures the graph of this window and row count
+    graph, _ = next(g for key, g in s.graphs.graphs.items() if key[1] == a.rows)
 
     def replays(n: int) -> None:
         for _ in range(n):
