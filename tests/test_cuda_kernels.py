@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from luce_core.formats import BLOCKS
@@ -239,6 +239,8 @@ def test_linear_glu_epilogue(case, m, dtype):
 @settings(max_examples=40, deadline=None)
 @given(case=shape_st, m=st.sampled_from([1, 3, 8, 11, 40]), glu=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+# found on an H200: f32 accumulate was contracted into one FMA (product + residual, one rounding)
+@example(case=("NVFP4", 1, 1, 0), m=3, glu=False, dtype=torch.float32)
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_linear_fused_norm_and_residual_change_no_bit(case, m, glu, dtype):

@@ -176,7 +176,8 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     if (j < m && row0 + r < N) {
                         float v = acc[j][r] * alpha;
                         T* dst = y + j * ys + row0 + r;
-                        if (add_y) v = to_f(from_f<T>(v)) + to_f(*dst);
+                        // an explicit add: never contracted with the product into one rounding
+                        if (add_y) v = __fadd_rn(to_f(from_f<T>(v)), to_f(*dst));
                         *dst = from_f<T>(v);
                     }
                 }
