@@ -85,7 +85,7 @@ __device__ __forceinline__ float byte_f(u32 x, int k) {
     return __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7540u | k));
 }
 
-// s[g] += d * sum_i q_g[c0 + i] * e_i over one quantized block at channels c0..c0+31 (g < GB).
+// s[g] += d * sum_i q_g[c0 + i] * e_i over one quantized block at channels c0..c0+31 (g < NG).
 // The block's quants start at byte 4*a + sh/8 of the words x (sh 0, 16 or 32: funnel shifts);
 // constants after unrolling where the caller knows the offsets.
 template <int F, int D, int NG>
