@@ -63,7 +63,8 @@ class LLM:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
-    def speculative(self, drafter: str, *, budget: int = DEFAULT_BUDGET, tree: bool = False, draft_model: str | None = None):
+    def speculative(self, drafter: str, *, budget: int = DEFAULT_BUDGET, tree: bool = False,
+                    draft_model: str | None = None):
         """The speculative decoder for ``drafter`` (kept between calls, so a draft model stays loaded)."""
         from luce_core.speculative import DrafterOptions, decoder_for
 
@@ -75,8 +76,9 @@ class LLM:
         return self._spec
 
     def generate_ids(self, prompt: str | Sequence[int], max_tokens: int = 128, *,
-                     stop_ids: Sequence[int] | None = None, drafter: str | None = None, draft_budget: int = DEFAULT_BUDGET,
-                     draft_tree: bool = False, draft_model: str | None = None, **sampling: Any) -> Iterator[int]:
+                     stop_ids: Sequence[int] | None = None, drafter: str | None = None,
+                     draft_budget: int = DEFAULT_BUDGET, draft_tree: bool = False, draft_model: str | None = None,
+                     **sampling: Any) -> Iterator[int]:
         """Stream token ids. With ``drafter`` (or load(drafter=...) / LUCE_DRAFTER) decoding is
         speculative: drafts are verified by the target, so at temperature 0 the ids are the
         target's own greedy ids and at temperature > 0 they follow the target's distribution."""

@@ -120,8 +120,8 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
 
     out: dict[str, Any] = {"drafter": drafter, "budget": budget, "tokens_per_prompt": n}
     for name, prompts in SETS.items():
-        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if name in CHAT_TEMPLATED else p
-                 for p in prompts]
+        texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}])
+                 if name in CHAT_TEMPLATED else p for p in prompts]
         ids = [llm.encode(t) for t in texts]
         times = {"plain": 0.0, "spec": 0.0}
         gen = {"plain": 0, "spec": 0}

@@ -105,8 +105,8 @@ class QuantLinear:
         GEMV computes it in its epilogue (no SwiGLU launch), the GEMM path runs the op after.
         ``norm`` = (w, eps): x is first RMS-normalized as ``ops.rms_norm(x, w, eps)`` (w f32), by
         the GEMV itself (bit for bit the same) when its rows fit in shared memory, else by that
-        op. Fused was faster on all four decode shapes measured (graph replays on an H200, bench/results:
-        1.2B QKV 6.5 against 7.7 us for norm + GEMV, its gate|up 15.1 against 15.6)."""
+        op. Fused was faster on all four decode shapes measured (graph replays on an H200,
+        bench/results: 1.2B QKV 6.5 against 7.7 us for norm + GEMV, its gate|up 15.1 against 15.6)."""
         n, k = self.w.n, self.w.k
         if glu:
             if n % 2 or (out is not None and accumulate):
@@ -142,7 +142,8 @@ class QuantLinear:
         name = f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
         kern = get_kernel(self._gemv, name, device_index(x2))
         # the norm's shared rows, weight, eps and the rms_norm kernel's thread count (its summation order)
-        smem, nw, eps, nt = (0, None, 0.0, 0) if norm is None else (m * k * x2.element_size(), *norm, ops.rms_threads(k))
+        smem, nw, eps, nt = ((0, None, 0.0, 0) if norm is None
+                             else (m * k * x2.element_size(), *norm, ops.rms_threads(k)))
         per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2, smem))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),
