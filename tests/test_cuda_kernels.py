@@ -156,6 +156,32 @@ def _refs(w: QTensor) -> torch.Tensor:
     return g
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _int8_on_every_shape():
+    """The int8-activation GEMVs serve large weights only; here every shape takes them, so
+    the hypothesis shapes exercise them too (the threshold itself: test_int8_activations_where...)."""
+    if GPU_REASON:
+        yield
+        return
+    from luce_cuda import linear
+
+    _REAL["int8_pays"] = linear.int8_pays
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear, "int8_pays", lambda n, k: True)
+        yield
+
+
+_REAL: dict = {}
+
+
+def _seen(lin, x: torch.Tensor, gemv: bool = True) -> torch.Tensor:
+    """x as the kernel multiplies it, in float64 on the CPU: rounded to int8 per 32
+    (luce_torch.act_quant) where the GEMV quantizes activations, else exactly x."""
+    from luce_torch.act_quant import dequantize_act_q8
+
+    return dequantize_act_q8(x.cpu()) if gemv and lin.int8_activations(x.dtype) else x.double().cpu()
+
+
 shape_st = st.tuples(st.sampled_from(QUANTS), st.integers(1, 200), st.integers(1, 4), st.integers(0, 2**31))
 
 
@@ -165,7 +191,7 @@ shape_st = st.tuples(st.sampled_from(QUANTS), st.integers(1, 200), st.integers(1
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_linear_matches_dequant_oracles(dtype, case, m):
-    from luce_cuda.linear import CudaLinear
+    from luce_cuda.linear import CudaLinear, GEMV_MAX_ROWS
 
     qtype, n, blocks, seed = case
     elems = BLOCKS[qtype][0]
@@ -177,7 +203,7 @@ def test_linear_matches_dequant_oracles(dtype, case, m):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
     y = lin(x)
     assert y.shape == (m, n) and y.dtype == dtype
-    ref = x.double().cpu() @ ref_w.T
+    ref = _seen(lin, x, m <= GEMV_MAX_ROWS) @ ref_w.T
     tol = ACT_TOL[dtype] if m == 1 else GEMM_TOL["f16" if dtype == torch.float16 else "bf16"]
     # relative error, plus the deterministic bound of an f32 dot product of length k (k u |x||W|)
     # for outputs that cancel: any summation order the compiler picks stays within it
@@ -214,7 +240,7 @@ def test_linear_glu_epilogue(case, m, dtype):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     x *= 4 / float((x @ ref_w.T).abs().max().clamp_min(1e-6))  # gate and up within +-4: f16 holds the product
     x = x.to("cuda", dtype)
-    gu = x.double().cpu() @ ref_w.T
+    gu = _seen(lin, x, m <= GEMV_MAX_ROWS) @ ref_w.T
     ref = F.silu(gu[:, :n]) * gu[:, n:]
     got = lin.forward(x, glu=True)
     assert got.shape == (m, n) and got.dtype == dtype
@@ -306,7 +332,7 @@ def test_gemv_split_over_warps(qtype, k):
         lin = CudaLinear().prepare(w, torch.device("cuda"), dtype)
         assert lin._wpr == {4096: 2, 8192: 4, 16384: 8}[k]
         x = torch.randn(1, k).to("cuda", dtype)
-        assert rel_err(lin(x).cpu(), x.double().cpu() @ ref_w.T) < ACT_TOL[dtype]
+        assert rel_err(lin(x).cpu(), _seen(lin, x) @ ref_w.T) < ACT_TOL[dtype]
 
 
 @pytest.mark.parametrize("m", [2, 5, 8, 9, 17, 32])
@@ -327,7 +353,7 @@ def test_few_row_gemv_rounds_each_row_as_decode(qtype, m):
         both = lin(x)
         assert torch.isfinite(both).all()
         assert torch.equal(both, rows), f"{qtype} {dtype}: max diff {(both.float() - rows.float()).abs().max()}"
-        assert rel_err(both.cpu(), x.double().cpu() @ _refs(w).T) < ACT_TOL[dtype]
+        assert rel_err(both.cpu(), _seen(lin, x) @ _refs(w).T) < ACT_TOL[dtype]
 
 
 @pytest.mark.parametrize("n, k", [(20011, 256), (5001, 8192)])
@@ -342,7 +368,39 @@ def test_gemv_persistent_grid_walks_all_rows(n, k):
     x = torch.randn(1, k).to("cuda", torch.float16)
     y = torch.full((1, n), float("nan"), device="cuda", dtype=torch.float16)  # poison
     lin.forward(x, out=y)
-    assert rel_err(y.cpu(), x.double().cpu() @ _refs(w).T) < ACT_TOL[torch.float16]
+    assert rel_err(y.cpu(), _seen(lin, x) @ _refs(w).T) < ACT_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("qtype", QUANTS)
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_int8_activations_where_and_how_much(qtype, monkeypatch):
+    """Q4_0/Q4_1/Q8_0 GEMVs of 2^22+ weights and N >= K quantize f16/bf16 activations to int8
+    (never f32 ones, never the K-quants or NVFP4); against the exact product that costs under
+    1.5 % (ggml's q8 rounding), and ``LUCE_GEMV_Q8=0`` turns it off (float then matches closer)."""
+    from luce_cuda import linear
+    from luce_cuda.linear import CudaLinear
+
+    monkeypatch.setattr(linear, "int8_pays", _REAL["int8_pays"])  # the real rule, not the fixture's
+    for n, k in ((2047, 2048), (2048, 4096)):  # fewer rows than columns, or under 2^22 weights
+        small = CudaLinear().prepare(_qtensor(qtype, n, k, 3), torch.device("cuda"), torch.bfloat16)
+        assert not small.int8_activations(torch.bfloat16)
+    k = 2048
+    w = _qtensor(qtype, 2048, k, 3)
+    ref_w = _refs(w)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        lin = CudaLinear().prepare(w, torch.device("cuda"), dtype)
+        assert lin.int8_activations(dtype) == (qtype in ("Q4_0", "Q4_1", "Q8_0") and dtype != torch.float32)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+        exact = x.double().cpu() @ ref_w.T
+        got = lin(x)
+        assert rel_err(got.cpu(), exact) < (1.5e-2 if lin.int8_activations(dtype) else ACT_TOL[dtype])
+        if lin.int8_activations(dtype):
+            monkeypatch.setenv("LUCE_GEMV_Q8", "0")
+            assert not lin.int8_activations(dtype)
+            off = lin(x)
+            monkeypatch.delenv("LUCE_GEMV_Q8")
+            assert rel_err(off.cpu(), exact) < ACT_TOL[dtype] and not torch.equal(off, got)
 
 
 @settings(max_examples=20, deadline=None)

@@ -5,7 +5,10 @@
   (kernels/gemm.cu): BF16 WMMA on SM 8.0+ (impl "cuda"), FP16 WMMA on SM 7.5+ (impl "cuda-sm75");
 * F32/F16/BF16 weights are stored in the compute dtype and multiplied by torch (cuBLAS).
 
-Precision: the GEMV accumulates in FP32 from the exact block values. The GEMM rounds x and the
+Precision: the GEMV accumulates in FP32 from the exact block values. For Q4_0, Q4_1 and Q8_0 with
+f16/bf16 activations it first quantizes x to int8 per 32 (ggml's q8_1 rounding, as llama.cpp's
+quantized matmuls do; ``LUCE_GEMV_Q8=0`` keeps x in float) and sums in integers: four times fewer
+instructions, which these latency-bound kernels need (bench/results). The GEMM rounds x and the
 decoded W tile to the MMA type (BF16, or FP16 on the SM 7.5 path; f16 inputs always use FP16),
 so f32 inputs lose precision there. Up to ``GEMV_MAX_ROWS`` rows (decode, speculative verify) run
 through the GEMV instead, which reads each weight unit once per chunk of up to 8 rows and gives
@@ -18,6 +21,8 @@ capturable in a CUDA graph once :meth:`QuantLinear.warmup` (or one call) has loa
 from __future__ import annotations
 
 from typing import Callable
+
+import os
 
 import numpy as np
 import torch
@@ -36,7 +41,18 @@ GEMV_WARPS = 8  # warps per GEMV block
 GEMV_ROWS = 2  # rows per warp (LUCE_GEMV_ROWS in kernels/gemv.cu)
 GEMV_CHUNK = 8  # x rows per GEMV launch (kernel gemv_<q>_<act>_x8; one row: gemv_<q>_<act>)
 GEMV_MAX_ROWS = 32  # up to this many rows (decode, speculative verify) use the GEMV, more the GEMM
-NORM_SMEM = 48 * 1024  # the fused RMSNorm's rows live in shared memory: at most the default budget
+GEMV_SMEM = 48 * 1024  # the fused RMSNorm's or the int8 activations' rows: at most the default budget
+# Int8 activations for weights of at least this many elements and at least as many rows as
+# columns: elsewhere quantizing x before the first weight load costs more than the integer dot
+# saves (H200, one x row, float against int8: the 1.2B's Q4_0 gate|up 16384x2048 14.8 against
+# 10.1 us, QKV 3072x2048 6.7 against 4.9, but its down 2048x8192 7.5 against 8.1 and SmolLM2's
+# 576x576 Q4_1 1.9 against 2.5; bench/results).
+GEMV_Q8_MIN_WEIGHTS = 1 << 22
+
+
+def int8_pays(n: int, k: int) -> bool:
+    """Whether an n x k GEMV gains from int8 activations (see GEMV_Q8_MIN_WEIGHTS)."""
+    return n >= k and n * k >= GEMV_Q8_MIN_WEIGHTS
 
 
 def _dense(w: QTensor) -> torch.Tensor:
@@ -72,6 +88,9 @@ class QuantLinear:
         self._gemm = {"f16": programs.GEMM_F16[q], "bf16": programs.GEMM_BF16[q]}
         # warps per GEMV row group: about 2 units (64 weights) per lane, 1..8 warps
         units = w.k // 32
+        # int8 activations: K bytes + 8 per 32 (scale and sum) per x row in shared memory
+        self._q8_row = w.k + 8 * units if (q in programs.GEMV_Q8 and w.k + 8 * units <= GEMV_SMEM
+                                           and int8_pays(w.n, w.k)) else 0
         self._wpr = 1
         while self._wpr < GEMV_WARPS and units >= 64 * self._wpr * 2:
             self._wpr *= 2
@@ -83,10 +102,19 @@ class QuantLinear:
     def warmup(self, dtype: torch.dtype) -> None:
         """Load every kernel this weight launches for activations of ``dtype`` (before graph capture)."""
         idx = device_index(next(p for p in self.w.planes if p is not None))
+        q8 = "_q8" if self.int8_activations(dtype) else ""
         for suffix in ("", "_x8", "_norm", "_x8_norm"):
-            get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}", idx)
+            get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}{q8}", idx)
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
+
+    def int8_activations(self, dtype: torch.dtype) -> bool:
+        """Whether the GEMV quantizes x to int8 (the same for every row count: verify == decode)."""
+        return bool(self._q8_row) and dtype != torch.float32 and os.environ.get("LUCE_GEMV_Q8", "1") != "0"
+
+    def _chunk(self, dtype: torch.dtype) -> int:
+        """x rows per GEMV launch: up to 8, fewer when the int8 rows would overflow shared memory."""
+        return max(1, min(GEMV_CHUNK, GEMV_SMEM // self._q8_row)) if self.int8_activations(dtype) else GEMV_CHUNK
 
     def _gemm_type(self, dtype: torch.dtype) -> str:
         if self.mma == "f16":
@@ -119,15 +147,16 @@ class QuantLinear:
             raise ConfigError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)}")
         if m == 0:
             return out if out is not None else x.new_empty((*lead, n))
-        if norm is not None and (m > GEMV_MAX_ROWS or min(m, GEMV_CHUNK) * k * x2.element_size() > NORM_SMEM):
+        chunk = self._chunk(x2.dtype)
+        if norm is not None and (m > GEMV_MAX_ROWS or (not self.int8_activations(x2.dtype) and
+                                                      min(m, chunk) * k * x2.element_size() > GEMV_SMEM)):
             x2, norm = ops.rms_norm(x2, norm[0], norm[1]), None
         if m <= GEMV_MAX_ROWS:
             # decode and speculative verify: the GEMV, in chunks of up to 8 x rows, so every row
             # rounds exactly as a one-row decode step (lossless verify in bf16 too)
             y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-            for i in range(0, m, GEMV_CHUNK):
-                self._gemv_call(x2[i:i + GEMV_CHUNK], y[i:i + GEMV_CHUNK], accumulate and out is not None, glu,
-                                norm)
+            for i in range(0, m, chunk):
+                self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm)
         elif glu:
             gu = self._gemm_call(x2, None, False)
             y = ops.swiglu(gu[:, :n], gu[:, n:], out=None if out is None else out.view(m, n))
@@ -139,11 +168,14 @@ class QuantLinear:
                    norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         m = x2.shape[0]
-        name = f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
+        q8 = self.int8_activations(x2.dtype)
+        name = (f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
+                f"{'_q8' if q8 else ''}")
         kern = get_kernel(self._gemv, name, device_index(x2))
-        # the norm's shared rows, weight, eps and the rms_norm kernel's thread count (its summation order)
-        smem, nw, eps, nt = ((0, None, 0.0, 0) if norm is None
-                             else (m * k * x2.element_size(), *norm, ops.rms_threads(k)))
+        # the norm's weight, eps and the rms_norm kernel's thread count (its summation order)
+        nw, eps, nt = (None, 0.0, 0) if norm is None else (*norm, ops.rms_threads(k))
+        # shared memory: the int8 rows, or the normalized rows
+        smem = m * self._q8_row if q8 else (0 if norm is None else m * k * x2.element_size())
         per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2, smem))
         launch(kern, (blocks,), (32 * GEMV_WARPS,),

@@ -26,13 +26,24 @@ def _qdefs(q: str) -> tuple[tuple[str, str], ...]:
     return (("LUCE_QNAME", q), ("LUCE_QFMT", _QFMT[q]))
 
 
+# Formats whose decode GEMV also comes with int8 activations (kernels *_q8, f16/bf16 only): the
+# dot products become dp4a, a quarter of the float path's instructions (kernels/gemv.cu).
+GEMV_Q8 = frozenset({"q4_0", "q4_1", "q8_0"})
+
+
+def _gemv_kernels(q: str) -> tuple[str, ...]:
+    names = [f"gemv_{q}_{a}{x}{n}" for a in ("f16", "bf16", "f32") for x in ("", "_x8") for n in ("", "_norm")]
+    if q in GEMV_Q8:
+        names += [f"gemv_{q}_{a}{x}{n}_q8" for a in ("f16", "bf16") for x in ("", "_x8") for n in ("", "_norm")]
+    return (*names, f"dequant_{q}")
+
+
 # One program per weight format, so a model compiles only what it uses.
 GEMV: dict[str, KernelProgram] = {
     q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, pdl=True,
-                     defines=(*_qdefs(q), ("LUCE_GEMV_MINB", str(_GEMV_MINB.get(q, 1)))),
-                     kernels=tuple(f"gemv_{q}_{a}{x}{n}" for a in ("f16", "bf16", "f32") for x in ("", "_x8")
-                                   for n in ("", "_norm"))
-                     + (f"dequant_{q}",))
+                     defines=(*_qdefs(q), ("LUCE_GEMV_MINB", str(_GEMV_MINB.get(q, 1))),
+                              ("LUCE_GEMV_Q8", "1" if q in GEMV_Q8 else "0")),
+                     kernels=_gemv_kernels(q))
     for q in QTYPES.values()}
 
 # Prefill GEMM on tensor cores: FP16 WMMA from SM 7.5 (the SM75 path, also usable later), BF16

@@ -23,6 +23,13 @@
 // nw, eps; summed as ops.cu's rms_norm kernel of nt threads sums it, rounded to T as it rounds)
 // into dynamic shared memory before the dot products read it: bit for bit rms_norm then the GEMV,
 // one launch (and one pass over the activations) fewer.
+//
+// Kernels _q8 (Q4_0, Q4_1, Q8_0 with f16/bf16 activations): each block first quantizes its m rows
+// of x (normalized first with _norm) to int8 per run of 32 with ggml's Q8_0 rounding: d = max|x| / 127,
+// xq = roundf(x * (1 / d)), kept in dynamic shared memory with (d, d * sum(xq)). The dot products
+// are then integer (dp4a: four weights per instruction) and the unit's scales are applied once, so
+// the kernel issues a quarter of the float path's instructions; the error is the activations'
+// 8-bit rounding, what llama.cpp's quantized matmuls have. luce_torch.act_quant is the oracle.
 #include "quant.cuh"
 
 template <class F, class T>
@@ -55,7 +62,67 @@ __device__ __forceinline__ void norm_rows(const T* __restrict__ x, i64 xs, int m
     __syncthreads();
 }
 
-template <class F, class T, int R, int UN, int MX, bool NORM>
+// The m rows of x (RMS-normalized as norm_rows does, with NORM) quantized to int8 per 32: bytes
+// [m][K], then (d, d * sum(xq)) per run as float2 [m][K/32]. Four lanes per run of 32, eight
+// values (one 16-byte load) each, up to four loads in flight per lane: the prologue stays short.
+template <class T, bool NORM>
+__device__ __forceinline__ void quantize_rows(const T* __restrict__ x, i64 xs, int m, int K,
+                                              const float* __restrict__ nw, float eps, int nt, unsigned char* sm) {
+    __shared__ float red[32], inv[8];
+    if constexpr (NORM) {
+        for (int j = 0; j < m; ++j) {
+            const float v = rms_inv_block(x + j * xs, K, eps, nt, red);
+            if (threadIdx.x == 0) inv[j] = v;
+        }
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, per_row = K >> 3, total = m * per_row;  // eighths of rows
+    float2* sc = reinterpret_cast<float2*>(sm + (size_t)m * K);
+    constexpr int C = 4;  // chunks per thread per pass: all their loads are issued before any math
+    for (int t0 = threadIdx.x - lane; t0 < total; t0 += C * blockDim.x) {  // warp-uniform
+        float v[C][8];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int t = t0 + lane + c * blockDim.x, j = t / per_row, k0 = (t - j * per_row) * 8;
+            if (t < total) load8(x + j * xs + k0, v[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int t = t0 + lane + c * blockDim.x, j = t / per_row, k0 = (t - j * per_row) * 8;
+            if (t0 + c * blockDim.x >= total) break;  // warp-uniform
+            const bool ok = t < total;  // the four lanes of a run agree (per_row is a multiple of 4)
+            if (!ok)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[c][i] = 0.f;
+            else if constexpr (NORM)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[c][i] = to_f(from_f<T>(v[c][i] * inv[j] * __ldg(nw + k0 + i)));
+            float amax = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[c][i]));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            const float d = __fdiv_rn(amax, 127.f), id = d == 0.f ? 0.f : __frcp_rn(d);  // ggml's Q8_0 rounding
+            int sum = 0;
+            u32 w[2] = {0u, 0u};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int q = (int)roundf(__fmul_rn(v[c][i], id));  // half away from zero
+                sum += q;
+                w[i >> 2] |= (u32)(q & 0xff) << (8 * (i & 3));
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            if (ok) {
+                *reinterpret_cast<uint2*>(sm + (size_t)j * K + k0) = make_uint2(w[0], w[1]);
+                if ((t & 3) == 0) sc[t >> 2] = make_float2(d, __fmul_rn(d, (float)sum));
+            }
+        }
+    }
+    __syncthreads();
+}
+
+template <class F, class T, int R, int UN, int MX, bool NORM, bool Q8>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
                                           int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu,
@@ -74,7 +141,8 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     const int outs = glu ? 1 : R;
     extern __shared__ __align__(16) unsigned char gemv_xn[];
     T* xn = reinterpret_cast<T*>(gemv_xn);
-    if constexpr (NORM) norm_rows(x, xs, m, K, nw, eps, nt, xn);
+    if constexpr (Q8) quantize_rows<T, NORM>(x, xs, m, K, nw, eps, nt, gemv_xn);
+    else if constexpr (NORM) norm_rows(x, xs, m, K, nw, eps, nt, xn);
     for (int base = blockIdx.x; base * groups * outs < N; base += gridDim.x) {
         const int row0 = (base * groups + group) * outs;
         const bool active = row0 < N;
@@ -98,7 +166,20 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
 #pragma unroll
             for (int i = 0; i < UN; ++i) {
                 const int u = u0 + stride * i;
-                if (u < U) {
+                if constexpr (Q8) {
+                    if (u < U) {
+#pragma unroll
+                        for (int j = 0; j < MX; ++j) {
+                            if (j >= m) break;
+                            const uint4* xq = reinterpret_cast<const uint4*>(gemv_xn + (size_t)j * K) + 2 * u;
+                            const uint4 xa = xq[0], xb = xq[1];
+                            const float2 ds = reinterpret_cast<const float2*>(gemv_xn + (size_t)m * K)[j * U + u];
+#pragma unroll
+                            for (int r = 0; r < R; ++r)  // explicit rounding: x1 and x8 kernels sum alike
+                                acc[j][r] = __fadd_rn(acc[j][r], F::dot_q8(raw[i][r], xa, xb, ds.x, ds.y));
+                        }
+                    }
+                } else if (u < U) {
 #pragma unroll
                     for (int j = 0; j < MX; ++j) {
                         if (j >= m) break;  // uniform: m is a kernel argument
@@ -231,22 +312,28 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 // One program per weight format: the host passes -DLUCE_QNAME=q4_0 -DLUCE_QFMT=FQ4_0 (see
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
 // (decode) or up to 8 (suffix _x8), each also with the fused RMSNorm (suffix _norm: m * K * sizeof(T)
-// bytes of dynamic shared memory); dequantization writes f32.
-#define DEF_GEMV_MX(QN, F, AN, T, MX, NORM, SUF)                                                          \
+// bytes of dynamic shared memory) and, for LUCE_GEMV_Q8 formats and f16/bf16, with int8
+// activations (suffix _q8: m * K * 5/4 bytes); dequantization writes f32.
+#define DEF_GEMV_MX(QN, F, AN, T, MX, NORM, Q8, SUF)                                                     \
     extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                     \
         gemv_##QN##_##AN##SUF(                                                                            \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,   \
         i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, float eps, int nt) {   \
         before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu, NORM ? nw : nullptr);         \
         grid_dependency_sync();                                                                           \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha, add_y, \
-                                                     wpr, glu, nw, eps, nt);                              \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM, Q8>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha,    \
+                                                         add_y, wpr, glu, nw, eps, nt);                   \
     }
-#define DEF_GEMV(QN, F, AN, T)                 \
-    DEF_GEMV_MX(QN, F, AN, T, 1, false, )      \
-    DEF_GEMV_MX(QN, F, AN, T, 8, false, _x8)   \
-    DEF_GEMV_MX(QN, F, AN, T, 1, true, _norm)  \
-    DEF_GEMV_MX(QN, F, AN, T, 8, true, _x8_norm)
+#define DEF_GEMV(QN, F, AN, T)                        \
+    DEF_GEMV_MX(QN, F, AN, T, 1, false, false, )      \
+    DEF_GEMV_MX(QN, F, AN, T, 8, false, false, _x8)   \
+    DEF_GEMV_MX(QN, F, AN, T, 1, true, false, _norm)  \
+    DEF_GEMV_MX(QN, F, AN, T, 8, true, false, _x8_norm)
+#define DEF_GEMV_Q8(QN, F, AN, T)                        \
+    DEF_GEMV_MX(QN, F, AN, T, 1, false, true, _q8)       \
+    DEF_GEMV_MX(QN, F, AN, T, 8, false, true, _x8_q8)    \
+    DEF_GEMV_MX(QN, F, AN, T, 1, true, true, _norm_q8)   \
+    DEF_GEMV_MX(QN, F, AN, T, 8, true, true, _x8_norm_q8)
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \
@@ -262,3 +349,7 @@ EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, f16, __half)
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, bf16, __nv_bfloat16)
 EXPAND(DEF_GEMV, LUCE_QNAME, LUCE_QFMT, f32, float)
 EXPAND(DEF_DEQUANT, LUCE_QNAME, LUCE_QFMT)
+#if LUCE_GEMV_Q8  // formats with dot_q8 (programs.py)
+EXPAND(DEF_GEMV_Q8, LUCE_QNAME, LUCE_QFMT, f16, __half)
+EXPAND(DEF_GEMV_Q8, LUCE_QNAME, LUCE_QFMT, bf16, __nv_bfloat16)
+#endif

@@ -56,6 +56,19 @@ __device__ __forceinline__ void nibble_dot(const uint4& v, const float* xv, floa
     qx_hi = b;
 }
 
+// Integer dot of a 16-byte nibble unit with 32 int8 activations (xa: elements 0..15, xb: 16..31),
+// four products per dp4a: low nibbles of word j are weights 4j..4j+3, high nibbles 16+4j...
+__device__ __forceinline__ int nibble_dot_q8(const uint4& q, const uint4& xa, const uint4& xb) {
+    const u32 wd[4] = {q.x, q.y, q.z, q.w}, lo[4] = {xa.x, xa.y, xa.z, xa.w}, hi[4] = {xb.x, xb.y, xb.z, xb.w};
+    int s = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        s = __dp4a((int)(wd[j] & 0x0F0F0F0Fu), (int)lo[j], s);
+        s = __dp4a((int)((wd[j] >> 4) & 0x0F0F0F0Fu), (int)hi[j], s);
+    }
+    return s;
+}
+
 // The 32 nibbles of a 16-byte unit as floats minus ``bias`` (exact: magic-number conversion):
 // low nibble of byte i -> q[i], high nibble -> q[16 + i] (Q4_0, Q4_1 and Q4_K share this order).
 template <int BIAS>
@@ -88,6 +101,10 @@ struct FQ4_0 {
         s[0] = half_bits(r.d);
         unpack_nibbles<8>(r.q, q);
     }
+    // with int8 activations x = d * xq (ds = d * sum(xq)): d_w * (d * sum(nibble * xq) - 8 ds)
+    __device__ static float dot_q8(const Raw& r, const uint4& xa, const uint4& xb, float d, float ds) {
+        return __fmul_rn(half_bits(r.d), fmaf(d, (float)nibble_dot_q8(r.q, xa, xb), -8.f * ds));
+    }
 };
 
 // ------------------------------------------------------------------ Q4_1: {half d; half m; u8 qs[16]}
@@ -112,6 +129,10 @@ struct FQ4_1 {
         o[0] = f.y;
         unpack_nibbles<0>(r.q, q);
     }
+    __device__ static float dot_q8(const Raw& r, const uint4& xa, const uint4& xb, float d, float ds) {
+        const float2 f = h2f2(r.dm);  // d_w * d * sum(nibble * xq) + m_w * ds
+        return fmaf(f.x, __fmul_rn(d, (float)nibble_dot_q8(r.q, xa, xb)), __fmul_rn(f.y, ds));
+    }
 };
 
 // ------------------------------------------------------------------ Q8_0: {half d; i8 qs[32]}
@@ -133,6 +154,14 @@ struct FQ8_0 {
             q[i] = __uint_as_float(0x4B000000u | (byte_of(r.a, i) ^ 0x80u)) - (LUCE_MAGIC + 128.0f);
             q[i + 16] = __uint_as_float(0x4B000000u | (byte_of(r.b, i) ^ 0x80u)) - (LUCE_MAGIC + 128.0f);
         }
+    }
+    __device__ static float dot_q8(const Raw& r, const uint4& xa, const uint4& xb, float d, float ds) {
+        int s = 0;
+        s = __dp4a((int)r.a.x, (int)xa.x, s); s = __dp4a((int)r.a.y, (int)xa.y, s);
+        s = __dp4a((int)r.a.z, (int)xa.z, s); s = __dp4a((int)r.a.w, (int)xa.w, s);
+        s = __dp4a((int)r.b.x, (int)xb.x, s); s = __dp4a((int)r.b.y, (int)xb.y, s);
+        s = __dp4a((int)r.b.z, (int)xb.z, s); s = __dp4a((int)r.b.w, (int)xb.w, s);
+        return __fmul_rn(half_bits(r.d), __fmul_rn(d, (float)s));
     }
 };
 
