@@ -32,6 +32,10 @@
 // 8-bit rounding, what llama.cpp's quantized matmuls have. luce_torch.act_quant is the oracle.
 #include "quant.cuh"
 
+#ifndef LUCE_GEMV_PRELOAD
+#define LUCE_GEMV_PRELOAD 1  // _q8 kernels: issue the first weight loads before quantizing x
+#endif
+
 template <class F, class T>
 __device__ __forceinline__ float run_dot(const float* q, const float* s, const float* o, const float* xv) {
     float part = 0.f;
@@ -64,7 +68,7 @@ __device__ __forceinline__ void norm_rows(const T* __restrict__ x, i64 xs, int m
 
 // The m rows of x (RMS-normalized as norm_rows does, with NORM) quantized to int8 per 32: bytes
 // [m][K], then (d, d * sum(xq)) per run as float2 [m][K/32]. Four lanes per run of 32, eight
-// values (one 16-byte load) each, up to four loads in flight per lane: the prologue stays short.
+// values (one 16-byte load) each, two loads in flight per lane: the prologue stays short.
 template <class T, bool NORM>
 __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, i64 xs, int m, int K,
                                               const float* __restrict__ nw, float eps, int nt, unsigned char* sm) {
@@ -78,7 +82,7 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, i64 xs, i
     }
     const int lane = threadIdx.x & 31, per_row = K >> 3, total = m * per_row;  // eighths of rows
     float2* sc = reinterpret_cast<float2*>(sm + (size_t)m * K);
-    constexpr int C = 4;  // chunks per thread per pass: all their loads are issued before any math
+    constexpr int C = 2;  // chunks per thread per pass: their loads are issued before any math
     for (int t0 = threadIdx.x - lane; t0 < total; t0 += C * blockDim.x) {  // warp-uniform
         float v[C][8];
 #pragma unroll
@@ -141,15 +145,39 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
     const int outs = glu ? 1 : R;
     extern __shared__ __align__(16) unsigned char gemv_xn[];
     T* xn = reinterpret_cast<T*>(gemv_xn);
-    if constexpr (Q8) quantize_rows<T, NORM>(x, xs, m, K, nw, eps, nt, gemv_xn);
-    else if constexpr (NORM) norm_rows(x, xs, m, K, nw, eps, nt, xn);
-    for (int base = blockIdx.x; base * groups * outs < N; base += gridDim.x) {
+    int rows[R];
+    typename F::Raw raw[UN][R];
+    auto row_group = [&](int base) {  // this warp's rows of row group base; returns its first output
         const int row0 = (base * groups + group) * outs;
-        const bool active = row0 < N;
-        int rows[R];
 #pragma unroll
         for (int r = 0; r < R; ++r)  // a missing row re-reads the last one
             rows[r] = glu ? min(row0, N - 1) + r * N : min(row0 + r, N - 1);
+        return row0;
+    };
+    auto load_units = [&](int u0) {
+#pragma unroll
+        for (int i = 0; i < UN; ++i)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (u0 + stride * i < U) raw[i][r] = F::load(w, rows[r], u0 + stride * i);
+    };
+    bool loaded = false;  // raw already holds the first iteration's units
+    if constexpr (Q8) {
+        // the first row group's weights are on their way from memory while x is quantized (for
+        // 20-byte units: Q8_0's 36 would spill under the 64-register cap)
+#if LUCE_GEMV_PRELOAD
+        if (sizeof(typename F::Raw) <= 20 && blockIdx.x * groups * outs < N && row_group(blockIdx.x) < N && wig * 32 + lane < U) {
+            load_units(wig * 32 + lane);
+            loaded = true;
+        }
+#endif
+        quantize_rows<T, NORM>(x, xs, m, K, nw, eps, nt, gemv_xn);
+    } else if constexpr (NORM) {
+        norm_rows(x, xs, m, K, nw, eps, nt, xn);
+    }
+    for (int base = blockIdx.x; base * groups * outs < N; base += gridDim.x) {
+        const int row0 = row_group(base);
+        const bool active = row0 < N;
         float acc[MX][R];
 #pragma unroll
         for (int j = 0; j < MX; ++j)
@@ -157,12 +185,8 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
             for (int r = 0; r < R; ++r) acc[j][r] = 0.f;
 
         for (int u0 = wig * 32 + lane; active && u0 < U; u0 += stride * UN) {
-            typename F::Raw raw[UN][R];
-#pragma unroll
-            for (int i = 0; i < UN; ++i)
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    if (u0 + stride * i < U) raw[i][r] = F::load(w, rows[r], u0 + stride * i);
+            if (!loaded) load_units(u0);
+            loaded = false;
 #pragma unroll
             for (int i = 0; i < UN; ++i) {
                 const int u = u0 + stride * i;
