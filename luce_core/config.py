@@ -11,7 +11,7 @@ from luce_core.errors import ConfigError
 # Chain drafts per step unless the user sets a budget: the pending token and 7 drafts are 8 verify
 # rows, one chunk of luce_cuda's few-row GEMV; a budget of 8 makes 9 rows, two launches per matmul.
 # On an H200 (SmolLM2, prompt lookup, code prompts) the verify step took 1.75 ms at budget 8 and
-# 1.58 ms at budget 7, for 1.07x and 1.14x over plain decoding (bench/results/README.md).
+# 1.58 ms at budget 7 in the sixth session (bench/results/README.md has the later runs).
 DEFAULT_BUDGET = 7
 
 if TYPE_CHECKING:
