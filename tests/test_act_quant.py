@@ -18,8 +18,9 @@ floats = st.floats(-1e4, 1e4, width=32, allow_nan=False)
 @given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64, 96])), elements=floats),
        halves=st.booleans())
 def test_q_bytes_equal_gguf_q8_0(x, halves):
-    if halves:  # ties: values landing exactly on .5 after scaling round away from zero
-        x = (np.round(x) + 0.5).astype(np.float32)
+    if halves:  # ties: with max|x| = 127 per run (d = 1) every k + 0.5 rounds away from zero
+        x = (np.clip(np.round(x), -126, 125) + 0.5).astype(np.float32)
+        x.reshape(-1, 32)[:, 0] = 127.0
     q, d = quantize_act_q8(torch.from_numpy(x))
     blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
     assert np.array_equal(blocks[:, 2:].copy().view(np.int8).reshape(x.shape), q.numpy())
@@ -41,3 +42,13 @@ def test_dequantized_is_close_and_zero_runs_stay_zero():
 def test_features_must_be_a_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_act_q8(torch.zeros(2, 48))
+
+
+def test_just_below_half_rounds_down():
+    # x + 0.5 rounds up to 1.0 in f32 for the largest float below 0.5: roundf must not
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 127.0, np.nextafter(np.float32(0.5), np.float32(0)), -2.5
+    q, _ = quantize_act_q8(torch.from_numpy(x))
+    assert q[0, :3].tolist() == [127, 0, -3]
+    blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert blocks[0, 2:5].view(np.int8).tolist() == [127, 0, -3]
