@@ -5,24 +5,24 @@
   (kernels/gemm.cu): BF16 WMMA on SM 8.0+ (impl "cuda"), FP16 WMMA on SM 7.5+ (impl "cuda-sm75");
 * F32/F16/BF16 weights are stored in the compute dtype and multiplied by torch (cuBLAS).
 
-Precision: the GEMV accumulates in FP32 from the exact block values. For Q4_0, Q4_1 and Q8_0 with
-f16/bf16 activations it first quantizes x to int8 per 32 (ggml's q8_1 rounding, as llama.cpp's
-quantized matmuls do; ``LUCE_GEMV_Q8=0`` keeps x in float) and sums in integers: four times fewer
-instructions, which these latency-bound kernels need (bench/results). The GEMM rounds x and the
-decoded W tile to the MMA type (BF16, or FP16 on the SM 7.5 path; f16 inputs always use FP16),
-so f32 inputs lose precision there. Up to ``GEMV_MAX_ROWS`` rows (decode, speculative verify) run
-through the GEMV instead, which reads each weight unit once per chunk of up to 8 rows and gives
-every row the exact rounding of a one-row decode step. Weights of several projections with the same input (QKV,
-gate+up) can be concatenated row-wise into one QTensor before ``prepare`` to save launches.
+Precision: the GEMV accumulates in FP32 from the exact block values. For large Q4_0, Q4_1 and Q8_0
+weights (``int8_pays``) with f16/bf16 activations it first rounds x to int8 per 32 (ggml's Q8_0
+rounding, as llama.cpp's quantized matmuls do; ``LUCE_GEMV_Q8=0`` keeps x in float) and sums in
+integers: four times fewer instructions, which these latency-bound kernels need (bench/results).
+The GEMM rounds x and the decoded W tile to the MMA type (BF16, or FP16 on the SM 7.5 path; f16
+inputs always use FP16), so f32 inputs lose precision there. Up to ``GEMV_MAX_ROWS`` rows (decode,
+speculative verify) run through the GEMV instead, which reads each weight unit once per chunk of
+up to 8 rows and gives every row the exact rounding of a one-row decode step. Weights of several
+projections with the same input (QKV, gate+up) can be concatenated row-wise into one QTensor
+before ``prepare`` to save launches.
 
 Kernel launches take no host sync and allocate nothing but their outputs, so a decode step is
 capturable in a CUDA graph once :meth:`QuantLinear.warmup` (or one call) has loaded the kernels.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import os
+from typing import Callable
 
 import numpy as np
 import torch

@@ -166,7 +166,8 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
         // the first row group's weights are on their way from memory while x is quantized (for
         // 20-byte units: Q8_0's 36 would spill under the 64-register cap)
 #if LUCE_GEMV_PRELOAD
-        if (sizeof(typename F::Raw) <= 20 && blockIdx.x * groups * outs < N && row_group(blockIdx.x) < N && wig * 32 + lane < U) {
+        if (sizeof(typename F::Raw) <= 20 && blockIdx.x * groups * outs < N && row_group(blockIdx.x) < N &&
+            wig * 32 + lane < U) {
             load_units(wig * 32 + lane);
             loaded = true;
         }
