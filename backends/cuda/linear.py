@@ -112,10 +112,6 @@ class QuantLinear:
         """Whether the GEMV quantizes x to int8 (the same for every row count: verify == decode)."""
         return bool(self._q8_row) and dtype != torch.float32 and os.environ.get("LUCE_GEMV_Q8", "1") != "0"
 
-    def _chunk(self, dtype: torch.dtype) -> int:
-        """x rows per GEMV launch: up to 8, fewer when the int8 rows would overflow shared memory."""
-        return max(1, min(GEMV_CHUNK, GEMV_SMEM // self._q8_row)) if self.int8_activations(dtype) else GEMV_CHUNK
-
     def _gemm_type(self, dtype: torch.dtype) -> str:
         if self.mma == "f16":
             return "f16"
@@ -147,16 +143,17 @@ class QuantLinear:
             raise ConfigError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)}")
         if m == 0:
             return out if out is not None else x.new_empty((*lead, n))
-        chunk = self._chunk(x2.dtype)
-        if norm is not None and (m > GEMV_MAX_ROWS or (not self.int8_activations(x2.dtype) and
-                                                      min(m, chunk) * k * x2.element_size() > GEMV_SMEM)):
+        q8 = self.int8_activations(x2.dtype)
+        # x rows per GEMV launch: up to 8, fewer when the int8 rows would overflow shared memory
+        chunk = max(1, min(GEMV_CHUNK, GEMV_SMEM // self._q8_row)) if q8 else GEMV_CHUNK
+        if norm is not None and (m > GEMV_MAX_ROWS or (not q8 and min(m, chunk) * k * x2.element_size() > GEMV_SMEM)):
             x2, norm = ops.rms_norm(x2, norm[0], norm[1]), None
         if m <= GEMV_MAX_ROWS:
             # decode and speculative verify: the GEMV, in chunks of up to 8 x rows, so every row
             # rounds exactly as a one-row decode step (lossless verify in bf16 too)
             y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
             for i in range(0, m, chunk):
-                self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm)
+                self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8)
         elif glu:
             gu = self._gemm_call(x2, None, False)
             y = ops.swiglu(gu[:, :n], gu[:, n:], out=None if out is None else out.view(m, n))
@@ -165,10 +162,9 @@ class QuantLinear:
         return y.reshape(*lead, n)
 
     def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False,
-                   norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                   norm: tuple[torch.Tensor, float] | None = None, q8: bool = False) -> torch.Tensor:
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         m = x2.shape[0]
-        q8 = self.int8_activations(x2.dtype)
         name = (f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
                 f"{'_q8' if q8 else ''}")
         kern = get_kernel(self._gemv, name, device_index(x2))
