@@ -247,6 +247,45 @@ __device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst,
         }
     }
 }
+// A warp's first tile in registers (D = 64: f16/bf16 K rows, f16/bf16 V), loaded in the same
+// memory round trip as the queries. q, then K rows, then V rows were three round trips one after
+// another: most of the kernel at short contexts, where a warp has one tile (6.0 -> 3.7 us at 64
+// positions, 32/8 heads, H200; bench/results). At D = 128 the preloaded rows made ptxas spill.
+// score_row's arithmetic, from the row's 16-byte words
+template <int FK, int D, int NG>
+__device__ __forceinline__ void score_regs(const uint4* kw, const float (*qs)[D], float* s) {
+#pragma unroll
+    for (int c = 0; c < D; c += 8) {
+        float kv8[8];
+        unpack8(static_cast<const typename FloatOf<FK>::T*>(nullptr), kw[c / 8], kv8);
+#pragma unroll
+        for (int g = 0; g < NG; ++g)
+#pragma unroll
+            for (int t = 0; t < 8; ++t) s[g] = fmaf(qs[g][c + t], kv8[t], s[g]);
+    }
+}
+// accumulate_v's arithmetic (rows in order, each row's FMAs as there), from a lane's preloaded
+// channel pair of each row (D = 64)
+template <int FV, int NG>
+__device__ __forceinline__ void accumulate_v_regs(const u32* vr, int nv, const float (*pw)[32], float (&acc)[NG][2]) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        if (j >= nv) break;  // warp-uniform
+        float vv[2];
+        if (FV == F_F16) {
+            const float2 f = h2f2(vr[j]);
+            vv[0] = f.x; vv[1] = f.y;
+        } else {
+            vv[0] = bf16_lo(vr[j]); vv[1] = bf16_hi(vr[j]);
+        }
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+            const float pj = pw[g][j];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) acc[g][e] = fmaf(pj, vv[e], acc[g][e]);
+        }
+    }
+}
 template <int D> __device__ __forceinline__ int vch_rt(int fv, int lane, int e) {
     return fv == F_Q4_0 ? vch<F_Q4_0, D>(lane, e) : vch<F_F16, D>(lane, e);
 }
@@ -333,6 +372,31 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     const int* lim = dr.lim;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
+    const u8* kb = k + (i64)hk * RowBytes<FK, D>::value;
+    const u8* vb = v;
+    switch (v_fmt) {
+        case F_F16: vb += (i64)hk * RowBytes<F_F16, D>::value; break;
+        case F_BF16: vb += (i64)hk * RowBytes<F_BF16, D>::value; break;
+        case F_F32: vb += (i64)hk * RowBytes<F_F32, D>::value; break;
+        case F_Q8_0: vb += (i64)hk * RowBytes<F_Q8_0, D>::value; break;
+        default: vb += (i64)hk * RowBytes<F_Q4_0, D>::value; break;
+    }
+    // this warp's first tile, in flight while the queries load (see score_regs)
+    constexpr bool PK = (FK == F_F16 || FK == F_BF16) && D == 64;
+    const int tile0 = pb + warp * 32;
+    const bool pre = PK && tile0 < pe;  // warp-uniform
+    const bool pre_v = pre && (v_fmt == F_F16 || v_fmt == F_BF16);
+    uint4 kpre[PK ? D / 8 : 1];
+    u32 vpre[PK ? 32 : 1];
+    if constexpr (PK) {
+        if (pre && tile0 + lane < pe)
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) kpre[i] = __ldg(reinterpret_cast<const uint4*>(kb + (i64)(tile0 + lane) * kst) + i);
+        if (pre_v)
+#pragma unroll
+            for (int j = 0; j < 32; ++j)  // the lane's two channels (accumulate_v's load_v)
+                if (tile0 + j < pe) vpre[j] = __ldg(reinterpret_cast<const u32*>(vb + (i64)(tile0 + j) * vst) + lane);
+    }
     for (int i = threadIdx.x; i < NG * D; i += blockDim.x) {  // rows g >= GB: q = 0, never stored
         const int g = i / D, d = i % D;
         float x = 0.f;
@@ -370,22 +434,9 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
 #pragma unroll
         for (int e = 0; e < DPL; ++e) acc[g][e] = 0.f;
     }
-    const u8* kb = k + (i64)hk * RowBytes<FK, D>::value;
-    const u8* vb = v;
-    switch (v_fmt) {
-        case F_F16: vb += (i64)hk * RowBytes<F_F16, D>::value; break;
-        case F_BF16: vb += (i64)hk * RowBytes<F_BF16, D>::value; break;
-        case F_F32: vb += (i64)hk * RowBytes<F_F32, D>::value; break;
-        case F_Q8_0: vb += (i64)hk * RowBytes<F_Q8_0, D>::value; break;
-        default: vb += (i64)hk * RowBytes<F_Q4_0, D>::value; break;
-    }
 
-    for (int tile = pb + warp * 32; tile < pe; tile += WARPS * 32) {
-        const int p = tile + lane;
-        float s[NG];
-#pragma unroll
-        for (int g = 0; g < NG; ++g) s[g] = 0.f;
-        if (p < pe) score_row<FK, D, NG>(kb + (i64)p * kst, qs, s);
+    // one tile's online-softmax step: running max and sum per row, probabilities to ps[warp]
+    auto softmax_step = [&](const float (&s)[NG], int p) {
 #pragma unroll
         for (int g = 0; g < NG; ++g) {
             const bool ok = p < lm[g];
@@ -401,7 +452,8 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             ps[warp][g][lane] = pr;
         }
         __syncwarp();
-        const int nv = min(32, pe - tile);
+    };
+    auto accumulate_tile = [&](int tile, int nv) {  // p * V over one tile's rows, V from memory
         switch (v_fmt) {  // warp-uniform, once per tile
             case F_F16: accumulate_v<F_F16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
             case F_BF16: accumulate_v<F_BF16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
@@ -410,6 +462,33 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
             default: accumulate_v<F_Q4_0, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
         }
         __syncwarp();
+    };
+    if constexpr (PK) {
+        if (pre) {  // the first tile, from registers (the loop below does the same arithmetic)
+            const int p = tile0 + lane;
+            float s[NG];
+#pragma unroll
+            for (int g = 0; g < NG; ++g) s[g] = 0.f;
+            if (p < pe) score_regs<FK, D, NG>(kpre, qs, s);
+            softmax_step(s, p);
+            const int nv = min(32, pe - tile0);
+            if (!pre_v) {
+                accumulate_tile(tile0, nv);
+            } else {
+                if (v_fmt == F_F16) accumulate_v_regs<F_F16, NG>(vpre, nv, ps[warp], acc);
+                else accumulate_v_regs<F_BF16, NG>(vpre, nv, ps[warp], acc);
+                __syncwarp();
+            }
+        }
+    }
+    for (int tile = pre ? tile0 + WARPS * 32 : tile0; tile < pe; tile += WARPS * 32) {
+        const int p = tile + lane;
+        float s[NG];
+#pragma unroll
+        for (int g = 0; g < NG; ++g) s[g] = 0.f;
+        if (p < pe) score_row<FK, D, NG>(kb + (i64)p * kst, qs, s);
+        softmax_step(s, p);
+        accumulate_tile(tile, min(32, pe - tile));
     }
 #pragma unroll
     for (int g = 0; g < NG; ++g) {
