@@ -8,6 +8,8 @@ import sys
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from luce_core import plugins
 from luce_core.errors import ConfigError
@@ -48,6 +50,43 @@ def test_prompt_lookup_drafts_the_most_recent_continuation_of_the_longest_ngram(
     # shorter n-grams when the long ones do not recur; nothing when nothing recurs
     assert d.propose([7, 8, 9, 8], 3, request=_req(3)).tokens == (9, 8)
     assert d.propose([1, 2, 3], 3, request=_req(3)).tokens == ()
+
+
+def _scan(tokens: list[int], n_min: int, n_max: int) -> tuple[int, list[int]]:
+    """Oracle: every window of tokens[:-1] equal to the last n-gram, longest n first."""
+    for n in range(n_max, n_min - 1, -1):
+        hits = [i + n for i in range(len(tokens) - n) if tokens[i:i + n] == tokens[-n:]]
+        if len(tokens) > n and hits:
+            return n, hits[::-1]
+    return 0, []
+
+
+_edit = st.one_of(st.tuples(st.just("append"), st.lists(st.integers(0, 3), min_size=1, max_size=6)),
+                  st.tuples(st.just("truncate"), st.integers(0, 40)),
+                  st.tuples(st.just("rewrite"), st.integers(0, 40), st.integers(0, 3)),
+                  st.tuples(st.just("new"), st.lists(st.integers(0, 3), max_size=30)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.lists(st.integers(0, 3), max_size=30), edits=st.lists(_edit, max_size=12),
+       n_min=st.integers(1, 3), extra=st.integers(0, 2))
+def test_prompt_lookup_index_follows_growing_and_rewritten_histories(start, edits, n_min, extra):
+    # the incremental index answers as a scan of the whole history does, after appends (a
+    # generation), truncations (a rollback), a token changed in the middle and a new prompt
+    d = PromptLookupDrafter(options=DrafterOptions(ngram_min=n_min, ngram_max=n_min + extra))
+    hist = list(start)
+    for edit in [("append", [])] + edits:
+        if edit[0] == "append":
+            hist = hist + edit[1]
+        elif edit[0] == "truncate":
+            hist = hist[:edit[1]]
+        elif edit[0] == "rewrite" and hist:
+            hist = list(hist)
+            hist[edit[1] % len(hist)] = edit[2]
+        elif edit[0] == "new":
+            hist = list(edit[1])
+        n, starts = d.matches(hist)
+        assert (n, list(starts)) == _scan(hist, n_min, n_min + extra)
 
 
 @attrs.define
