@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -21,6 +21,10 @@ def test_q_bytes_equal_gguf_q8_0(x, halves):
     if halves:  # ties: with max|x| = 127 per run (d = 1) every k + 0.5 rounds away from zero
         x = (np.clip(np.round(x), -126, 125) + 0.5).astype(np.float32)
         x.reshape(-1, 32)[:, 0] = 127.0
+    # a run whose scale d is subnormal has no defined rounding: 1/d overflows, and ggml then casts
+    # inf or nan to int8 (undefined behaviour), which gguf's numpy port mirrors with warnings
+    amax = np.abs(x.reshape(-1, 32)).max(1)
+    assume(not np.any((amax > 0) & (amax / np.float32(127) < np.finfo(np.float32).tiny)))
     q, d = quantize_act_q8(torch.from_numpy(x))
     blocks = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
     assert np.array_equal(blocks[:, 2:].copy().view(np.int8).reshape(x.shape), q.numpy())
