@@ -335,14 +335,18 @@ def test_gemv_split_over_warps(qtype, k):
         assert rel_err(lin(x).cpu(), _seen(lin, x) @ ref_w.T) < ACT_TOL[dtype]
 
 
+@pytest.mark.parametrize("rowpar", ["0", "1"])
 @pytest.mark.parametrize("m", [2, 5, 8, 9, 17, 32])
 @pytest.mark.parametrize("qtype", QUANTS)
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
-def test_few_row_gemv_rounds_each_row_as_decode(qtype, m):
-    """A verify's few rows (chunks of up to 8 per launch) give, bit for bit, what one-row decode
-    steps give: speculative decoding stays lossless in f16/bf16, not only in f32."""
+def test_few_row_gemv_rounds_each_row_as_decode(qtype, m, rowpar, monkeypatch):
+    """A verify's few rows (chunks of up to 8 per launch, or one-row GEMVs side by side) give, bit
+    for bit, what one-row decode steps give: speculative decoding stays lossless in f16/bf16, not
+    only in f32."""
     from luce_cuda.linear import CudaLinear
+
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", rowpar)
 
     k = 4096 if qtype not in ("Q4_K", "Q6_K") else 2048
     w = _qtensor(qtype, 300, k, m + 7 * len(qtype))

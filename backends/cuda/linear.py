@@ -48,6 +48,11 @@ GEMV_SMEM = 48 * 1024  # the fused RMSNorm's or the int8 activations' rows: at m
 # 10.1 us, QKV 3072x2048 6.7 against 4.9, but its down 2048x8192 7.5 against 8.1 and SmolLM2's
 # 576x576 Q4_1 1.9 against 2.5; bench/results).
 GEMV_Q8_MIN_WEIGHTS = 1 << 22
+# A few rows (a speculative verify) of a weight this small run as one-row GEMVs side by side (grid
+# y = row), each block's weight reads hitting L2 after the first, instead of the x8 kernel whose
+# lanes do every row's dot products in turn. LUCE_GEMV_ROWPAR=1 / 0 forces it on / off (formats
+# in programs.GEMV_ROWPAR only).
+GEMV_ROWPAR_MAX_BYTES = 4 << 20
 
 
 def int8_pays(n: int, k: int) -> bool:
@@ -108,6 +113,14 @@ class QuantLinear:
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
 
+    def rows_in_parallel(self, m: int) -> bool:
+        """Whether m > 1 rows run as one-row GEMVs side by side (see GEMV_ROWPAR_MAX_BYTES); each
+        row then rounds exactly as decode, which the x8 kernel does too."""
+        if m <= 1 or self._q not in programs.GEMV_ROWPAR:
+            return False
+        env = os.environ.get("LUCE_GEMV_ROWPAR", "auto")
+        return env == "1" or (env != "0" and self.w.nbytes <= GEMV_ROWPAR_MAX_BYTES)
+
     def int8_activations(self, dtype: torch.dtype) -> bool:
         """Whether the GEMV quantizes x to int8 (the same for every row count: verify == decode)."""
         return bool(self._q8_row) and dtype != torch.float32 and os.environ.get("LUCE_GEMV_Q8", "1") != "0"
@@ -149,11 +162,14 @@ class QuantLinear:
         if norm is not None and (m > GEMV_MAX_ROWS or (not q8 and min(m, chunk) * k * x2.element_size() > GEMV_SMEM)):
             x2, norm = ops.rms_norm(x2, norm[0], norm[1]), None
         if m <= GEMV_MAX_ROWS:
-            # decode and speculative verify: the GEMV, in chunks of up to 8 x rows, so every row
-            # rounds exactly as a one-row decode step (lossless verify in bf16 too)
+            # decode and speculative verify: the GEMV, row by row side by side or in chunks of up
+            # to 8 x rows, so every row rounds exactly as a one-row decode step (lossless verify)
             y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-            for i in range(0, m, chunk):
-                self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8)
+            if self.rows_in_parallel(m):
+                self._gemv_call(x2, y, accumulate and out is not None, glu, norm, q8, parallel=True)
+            else:
+                for i in range(0, m, chunk):
+                    self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8)
         elif glu:
             gu = self._gemm_call(x2, None, False)
             y = ops.swiglu(gu[:, :n], gu[:, n:], out=None if out is None else out.view(m, n))
@@ -162,9 +178,13 @@ class QuantLinear:
         return y.reshape(*lead, n)
 
     def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False,
-                   norm: tuple[torch.Tensor, float] | None = None, q8: bool = False) -> torch.Tensor:
+                   norm: tuple[torch.Tensor, float] | None = None, q8: bool = False,
+                   parallel: bool = False) -> torch.Tensor:
+        """One launch over x2's rows: the x8 kernel, or with ``parallel`` the one-row kernel on a
+        grid with one row of blocks per x row."""
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
-        m = x2.shape[0]
+        rows = x2.shape[0]
+        m = 1 if parallel else rows  # x rows per block
         name = (f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
                 f"{'_q8' if q8 else ''}")
         kern = get_kernel(self._gemv, name, device_index(x2))
@@ -174,7 +194,7 @@ class QuantLinear:
         smem = m * self._q8_row if q8 else (0 if norm is None else m * k * x2.element_size())
         per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
         blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2, smem))
-        launch(kern, (blocks,), (32 * GEMV_WARPS,),
+        launch(kern, (blocks, rows if parallel else 1), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
                 np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(nt)),

@@ -38,11 +38,16 @@ def _gemv_kernels(q: str) -> tuple[str, ...]:
     return (*names, f"dequant_{q}")
 
 
+# Formats whose one-row GEMV can run several x rows side by side (grid y = row; kernels/gemv.cu):
+# not the register-capped ones, which spilled more with the row offsets.
+GEMV_ROWPAR = frozenset(q for q in QTYPES.values() if q not in _GEMV_MINB)
+
 # One program per weight format, so a model compiles only what it uses.
 GEMV: dict[str, KernelProgram] = {
     q: KernelProgram(name=f"gemv_{q}", source="gemv.cu", min_sm=75, pdl=True,
                      defines=(*_qdefs(q), ("LUCE_GEMV_MINB", str(_GEMV_MINB.get(q, 1))),
-                              ("LUCE_GEMV_Q8", "1" if q in GEMV_Q8 else "0")),
+                              ("LUCE_GEMV_Q8", "1" if q in GEMV_Q8 else "0"),
+                              ("LUCE_GEMV_ROWPAR", "1" if q in GEMV_ROWPAR else "0")),
                      kernels=_gemv_kernels(q))
     for q in QTYPES.values()}
 

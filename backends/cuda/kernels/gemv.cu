@@ -2,7 +2,10 @@
 //
 // y[j, n] = alpha * sum_k x[j, k] * W[n, k]  (+ y[j, n] when add_y) for the m <= MX rows j of x
 // (MX = 1 for decode, 8 for a few-row input such as a speculative verify, split by the host into
-// chunks of at most 8). Each
+// chunks of at most 8). With LUCE_GEMV_ROWPAR the one-row kernels also serve several rows side
+// by side: grid row blockIdx.y computes x row blockIdx.y exactly as a decode step does, reading
+// the weight again (from L2, for weights that fit there; luce_cuda.linear decides). Not in the
+// formats capped at 64 registers: the offsets made their kernels spill more. Each
 // weight unit is loaded once and used for every x row, and each (x row, weight row) sum takes
 // exactly the steps it takes with MX = 1, so a verify row rounds as the decode step does.
 // A group of wpr warps (1, 2, 4 or 8; the host picks it so each lane gets about two units)
@@ -346,8 +349,9 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
         i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, float eps, int nt) {   \
         before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu, NORM ? nw : nullptr);         \
         grid_dependency_sync();                                                                           \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM, Q8>(p0, p1, p2, p3, x, y, N, K, m, xs, ys, alpha,    \
-                                                         add_y, wpr, glu, nw, eps, nt);                   \
+        const i64 ry = MX == 1 && LUCE_GEMV_ROWPAR ? (i64)blockIdx.y : 0; /* x row of this grid row */    \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM, Q8>(p0, p1, p2, p3, x + ry * xs, y + ry * ys, N, K, m, \
+                                                         xs, ys, alpha, add_y, wpr, glu, nw, eps, nt);    \
     }
 #define DEF_GEMV(QN, F, AN, T)                        \
     DEF_GEMV_MX(QN, F, AN, T, 1, false, false, )      \
@@ -365,6 +369,9 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
         grid_dependency_sync();                                                                          \
         dequant_impl<F, float>(p0, p1, p2, p3, out, N, K, alpha);                                        \
     }
+#ifndef LUCE_GEMV_ROWPAR
+#define LUCE_GEMV_ROWPAR 0  // one-row kernels take grid row y = x row y (programs.py: formats without the cap)
+#endif
 #ifndef LUCE_GEMV_MINB
 #define LUCE_GEMV_MINB 1  // blocks per SM the decode kernel's register budget must allow (programs.py)
 #endif

@@ -1,0 +1,71 @@
+"""Which GEMV launches luce_cuda.linear issues for a given row count (CPU: kernels and launches
+are recorded, nothing runs). The kernels' numerics are tested on a GPU in test_cuda_kernels.py."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("cuda.core")
+from luce_cuda import linear  # noqa: E402
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls: list[tuple[str, tuple, int, int]] = []
+    monkeypatch.setattr(linear, "get_kernel", lambda prog, name, idx: name)
+    monkeypatch.setattr(linear, "device_index", lambda x: 0)
+    monkeypatch.setattr(linear, "launch",
+                        lambda kern, grid, block, args, like, shmem=0: calls.append((kern, grid, shmem, int(args[8]))))
+    monkeypatch.setattr(linear.QuantLinear, "_resident", classmethod(lambda cls, kern, like, smem=0: 264))
+    monkeypatch.setattr(linear.ops, "rms_threads", lambda k: 256)
+    monkeypatch.delenv("LUCE_GEMV_ROWPAR", raising=False)
+    return calls
+
+
+def _lin(qtype: str, n: int, k: int, nbytes: int) -> linear.QuantLinear:
+    w = types.SimpleNamespace(qtype=qtype, n=n, k=k, planes=(torch.empty(nbytes, dtype=torch.uint8), None, None, None),
+                              alpha=1.0, nbytes=nbytes)
+    return linear.QuantLinear(w, "bf16")
+
+
+def test_verify_rows_of_a_small_weight_run_as_one_row_gemvs_side_by_side(launches, monkeypatch):
+    small = _lin("Q4_1", 960, 576, 960 * 576 * 5 // 8)  # SmolLM2's QKV: 0.35 MB
+    x = torch.zeros(8, 576, dtype=torch.bfloat16)
+    nw = torch.ones(576)
+    small.forward(x, norm=(nw, 1e-5))
+    # one launch of the one-row kernel, one grid row per x row, one row of shared memory each
+    assert launches == [("gemv_q4_1_bf16_norm", (60, 8), 576 * 2, 1)]
+    launches.clear()
+    small.forward(x[:1], norm=(nw, 1e-5))  # decode: the same kernel, one grid row
+    assert launches == [("gemv_q4_1_bf16_norm", (60, 1), 576 * 2, 1)]
+    launches.clear()
+    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))  # more than a chunk of 8: still one launch
+    assert launches == [("gemv_q4_1_bf16", (60, 20), 0, 1)]
+    launches.clear()
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "0")  # forced off: the x8 kernel in chunks of 8
+    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))
+    assert [(c[0], c[1], c[3]) for c in launches] == [("gemv_q4_1_bf16_x8", (60, 1), 8)] * 2 + \
+        [("gemv_q4_1_bf16_x8", (60, 1), 4)]
+
+
+def test_verify_rows_of_a_large_weight_keep_the_x8_kernel(launches, monkeypatch):
+    big = _lin("Q4_1", 16384, 2048, 16384 * 2048 * 5 // 8)  # 21 MB: beyond L2's share
+    x = torch.zeros(8, 2048, dtype=torch.bfloat16)
+    big.forward(x, glu=True, norm=(torch.ones(2048), 1e-5))
+    assert [(c[0], c[1][1], c[3]) for c in launches] == [("gemv_q4_1_bf16_x8_norm_q8", 1, 8)]
+    launches.clear()
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "1")  # forced on
+    big.forward(x, glu=True, norm=(torch.ones(2048), 1e-5))
+    assert [(c[0], c[1][1], c[3]) for c in launches] == [("gemv_q4_1_bf16_norm_q8", 8, 1)]
+
+
+def test_register_capped_formats_never_run_rows_side_by_side(launches, monkeypatch):
+    # their one-row kernels ignore the grid's y (LUCE_GEMV_ROWPAR 0 in their programs)
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "1")
+    for q in ("Q4_0", "Q8_0"):
+        small = _lin(q, 2048, 2048, 2048 * 2048)
+        assert not small.rows_in_parallel(8)
+        small.forward(torch.zeros(8, 2048, dtype=torch.bfloat16))
+    assert [(c[0], c[1][1], c[3]) for c in launches] == [("gemv_q4_0_bf16_x8_q8", 1, 8), ("gemv_q8_0_bf16_x8_q8", 1, 8)]
