@@ -19,6 +19,7 @@ import torch
 from luce_core import rope
 
 if TYPE_CHECKING:
+    from luce_core.model import Block
     from luce_core.roles import KVStore
 
 
@@ -38,6 +39,14 @@ class LayerOps(Protocol):
         ``kv.write_at`` from a device tensor); returns the rotated q. A backend may do both in
         one kernel."""
 
+    def qkv_rope_store(self, block: "Block", x: torch.Tensor, eps: float, kv: "KVStore", layer: int,
+                       slots: int | torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                       style: str, head_dim: int) -> torch.Tensor:
+        """A layer's attention input: q, k, v projected from the residual stream x [T, hidden]
+        (``norm_linear`` with the block's attn_norm, then its biases and q/k norms), then
+        ``rope_store``; returns the rotated q [T, Hq, head_dim]. A backend may do all of it in the
+        QKV matmul."""
+
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up."""
 
@@ -46,8 +55,9 @@ class LayerOps(Protocol):
         """proj(x); with ``glu`` proj's output is [gate | up] and silu(gate) * up is returned."""
 
     def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
-                    eps: float, *, glu: bool = False) -> torch.Tensor:
-        """linear(proj, rms_norm(x, w, eps), glu=glu)."""
+                    eps: float, *, glu: bool = False, out_f32: bool = False) -> torch.Tensor:
+        """linear(proj, rms_norm(x, w, eps), glu=glu); with ``out_f32`` that result ``.float()``
+        (the logits), which a backend may write in f32 directly."""
 
     def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                         residual: torch.Tensor) -> torch.Tensor:
@@ -78,6 +88,18 @@ class TorchLayerOps:
             kv.write(layer, slots, k, v)
         return q
 
+    def qkv_rope_store(self, block: "Block", x: torch.Tensor, eps: float, kv: "KVStore", layer: int,
+                       slots: int | torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                       style: str, head_dim: int) -> torch.Tensor:
+        b, T = block, x.shape[0]
+        q, k, v = b.split_qkv(self.norm_linear(b.qkv, x, b.attn_norm, eps))
+        if b.q_bias is not None:
+            q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
+        q, k, v = (t.view(T, t.shape[-1] // head_dim, head_dim) for t in (q, k, v))
+        if b.q_norm is not None:
+            q, k = self.rms_norm(q, b.q_norm, eps), self.rms_norm(k, b.k_norm, eps)
+        return self.rope_store(kv, layer, slots, q, k, v, cos, sin, pos, style)
+
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(gate) * up
 
@@ -91,8 +113,9 @@ class TorchLayerOps:
         return self.swiglu(y[..., :f], y[..., f:])
 
     def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
-                    eps: float, *, glu: bool = False) -> torch.Tensor:
-        return self.linear(proj, self.rms_norm(x, w, eps), glu=glu)
+                    eps: float, *, glu: bool = False, out_f32: bool = False) -> torch.Tensor:
+        y = self.linear(proj, self.rms_norm(x, w, eps), glu=glu)
+        return y.float() if out_f32 else y
 
     def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                         residual: torch.Tensor) -> torch.Tensor:

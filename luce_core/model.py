@@ -162,16 +162,8 @@ class Transformer:
         for i, b in enumerate(self.blocks):
             if i in capture:
                 feats.append(x.clone())  # ops may update x in place below
-            q, k, v = b.split_qkv(ops.norm_linear(b.qkv, x, b.attn_norm, eps))
-            if b.q_bias is not None:
-                q, k, v = q + b.q_bias.to(q.dtype), k + b.k_bias.to(k.dtype), v + b.v_bias.to(v.dtype)
-            q = q.view(T, cfg.n_heads, hd)
-            k = k.view(T, cfg.n_kv_heads, hd)
-            v = v.view(T, cfg.n_kv_heads, hd)
-            if b.q_norm is not None:
-                q, k = ops.rms_norm(q, b.q_norm, eps), ops.rms_norm(k, b.k_norm, eps)
-            # K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
-            q = ops.rope_store(kv, i, slots, q, k, v, self.cos, self.sin, pos, cfg.rope_style)
+            # q, and K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
+            q = ops.qkv_rope_store(b, x, eps, kv, i, slots, self.cos, self.sin, pos, cfg.rope_style, hd)
             a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
             x = ops.linear_residual(b.o, a.reshape(T, cfg.n_heads * hd), x)
             g = ops.norm_linear(b.gate_up, x, b.ffn_norm, eps, glu=True)  # SwiGLU fused in where it can
@@ -179,5 +171,5 @@ class Transformer:
         if cfg.n_layers in capture:
             feats.append(x)
         rows = x if logits_rows is None else x[logits_rows]
-        logits = ops.norm_linear(self.lm_head, rows, self.out_norm, eps).float()
+        logits = ops.norm_linear(self.lm_head, rows, self.out_norm, eps, out_f32=True)
         return ForwardOut(logits, torch.cat(feats, dim=-1) if feats else None)

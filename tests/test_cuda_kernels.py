@@ -644,3 +644,108 @@ def test_swiglu_on_fused_gate_up(rows, f, dtype):
     got = ops.swiglu(gate, up)
     ref = F.silu(gate.double()) * up.double()
     assert rel_err(got.cpu(), ref.cpu()) < ACT_TOL[dtype] * 2 + 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(qtype=st.sampled_from(QUANTS), m=st.sampled_from([1, 2, 5, 8, 11, 20]), heads=st.sampled_from([(1, 1), (3, 1), (4, 2)]),
+       d=st.sampled_from([64, 128]), partial=st.booleans(), caches=st.sampled_from([("f16", "f16"), ("bf16", "f32"),
+                                                                                    ("f32", "bf16")]),
+       as_tensor=st.booleans(), rowpar=st.sampled_from(["0", "1"]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31))
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_qkv_gemv_rope_store_is_gemv_then_write_rotary(qtype, m, heads, d, partial, caches, as_tensor, rowpar, dtype,
+                                                      seed):
+    """RoPE and the KV append in the QKV GEMV's epilogue (decode, x8 chunks, rows side by side):
+    y (q rotated, k and v as projected) and the cache bytes equal the GEMV followed by the KV
+    store's fused append, bit for bit, with RoPE positions independent of the slots."""
+    import os
+
+    from luce_core import rope
+    from luce_core.roles import KVSpec
+    from luce_cuda.kv import CudaKVStorage
+    from luce_cuda.linear import CudaLinear
+
+    os.environ["LUCE_GEMV_ROWPAR"] = rowpar
+    try:
+        g = torch.Generator().manual_seed(seed)
+        hq, hk = heads
+        k_in = 256
+        n = (hq + 2 * hk) * d
+        w = _qtensor(qtype, n, k_in, seed % 1000, 0.37 if qtype == "NVFP4" else 1.0)
+        lin = CudaLinear(mma="bf16").prepare(w, torch.device("cuda"), dtype)
+        x = torch.randn(m, k_in, generator=g).to("cuda", dtype)
+        nw = (torch.rand(k_in, generator=g) + 0.5).to("cuda")
+        nw *= 2 / float((ops_norm(x, nw).double().cpu() @ _refs(w).T).abs().max().clamp_min(1e-6))
+        rd = d // 2 if partial else d
+        cos, sin = rope.rope_tables((10000.0 ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)).float(), 96,
+                                    torch.device("cuda"))
+        positions = torch.randint(0, 96, (m,), generator=g).cuda()
+        cap = m + 9
+        slots = torch.randperm(cap, generator=g)[:m].cuda() if as_tensor else int(torch.randint(0, 9, (1,), generator=g))
+        stores = [CudaKVStorage().allocate(KVSpec(n_layers=2, n_kv_heads=hk, head_dim=d, capacity=cap, k_dtype=caches[0],
+                                                  v_dtype=caches[1], rotation=True, device="cuda",
+                                                  compute_dtype="f16")) for _ in range(2)]
+        rs = stores[0].rope_store_args(1, slots, positions, cos, sin, "normal", hq * d, dtype)
+        assert rs is not None
+        fused = lin.forward(x, norm=(nw, 1e-5), rope=rs)
+        want = lin.forward(x, norm=(nw, 1e-5))
+        q, kk, v = (t.view(m, -1, d) for t in (want[:, :hq * d], want[:, hq * d:(hq + hk) * d], want[:, (hq + hk) * d:]))
+        assert stores[1].write_rotary(1, slots, q, kk, v, cos, sin, positions, "normal")
+        assert torch.isfinite(fused).all()
+        assert torch.equal(fused, want), f"max diff {(fused.float() - want.float()).abs().max()}"
+        for a, b in ((stores[0].k, stores[1].k), (stores[0].v, stores[1].v)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert stores[0].k[1].any() and stores[0].v[1].any() and not stores[0].k[0].any()
+    finally:
+        os.environ.pop("LUCE_GEMV_ROWPAR", None)
+
+
+def ops_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from luce_cuda import ops
+
+    return ops.rms_norm(x.float(), w, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_rope_store_refused_where_the_epilogue_cannot_write():
+    """Quantized or rotated caches and neox RoPE keep the append kernel (None: the caller's
+    fallback), and an int start beyond the capacity is the unfused write's error."""
+    from luce_core import rope
+    from luce_core.errors import ContextOverflowError
+    from luce_core.roles import KVSpec
+    from luce_cuda.kv import CudaKVStorage
+
+    cos, sin = rope.rope_tables(torch.ones(32), 8, torch.device("cuda"))
+    pos = torch.zeros(2, dtype=torch.int64, device="cuda")
+
+    def store(kd, vd, rot=False):
+        return CudaKVStorage().allocate(KVSpec(n_layers=1, n_kv_heads=1, head_dim=64, capacity=4, k_dtype=kd,
+                                               v_dtype=vd, rotation=rot, device="cuda", compute_dtype="f16"))
+
+    assert store("f16", "f16").rope_store_args(0, 0, pos, cos, sin, "normal", 64, torch.float16) is not None
+    assert store("q8_0", "f16", True).rope_store_args(0, 0, pos, cos, sin, "normal", 64, torch.float16) is None
+    assert store("f16", "q4_0").rope_store_args(0, 0, pos, cos, sin, "normal", 64, torch.float16) is None
+    assert store("f16", "f16").rope_store_args(0, 0, pos, cos, sin, "neox", 64, torch.float16) is None
+    with pytest.raises(ContextOverflowError):
+        store("f16", "f16").rope_store_args(0, 3, pos, cos, sin, "normal", 64, torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 40])
+@pytest.mark.parametrize("qtype", QUANTS)
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_f32_out_is_the_rounded_output_cast(qtype, m):
+    """forward(out_f32=True) (the LM head's logits) is forward(x).float(), bit for bit, on the
+    GEMV (one row, x8, rows side by side) and the GEMM paths."""
+    from luce_cuda.linear import CudaLinear
+
+    w = _qtensor(qtype, 300, 512, m)
+    for dtype in (torch.float16, torch.bfloat16):
+        lin = CudaLinear().prepare(w, torch.device("cuda"), dtype)
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to("cuda", dtype)
+        nw = torch.rand(512, device="cuda") + 0.5
+        got = lin.forward(x, norm=(nw, 1e-5), out_f32=True)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, lin.forward(x, norm=(nw, 1e-5)).float())

@@ -69,3 +69,32 @@ def test_register_capped_formats_never_run_rows_side_by_side(launches, monkeypat
         assert not small.rows_in_parallel(8)
         small.forward(torch.zeros(8, 2048, dtype=torch.bfloat16))
     assert [(c[0], c[1][1], c[3]) for c in launches] == [("gemv_q4_0_bf16_x8_q8", 1, 8), ("gemv_q8_0_bf16_x8_q8", 1, 8)]
+
+
+def test_rope_store_and_f32_out_arguments_follow_each_launchs_rows(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(linear, "get_kernel", lambda prog, name, idx: name)
+    monkeypatch.setattr(linear, "device_index", lambda x: 0)
+    monkeypatch.setattr(linear, "launch", lambda kern, grid, block, args, like, shmem=0: calls.append((kern, args)))
+    monkeypatch.setattr(linear.QuantLinear, "_resident", classmethod(lambda cls, kern, like, smem=0: 264))
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "0")
+    qkv = _lin("Q8_0", 3 * 64 + 2 * 64, 256, 320 * 256)  # 3 q heads, 1 kv head of 64
+    pos = torch.arange(20, dtype=torch.int64) + 5
+    rs = linear.RopeStore(pos, None, 7, torch.zeros(16, 32), torch.zeros(16, 32), torch.zeros(9, 1, 64),
+                          torch.zeros(9, 1, 64), 1, 1, 9, 192, 64, 64)
+    qkv.forward(torch.zeros(20, 256, dtype=torch.bfloat16), rope=rs)
+    assert [c[0] for c in calls] == ["gemv_q8_0_bf16_x8"] * 3
+    # rows 0-7, 8-15, 16-19: positions and the start slot advance with the chunk; yf32 off
+    first = 19  # the rs_* arguments follow yf32
+    for c, row in zip(calls, (0, 8, 16)):
+        args = c[1]
+        assert int(args[first - 1]) == 0
+        assert args[first].data_ptr() == pos[row:].data_ptr() and args[first + 1] is None
+        assert int(args[first + 2]) == 7 + row and (int(args[first + 8]), int(args[first + 9])) == (192, 64)
+    calls.clear()
+    with pytest.raises(linear.ConfigError):  # a weight that is not [Q; K; V] for these widths
+        _lin("Q8_0", 256, 256, 256 * 256).forward(torch.zeros(2, 256, dtype=torch.bfloat16), rope=rs)
+    head = _lin("Q8_0", 300, 256, 300 * 256)
+    y = head.forward(torch.zeros(1, 256, dtype=torch.bfloat16), out_f32=True)
+    assert y.dtype == torch.float32 and int(calls[-1][1][first - 1]) == 1
+    assert calls[-1][1][first] is None  # no RoPE-and-store

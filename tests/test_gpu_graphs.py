@@ -49,15 +49,17 @@ def test_cuda_backend_greedy_matches_torch_reference(smollm2_path) -> None:
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 def test_fused_norm_and_residual_change_no_logit(smollm2_path, dtype) -> None:
-    """The GEMVs' fused RMSNorm and residual add give the logits of the unfused kernels (an
-    rms_norm launch before each projection, an add after O and down) bit for bit: a prefill
-    chunk (GEMM path), a decode step and a verify-sized step."""
+    """The GEMVs' fused RMSNorm, residual add, RoPE + KV append (QKV epilogue) and f32 logits
+    give the logits and cache bytes of the unfused kernels (an rms_norm launch before each
+    projection, an add after O and down, the append kernel, a cast) bit for bit: a prefill chunk
+    (GEMM path), a decode step and a verify-sized step."""
     from luce_core.layer_ops import TorchLayerOps
     from luce_cuda.layer_ops import CudaLayerOps
 
     class Unfused(CudaLayerOps):
         norm_linear = TorchLayerOps.norm_linear  # the CUDA rms_norm kernel, then the projection
         linear_residual = TorchLayerOps.linear_residual  # the projection, then an add in torch
+        qkv_rope_store = TorchLayerOps.qkv_rope_store  # the QKV GEMV, then the append kernel
 
     llm = luce.load(smollm2_path, device="cuda", dtype=dtype, ctx=512, cuda_graphs=False, progress=False)
     model, kv = llm.session.model, llm.session.kv
@@ -67,8 +69,10 @@ def test_fused_norm_and_residual_change_no_logit(smollm2_path, dtype) -> None:
     def run(ops) -> list[torch.Tensor]:
         model.ops = ops
         kv.set_length(0)
+        kv.k.zero_()
+        kv.v.zero_()
         return [model.forward(ids[:40], 0, kv).logits, model.forward(ids[40:41], 40, kv).logits,
-                model.forward(ids[41:46], 41, kv).logits]
+                model.forward(ids[41:46], 41, kv).logits, kv.k.clone(), kv.v.clone()]
 
     fused, unfused = run(CudaLayerOps()), run(Unfused())
     for f, u in zip(fused, unfused):

@@ -157,6 +157,10 @@ def test_layer_ops_norm_linear_and_residual():
     y = proj(h)
     torch.testing.assert_close(TORCH_LAYER_OPS.norm_linear(proj, x, nw, 1e-6, glu=True),
                                torch.nn.functional.silu(y[:, :24]) * y[:, 24:], **f32)
+    xb = x.to(torch.bfloat16)
+    logits = TORCH_LAYER_OPS.norm_linear(lambda h: h @ w.T.to(h.dtype), xb, nw, 1e-6, out_f32=True)
+    assert logits.dtype == torch.float32  # the bf16 result, cast
+    assert torch.equal(logits, TORCH_LAYER_OPS.norm_linear(lambda h: h @ w.T.to(h.dtype), xb, nw, 1e-6).float())
     r = torch.randn(3, 48, generator=g).to(torch.bfloat16)
     got = TORCH_LAYER_OPS.linear_residual(proj, x, r)
     assert got.dtype == torch.bfloat16

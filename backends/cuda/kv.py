@@ -22,6 +22,7 @@ Sources the kernel does not read (not f16/bf16/f32, another device, head_dim ove
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +35,11 @@ from luce_cuda import programs
 from luce_cuda.launch import device_index, get_kernel, launch
 from luce_torch.kv import TorchKVStore
 
+if TYPE_CHECKING:
+    from luce_cuda.linear import RopeStore
+
 FMT = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # kv_append.cu KV_*
+FLOAT = ("f32", "f16", "bf16")  # the formats a GEMV epilogue stores (kernels/gemv.cu RopeStore)
 SRC = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kv_append.cu SRC_* (= ops.DT_CODE)
 KERNEL = "kv_append"
 # write_rotary serves decode and verify steps up to this many tokens. A prefill chunk keeps
@@ -110,6 +115,32 @@ class CudaKVStore(TorchKVStore):
         pos, start = (slots.to(torch.int64), 0) if tensor else (None, int(slots))  # .to: a no-op on int64
         self._append(layer, pos, start, k, v, rope=(q, positions.to(torch.int64), cos, sin, style))
         return True
+
+    def rope_store_args(self, layer: int, slots: int | torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, style: str, nq: int, dtype: torch.dtype) -> "RopeStore | None":
+        """What a QKV GEMV needs to store this layer's k and v itself (luce_cuda.linear.RopeStore,
+        q heads nq wide, activations ``dtype``), checked as ``write_rotary`` checks its call; None
+        where only the append kernel can write them: a quantized or rotated K, a quantized V,
+        neox RoPE (its pairs are not a GEMV row group), tables or slots it cannot read."""
+        from luce_cuda.linear import RopeStore
+
+        s = self.spec
+        T = positions.shape[0]
+        tensor = isinstance(slots, torch.Tensor)
+        if not (self._fused and self.hadamard is None and s.k_dtype in FLOAT and s.v_dtype in FLOAT
+                and dtype in SRC and style == "normal" and T <= ROTARY_MAX_T
+                and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.is_contiguous()
+                and sin.is_contiguous() and cos.device == self._device and 2 * cos.shape[-1] <= s.head_dim
+                and positions.shape == (T,) and positions.dtype == torch.int64 and positions.device == self._device
+                and (not tensor or (slots.shape == (T,) and slots.dtype == torch.int64
+                                    and slots.device == self._device))):
+            return None
+        if not tensor:  # write()'s range check (shape-only tensors)
+            self._check_write(torch.empty(T, s.n_kv_heads, s.head_dim, device="meta"),
+                              torch.empty(T, s.n_kv_heads, s.head_dim, device="meta"), int(slots))
+        return RopeStore(positions, slots if tensor else None, 0 if tensor else int(slots), cos, sin,
+                         self.k[layer], self.v[layer], int(self._kfmt), int(self._vfmt), s.capacity, nq,
+                         s.n_kv_heads * s.head_dim, s.head_dim)
 
     def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor,
                 rope: tuple | None = None) -> None:

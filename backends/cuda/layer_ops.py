@@ -3,11 +3,14 @@ protocol allows, no host sync, so a decode step built from them is capturable in
 On a luce_cuda weight the GEMV (kernels/gemv.cu) takes in what surrounds it: SwiGLU in the
 gate|up epilogue (``linear(..., glu=True)``), the RMSNorm of its input in its prologue
 (``norm_linear``), the residual add in its epilogue (``linear_residual``); ``rope_store`` does RoPE
-inside the KV append. A decoded layer is six launches: QKV (normalizing), append, attention,
-O (+ residual), gate|up (normalizing, SwiGLU), down (+ residual). Each fusion gives bit for bit
-the unfused kernels' result."""
+inside the KV append, and ``qkv_rope_store`` does RoPE and the append inside the QKV GEMV's
+epilogue where the cache is f32/f16/bf16 (``LUCE_FUSE_ROPE_STORE=0``: the append kernel does
+it). A decoded layer is then five launches: QKV (normalizing, RoPE, K/V stored), attention,
+O (+ residual), gate|up (normalizing, SwiGLU), down (+ residual); the LM head writes f32 logits
+itself. Each fusion gives bit for bit the unfused kernels' result."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -43,6 +46,22 @@ class CudaLayerOps(TorchLayerOps):
             return q
         return super().rope_store(kv, layer, slots, q, k, v, cos, sin, pos, style)
 
+    def qkv_rope_store(self, block, x: torch.Tensor, eps: float, kv, layer: int, slots: int | torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, style: str,
+                       head_dim: int) -> torch.Tensor:
+        # one launch where the QKV GEMV can rotate and store itself: no bias or q/k norm between
+        # the matmul and RoPE, a float cache (luce_cuda.kv.CudaKVStore.rope_store_args)
+        qkv, T = block.qkv, x.shape[0]
+        target = getattr(kv, "rope_store_args", None)
+        if (target is not None and isinstance(qkv, QuantLinear) and block.q_bias is None and block.q_norm is None
+                and self._ok(x) and qkv.fuses_rope_store(T) and os.environ.get("LUCE_FUSE_ROPE_STORE", "1") != "0"):
+            nq = block.qkv_split[0]
+            rs = target(layer, slots, pos, cos, sin, style, nq, x.dtype)
+            if rs is not None:
+                y = qkv.forward(x, norm=(self._f32(block.attn_norm), eps), rope=rs)
+                return y[:, :nq].view(T, nq // head_dim, head_dim)
+        return super().qkv_rope_store(block, x, eps, kv, layer, slots, cos, sin, pos, style, head_dim)
+
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(gate, up)
 
@@ -53,10 +72,10 @@ class CudaLayerOps(TorchLayerOps):
         return super().linear(proj, x, glu=glu)  # the projection, then the swiglu kernel
 
     def norm_linear(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w: torch.Tensor,
-                    eps: float, *, glu: bool = False) -> torch.Tensor:
+                    eps: float, *, glu: bool = False, out_f32: bool = False) -> torch.Tensor:
         if isinstance(proj, QuantLinear) and self._ok(x):
-            return proj.forward(x, glu=glu, norm=(self._f32(w), eps))
-        return super().norm_linear(proj, x, w, eps, glu=glu)
+            return proj.forward(x, glu=glu, norm=(self._f32(w), eps), out_f32=out_f32)
+        return super().norm_linear(proj, x, w, eps, glu=glu, out_f32=out_f32)
 
     def linear_residual(self, proj: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                         residual: torch.Tensor) -> torch.Tensor:

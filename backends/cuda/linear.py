@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import attrs
 import numpy as np
 import torch
 
@@ -53,6 +54,39 @@ GEMV_Q8_MIN_WEIGHTS = 1 << 22
 # lanes do every row's dot products in turn. LUCE_GEMV_ROWPAR=1 / 0 forces it on / off (formats
 # in programs.GEMV_ROWPAR only).
 GEMV_ROWPAR_MAX_BYTES = 4 << 20
+
+
+@attrs.frozen
+class RopeStore:
+    """What a QKV GEMV needs to rotate q and k and store k and v itself (kernels/gemv.cu
+    RopeStore): the x rows' RoPE positions (int64 device [m]) and cache slots (int64 device [m],
+    or ``start`` + row), the f32 tables cos/sin [max_pos, half] (RoPE on channel pairs (2i, 2i + 1)
+    for i < half), one layer's K and V caches (f32/f16/bf16 [capacity, nk / d, d]; formats as
+    kv_append.cu's codes) and the Q, K widths and head dim of the [Q; K; V] weight."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor | None
+    start: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_fmt: int
+    v_fmt: int
+    capacity: int
+    nq: int
+    nk: int
+    head_dim: int
+
+    def args(self, row: int) -> tuple:
+        """The kernel's rs_* arguments for x rows from ``row`` on."""
+        return (self.positions[row:], None if self.slots is None else self.slots[row:], np.int64(self.start + row),
+                self.cos, self.sin, self.k_cache, self.v_cache, np.int64(self.capacity), np.int32(self.nq),
+                np.int32(self.nk), np.int32(self.head_dim), np.int32(self.cos.shape[-1]), np.int32(self.k_fmt),
+                np.int32(self.v_fmt))
+
+
+NO_ROPE_STORE = (None, None, np.int64(0), None, None, None, None, np.int64(0), *(np.int32(0),) * 6)
 
 
 def int8_pays(n: int, k: int) -> bool:
@@ -133,8 +167,13 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def fuses_rope_store(self, m: int) -> bool:
+        """Whether ``forward(x, rope=...)`` of m rows takes the GEMV, whose epilogue does it."""
+        return 0 < m <= GEMV_MAX_ROWS
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False, *,
-                glu: bool = False, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                glu: bool = False, norm: tuple[torch.Tensor, float] | None = None, out_f32: bool = False,
+                rope: RopeStore | None = None) -> torch.Tensor:
         """y = x @ W.T; into ``out`` when given. ``accumulate`` (residual fusion): out + y, rounded
         as ``out + forward(x)`` rounds, bit for bit.
 
@@ -143,12 +182,22 @@ class QuantLinear:
         ``norm`` = (w, eps): x is first RMS-normalized as ``ops.rms_norm(x, w, eps)`` (w f32), by
         the GEMV itself (bit for bit the same) when its rows fit in shared memory, else by that
         op. Fused was faster on all four decode shapes measured (graph replays on an H200,
-        bench/results: 1.2B QKV 6.5 against 7.7 us for norm + GEMV, its gate|up 15.1 against 15.6)."""
+        bench/results: 1.2B QKV 6.5 against 7.7 us for norm + GEMV, its gate|up 15.1 against 15.6).
+        ``out_f32``: y in f32 (each value rounded to x's dtype first: ``forward(x).float()``, one
+        launch). ``rope`` (W is [Q; K; V], rows as in :class:`RopeStore`, only where
+        :meth:`fuses_rope_store`): q rotated in y, k rotated and v stored in the caches, k and v
+        left unrotated in y; bit for bit this GEMV then the KV store's ``write_rotary``."""
         n, k = self.w.n, self.w.k
         if glu:
             if n % 2 or (out is not None and accumulate):
                 raise ConfigError("glu needs an even number of weight rows (gate then up) and no accumulate")
             n //= 2
+        if (out_f32 or rope is not None) and (glu or out is not None):
+            raise ConfigError("out_f32 and rope take neither glu nor out")
+        if rope is not None and (n != rope.nq + 2 * rope.nk or not self.fuses_rope_store(x.numel() // k)):
+            raise ConfigError(f"a RoPE-and-store GEMV needs a [Q; K; V] weight of {rope.nq} + 2 x {rope.nk} rows "
+                              f"(this one has {n}) and at most {GEMV_MAX_ROWS} x rows")
+        out_f32 = out_f32 and x.dtype != torch.float32
         lead = x.shape[:-1]
         x2 = _rows(x, k)
         m = x2.shape[0]
@@ -164,12 +213,16 @@ class QuantLinear:
         if m <= GEMV_MAX_ROWS:
             # decode and speculative verify: the GEMV, row by row side by side or in chunks of up
             # to 8 x rows, so every row rounds exactly as a one-row decode step (lossless verify)
-            y = out.view(m, n) if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+            y = out.view(m, n) if out is not None else \
+                torch.empty((m, n), dtype=torch.float32 if out_f32 else x2.dtype, device=x2.device)
             if self.rows_in_parallel(m):
-                self._gemv_call(x2, y, accumulate and out is not None, glu, norm, q8, parallel=True)
+                self._gemv_call(x2, y, accumulate and out is not None, glu, norm, q8, parallel=True, rope=rope)
             else:
                 for i in range(0, m, chunk):
-                    self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8)
+                    self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8,
+                                    rope=rope, row=i)
+        elif out_f32:
+            y = self._gemm_call(x2, None, False).float()
         elif glu:
             gu = self._gemm_call(x2, None, False)
             y = ops.swiglu(gu[:, :n], gu[:, n:], out=None if out is None else out.view(m, n))
@@ -179,9 +232,10 @@ class QuantLinear:
 
     def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False,
                    norm: tuple[torch.Tensor, float] | None = None, q8: bool = False,
-                   parallel: bool = False) -> torch.Tensor:
+                   parallel: bool = False, rope: RopeStore | None = None, row: int = 0) -> torch.Tensor:
         """One launch over x2's rows: the x8 kernel, or with ``parallel`` the one-row kernel on a
-        grid with one row of blocks per x row."""
+        grid with one row of blocks per x row. y may be f32 for x of another dtype (out_f32);
+        ``row``: x2's first row within the rows ``rope`` describes."""
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         rows = x2.shape[0]
         m = 1 if parallel else rows  # x rows per block
@@ -197,7 +251,8 @@ class QuantLinear:
         launch(kern, (blocks, rows if parallel else 1), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
-                np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(nt)),
+                np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(nt),
+                np.int32(y.dtype != x2.dtype), *(NO_ROPE_STORE if rope is None else rope.args(row))),
                like=x2, shmem=smem)
         return y
 

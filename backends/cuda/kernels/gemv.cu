@@ -129,11 +129,68 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, i64 xs, i
     __syncthreads();
 }
 
+// The epilogue of a QKV GEMV with RoPE and the KV append fused in (pos non-null): the weight is
+// [Q; K; V] (nq, nk, nk rows; heads of d channels, RoPE over the first 2 * half of them in pairs
+// (2i, 2i + 1), which a row group's R = 2 rows are), x row j is the token at RoPE position pos[j]
+// stored in cache slot slot[j] (or start + j). q is rotated in y; k (rotated) and v go to this
+// layer's f32/f16/bf16 caches [cap, nk / d, d] (kfmt, vfmt: kv_append.cu's KV_F32/F16/BF16) and
+// stay unrotated in y. Every value rounds as GEMV -> kv_append with RoPE rounds it: bit for bit
+// the two launches, in one.
+struct RopeStore {
+    const i64* pos;
+    const i64* slot;
+    i64 start;
+    const float* cs;
+    const float* sn;
+    u8* kc;
+    u8* vc;
+    i64 cap;
+    int nq, nk, d, half, kfmt, vfmt;
+};
+
+__device__ __forceinline__ void store_cache(u8* c, int fmt, i64 e, float a, float b) {
+    if (fmt == 0) {
+        reinterpret_cast<float*>(c)[e] = a;
+        reinterpret_cast<float*>(c)[e + 1] = b;
+    } else if (fmt == 1) {
+        reinterpret_cast<__half*>(c)[e] = __float2half_rn(a);
+        reinterpret_cast<__half*>(c)[e + 1] = __float2half_rn(b);
+    } else {
+        reinterpret_cast<__nv_bfloat16*>(c)[e] = __float2bfloat16_rn(a);
+        reinterpret_cast<__nv_bfloat16*>(c)[e + 1] = __float2bfloat16_rn(b);
+    }
+}
+
+// Output rows (n, n + 1) of x row j (v0, v1: the sums times alpha) into y row yr and the caches.
+template <class T>
+__device__ __forceinline__ void rope_store_pair(const RopeStore& rs, int j, int n, float v0, float v1, T* yr) {
+    const float a = to_f(from_f<T>(v0)), b = to_f(from_f<T>(v1));  // the GEMV's output
+    const bool is_q = n < rs.nq, is_v = n >= rs.nq + rs.nk;
+    const int r = is_q ? n : n - rs.nq - (is_v ? rs.nk : 0), c = r % rs.d;  // row within its part, channel
+    float ra = a, rb = b;
+    if (!is_v && c < 2 * rs.half) {
+        const i64 p = rs.pos[j];
+        const int i = c >> 1;
+        float o0, o1;
+        rope_pair(a, b, rs.cs[p * rs.half + i], rs.sn[p * rs.half + i], o0, o1);
+        ra = to_f(from_f<T>(o0));  // q as kv_append stores it; k rounded to its source dtype first
+        rb = to_f(from_f<T>(o1));
+    }
+    yr[n] = from_f<T>(is_q ? ra : a);
+    yr[n + 1] = from_f<T>(is_q ? rb : b);
+    if (is_q) return;
+    const i64 slot = rs.slot ? rs.slot[j] : rs.start + j;
+    if (slot < 0 || slot >= rs.cap) return;  // never out of bounds, as kv_append
+    const i64 e = (slot * (rs.nk / rs.d) + r / rs.d) * rs.d + c;
+    store_cache(is_v ? rs.vc : rs.kc, is_v ? rs.vfmt : rs.kfmt, e, ra, rb);
+}
+
 template <class F, class T, int R, int UN, int MX, bool NORM, bool Q8>
 __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* p2, const u8* p3,
                                           const T* __restrict__ x, T* __restrict__ y, int N, int K,
                                           int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu,
-                                          const float* __restrict__ nw, float eps, int nt) {
+                                          const float* __restrict__ nw, float eps, int nt, int yf32,
+                                          const RopeStore& rs) {
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
     __shared__ float red[8][MX * R];
@@ -277,6 +334,11 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                     const float g = to_f(from_f<T>(acc[j][0] * alpha)), u = to_f(from_f<T>(acc[j][R - 1] * alpha));
                     y[j * ys + row0] = from_f<T>(g / (1.f + expf(-g)) * u);
                 }
+        } else if (active && wig == 0 && lane == 0 && rs.pos) {
+            static_assert(R == 2, "a RoPE pair is a row group");
+#pragma unroll
+            for (int j = 0; j < MX; ++j)
+                if (j < m) rope_store_pair<T>(rs, j, row0, acc[j][0] * alpha, acc[j][1] * alpha, y + j * ys);
         } else if (active && wig == 0 && lane == 0) {
 #pragma unroll
             for (int j = 0; j < MX; ++j)
@@ -287,7 +349,10 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                         T* dst = y + j * ys + row0 + r;
                         // an explicit add: never contracted with the product into one rounding
                         if (add_y) v = __fadd_rn(to_f(from_f<T>(v)), to_f(*dst));
-                        *dst = from_f<T>(v);
+                        if (yf32)  // f32 out (logits): the T-rounded value, as T out then a cast
+                            reinterpret_cast<float*>(y)[j * ys + row0 + r] = to_f(from_f<T>(v));
+                        else
+                            *dst = from_f<T>(v);
                     }
                 }
         }
@@ -346,12 +411,19 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
     extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                     \
         gemv_##QN##_##AN##SUF(                                                                            \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, const T* x, T* y, int N, int K, int m,   \
-        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, float eps, int nt) {   \
+        i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu, const float* nw, float eps, int nt,     \
+        int yf32, const i64* rs_pos, const i64* rs_slot, i64 rs_start, const float* rs_cos,               \
+        const float* rs_sin, u8* rs_k, u8* rs_v, i64 rs_cap, int rs_nq, int rs_nk, int rs_d, int rs_half, \
+        int rs_kfmt, int rs_vfmt) {                                                                       \
         before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu, NORM ? nw : nullptr);         \
         grid_dependency_sync();                                                                           \
         const i64 ry = MX == 1 && LUCE_GEMV_ROWPAR ? (i64)blockIdx.y : 0; /* x row of this grid row */    \
-        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM, Q8>(p0, p1, p2, p3, x + ry * xs, y + ry * ys, N, K, m, \
-                                                         xs, ys, alpha, add_y, wpr, glu, nw, eps, nt);    \
+        const RopeStore rs{rs_pos ? rs_pos + ry : nullptr, rs_slot ? rs_slot + ry : nullptr, rs_start + ry, \
+                           rs_cos, rs_sin, rs_k, rs_v, rs_cap, rs_nq, rs_nk, rs_d, rs_half, rs_kfmt, rs_vfmt}; \
+        T* yr = yf32 ? reinterpret_cast<T*>(reinterpret_cast<float*>(y) + ry * ys) : y + ry * ys;         \
+        gemv_impl<F, T, LUCE_GEMV_ROWS, 2, MX, NORM, Q8>(p0, p1, p2, p3, x + ry * xs, yr, N, K, m,        \
+                                                         xs, ys, alpha, add_y, wpr, glu, nw, eps, nt,     \
+                                                         yf32, rs);                                       \
     }
 #define DEF_GEMV(QN, F, AN, T)                        \
     DEF_GEMV_MX(QN, F, AN, T, 1, false, false, )      \
