@@ -41,13 +41,27 @@ def test_verify_rows_of_a_small_weight_run_as_one_row_gemvs_side_by_side(launche
     small.forward(x[:1], norm=(nw, 1e-5))  # decode: the same kernel, one grid row
     assert launches == [("gemv_q4_1_bf16_norm", (60, 1), 576 * 2, 1)]
     launches.clear()
-    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))  # more than a chunk of 8: still one launch
-    assert launches == [("gemv_q4_1_bf16", (60, 20), 0, 1)]
-    launches.clear()
-    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "0")  # forced off: the x8 kernel in chunks of 8
-    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))
+    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))  # 1 200 blocks side by side: the x8 kernel
     assert [(c[0], c[1], c[3]) for c in launches] == [("gemv_q4_1_bf16_x8", (60, 1), 8)] * 2 + \
         [("gemv_q4_1_bf16_x8", (60, 1), 4)]
+    launches.clear()
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "1")  # forced on: one launch, whatever the grid
+    small.forward(torch.zeros(20, 576, dtype=torch.bfloat16))
+    assert launches == [("gemv_q4_1_bf16", (60, 20), 0, 1)]
+    launches.clear()
+    monkeypatch.setenv("LUCE_GEMV_ROWPAR", "0")  # forced off
+    small.forward(x, norm=(nw, 1e-5))
+    assert launches == [("gemv_q4_1_bf16_x8_norm", (60, 1), 8 * 576 * 2, 8)]
+
+
+def test_verify_rows_side_by_side_only_while_the_grid_stays_small(launches):
+    # SmolLM2's gate|up (3072x576, 192 blocks a row): 2 rows side by side, 4 and 8 the x8 kernel
+    gate_up = _lin("Q4_1", 3072, 576, 3072 * 576 * 5 // 8)
+    nw = torch.ones(576)
+    for m in (2, 4, 8):
+        gate_up.forward(torch.zeros(m, 576, dtype=torch.bfloat16), glu=True, norm=(nw, 1e-5))
+    assert [(c[0], c[1]) for c in launches] == [("gemv_q4_1_bf16_norm", (192, 2)), ("gemv_q4_1_bf16_x8_norm", (192, 1)),
+                                                 ("gemv_q4_1_bf16_x8_norm", (192, 1))]
 
 
 def test_verify_rows_of_a_large_weight_keep_the_x8_kernel(launches, monkeypatch):

@@ -51,9 +51,15 @@ GEMV_SMEM = 48 * 1024  # the fused RMSNorm's or the int8 activations' rows: at m
 GEMV_Q8_MIN_WEIGHTS = 1 << 22
 # A few rows (a speculative verify) of a weight this small run as one-row GEMVs side by side (grid
 # y = row), each block's weight reads hitting L2 after the first, instead of the x8 kernel whose
-# lanes do every row's dot products in turn. LUCE_GEMV_ROWPAR=1 / 0 forces it on / off (formats
-# in programs.GEMV_ROWPAR only).
+# lanes do every row's dot products in turn, while the grid stays within GEMV_ROWPAR_MAX_BLOCKS
+# (every block repeats the norm and the x quantization). H200, Q4_1, bf16, us per launch, x8
+# against side by side: SmolLM2's QKV 960x576 at 8 rows 11.7 against 7.9 (480 blocks), its O
+# 576x576 6.3 against 3.5, but its gate|up 3072x576 at 8 rows 14.5 against 17.3 (1 536 blocks)
+# and 3072x2048 at 4 rows 12.5 against 11.8 (768), at 2 rows 7.9 against 6.4 (384)
+# (bench/results/gemv_rowpar_ab_h200_s17.txt). LUCE_GEMV_ROWPAR=1 / 0 forces it on / off
+# (formats in programs.GEMV_ROWPAR only).
 GEMV_ROWPAR_MAX_BYTES = 4 << 20
+GEMV_ROWPAR_MAX_BLOCKS = 512
 
 
 @attrs.frozen
@@ -147,13 +153,20 @@ class QuantLinear:
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
 
-    def rows_in_parallel(self, m: int) -> bool:
+    def rows_in_parallel(self, m: int, glu: bool = False) -> bool:
         """Whether m > 1 rows run as one-row GEMVs side by side (see GEMV_ROWPAR_MAX_BYTES); each
         row then rounds exactly as decode, which the x8 kernel does too."""
         if m <= 1 or self._q not in programs.GEMV_ROWPAR:
             return False
         env = os.environ.get("LUCE_GEMV_ROWPAR", "auto")
-        return env == "1" or (env != "0" and self.w.nbytes <= GEMV_ROWPAR_MAX_BYTES)
+        return env == "1" or (env != "0" and self.w.nbytes <= GEMV_ROWPAR_MAX_BYTES
+                              and m * self._row_blocks(glu) <= GEMV_ROWPAR_MAX_BLOCKS)
+
+    def _row_blocks(self, glu: bool) -> int:
+        """Blocks of a one-row GEMV without the persistent grid's cap: outputs / per block."""
+        per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
+        outs = self.w.n // 2 if glu else self.w.n
+        return -(-outs // per_block)
 
     def int8_activations(self, dtype: torch.dtype) -> bool:
         """Whether the GEMV quantizes x to int8 (the same for every row count: verify == decode)."""
@@ -215,7 +228,7 @@ class QuantLinear:
             # to 8 x rows, so every row rounds exactly as a one-row decode step (lossless verify)
             y = out.view(m, n) if out is not None else \
                 torch.empty((m, n), dtype=torch.float32 if out_f32 else x2.dtype, device=x2.device)
-            if self.rows_in_parallel(m):
+            if self.rows_in_parallel(m, glu):
                 self._gemv_call(x2, y, accumulate and out is not None, glu, norm, q8, parallel=True, rope=rope)
             else:
                 for i in range(0, m, chunk):
@@ -246,8 +259,7 @@ class QuantLinear:
         nw, eps, nt = (None, 0.0, 0) if norm is None else (*norm, ops.rms_threads(k))
         # shared memory: the int8 rows, or the normalized rows
         smem = m * self._q8_row if q8 else (0 if norm is None else m * k * x2.element_size())
-        per_block = GEMV_WARPS // self._wpr * (1 if glu else GEMV_ROWS)
-        blocks = min((n + per_block - 1) // per_block, self._resident(kern, x2, smem))
+        blocks = min(self._row_blocks(glu), self._resident(kern, x2, smem))
         launch(kern, (blocks, rows if parallel else 1), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
