@@ -82,9 +82,11 @@ def _request(d: Any, target: Any, history: list[int], budget: int, tree: bool) -
 
         tgt, _ = target
         m = tgt.model
-        kv = TorchKVStorage().allocate(KVSpec(m.cfg.n_layers, m.cfg.n_kv_heads, m.cfg.head_dim, len(history)))
+        dev = m.device  # the target's (a CUDA target on a GPU machine)
+        kv = TorchKVStorage().allocate(KVSpec(m.cfg.n_layers, m.cfg.n_kv_heads, m.cfg.head_dim, len(history),
+                                              device=str(dev)))
         feats = m.forward(torch.tensor(history[:-1]), 0, kv, capture=capture).features
-        features = FeatureMirror(TorchKVStorage(), len(history), feats.shape[-1])
+        features = FeatureMirror(TorchKVStorage(), len(history), feats.shape[-1], device=dev)
         features.write(0, feats)
         features.set_length(len(history) - 1)
     return DraftRequest(tokens=history, budget=budget, tree=tree, params=SamplingParams(),
@@ -103,7 +105,7 @@ def _assert_distributions(rows: torch.Tensor | None, n: int | None, log: bool) -
     if n is not None:
         assert rows.shape[0] == n
     assert rows.shape[-1] >= VOCAB
-    p = rows.double().exp() if log else rows.double()
+    p = (rows.double().exp() if log else rows.double()).cpu()
     assert bool((p >= 0).all()) and torch.allclose(p.sum(-1), torch.ones(p.shape[0], dtype=torch.float64), atol=1e-3)
 
 

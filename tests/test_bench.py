@@ -89,6 +89,13 @@ def test_baseline_gate(tmp_path) -> None:
     assert "peak memory" in check_baseline(_result(peak_memory_bytes=200), str(base))[0]
     assert "not comparable" in check_baseline(_result(device="GPU Y"), str(base))[0]
     assert "not measured" in check_baseline(_result(results={"tg128": {"tok_s": 1000.0}}), str(base))[0]
+    # a metric with its own tolerance (host-bound prefill): 30 % down passes there, not 60 %
+    loose = json.loads(base.read_text())
+    loose["thresholds"]["regression_by_metric"] = {"pp512": 0.5}
+    base.write_text(json.dumps(loose))
+    assert check_baseline(_result(results={"tg128": {"tok_s": 1000.0}, "pp512": {"tok_s": 3500.0}}), str(base)) == []
+    low = check_baseline(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 2000.0}}), str(base))
+    assert len(low) == 2 and "pp512" in low[1] and "- 50%" in low[1] and "- 10%" in low[0]
     # one file, a baseline per device: each run is held to its own device's numbers
     multi = tmp_path / "m.json"
     other = dict(json.loads(base.read_text()), device="GPU Y", tok_s={"tg128": 2000.0})
