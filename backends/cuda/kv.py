@@ -117,7 +117,7 @@ class CudaKVStore(TorchKVStore):
         return True
 
     def rope_store_args(self, layer: int, slots: int | torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, style: str, nq: int, dtype: torch.dtype) -> "RopeStore | None":
+                        sin: torch.Tensor, style: str, nq: int, dtype: torch.dtype) -> "RopeStore | None":
         """What a QKV GEMV needs to store this layer's k and v itself (luce_cuda.linear.RopeStore,
         q heads nq wide, activations ``dtype``), checked as ``write_rotary`` checks its call; None
         where only the append kernel can write them: a quantized or rotated K, a quantized V,
