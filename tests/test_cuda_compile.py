@@ -275,3 +275,27 @@ def test_numpy_scalar_types_used_in_launches():
                     assert not isinstance(a, ast.Constant) or a.value is None, \
                         f"{path.name}:{node.lineno}: literal scalar {ast.dump(a)} passed to a kernel"
     assert np.int32(1).nbytes == 4  # the C int the kernels declare
+
+
+def test_launch_packs_tensors_none_and_numpy_scalars(monkeypatch):
+    """Each argument as cuda.core takes it: a tensor (or a subclass) its data pointer, None a null
+    pointer, a numpy scalar unchanged (its exact C type), in order."""
+    cuda_core = pytest.importorskip("cuda.core", reason=NO_NVRTC or "cuda-core is not installed")
+    import torch
+
+    from luce_cuda import launch as L
+
+    calls = []
+    monkeypatch.setattr(cuda_core, "launch", lambda *a: calls.append(a))
+    monkeypatch.setattr(cuda_core, "LaunchConfig", lambda **kw: kw)
+    monkeypatch.setattr(L, "_stream", lambda index: "stream")
+    monkeypatch.setattr(L, "device_index", lambda like: 0)
+    monkeypatch.setattr(L, "pdl_enabled", lambda index: False)
+    monkeypatch.setattr(L, "_configs", {})
+    x, p = torch.arange(4.0), torch.nn.Parameter(torch.zeros(2))
+    args = (x, None, np.int32(3), np.int64(-2), np.float32(1.5), p, np.uint8(7), np.float64(0.25))
+    L.launch("kernel", (2, 1), 32, args, like=x)
+    (stream, cfg, kernel, *packed), = calls
+    assert (stream, kernel, cfg["grid"], cfg["block"]) == ("stream", "kernel", (2, 1), 32)
+    assert packed == [x.data_ptr(), 0, 3, -2, 1.5, p.data_ptr(), 7, 0.25]
+    assert [type(a) for a in packed[2:5]] == [np.int32, np.int64, np.float32]
