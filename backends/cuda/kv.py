@@ -103,12 +103,9 @@ class CudaKVStore(TorchKVStore):
         when the kernel cannot serve the call (or T > ROTARY_MAX_T); the caller then rotates and
         writes separately."""
         T = k.shape[0]
-        if not (T <= ROTARY_MAX_T and self._kernel_reads(k, v) and q.dtype == k.dtype and q.device == self._device
+        if not (self._kernel_reads(k, v) and q.dtype == k.dtype and q.device == self._device
                 and q.dim() == 3 and q.stride(-1) == 1 and q.shape[0] == T and q.shape[2] == k.shape[2]
-                and style in ("normal", "neox") and cos.dtype == torch.float32 and sin.dtype == torch.float32
-                and cos.is_contiguous() and sin.is_contiguous() and cos.device == self._device
-                and 2 * cos.shape[-1] <= k.shape[2] and positions.shape == (T,) and positions.device == self._device
-                and (not isinstance(slots, torch.Tensor) or (slots.shape == (T,) and slots.device == self._device))):
+                and style in ("normal", "neox") and self._rotary_reads(T, cos, sin, positions, slots, k.shape[2])):
             return False
         tensor = isinstance(slots, torch.Tensor)
         self._check_write(k, v, None if tensor else int(slots))
@@ -127,13 +124,11 @@ class CudaKVStore(TorchKVStore):
         s = self.spec
         T = positions.shape[0]
         tensor = isinstance(slots, torch.Tensor)
+        # the GEMV reads positions and slots as they are: int64 only (write_rotary converts them)
         if not (self._fused and self.hadamard is None and s.k_dtype in FLOAT and s.v_dtype in FLOAT
-                and dtype in SRC and style == "normal" and T <= ROTARY_MAX_T
-                and cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.is_contiguous()
-                and sin.is_contiguous() and cos.device == self._device and 2 * cos.shape[-1] <= s.head_dim
-                and positions.shape == (T,) and positions.dtype == torch.int64 and positions.device == self._device
-                and (not tensor or (slots.shape == (T,) and slots.dtype == torch.int64
-                                    and slots.device == self._device))):
+                and dtype in SRC and style == "normal" and positions.dtype == torch.int64
+                and (not tensor or slots.dtype == torch.int64)
+                and self._rotary_reads(T, cos, sin, positions, slots, s.head_dim)):
             return None
         if not tensor:  # write()'s range check (shape-only tensors)
             self._check_write(torch.empty(T, s.n_kv_heads, s.head_dim, device="meta"),
@@ -141,6 +136,16 @@ class CudaKVStore(TorchKVStore):
         return RopeStore(positions, slots if tensor else None, 0 if tensor else int(slots), cos, sin,
                          self.k[layer], self.v[layer], int(self._kfmt), int(self._vfmt), s.capacity, nq,
                          s.n_kv_heads * s.head_dim, s.head_dim)
+
+    def _rotary_reads(self, T: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      slots: int | torch.Tensor, head_dim: int) -> bool:
+        """Whether a fused RoPE kernel can read this call's tables, positions and slots: a decode
+        or verify step (T <= ROTARY_MAX_T), contiguous f32 tables on this device covering at most
+        head_dim channels, positions (and slot tensors) of T entries on this device."""
+        return (T <= ROTARY_MAX_T and cos.dtype == torch.float32 and sin.dtype == torch.float32
+                and cos.is_contiguous() and sin.is_contiguous() and cos.device == self._device
+                and 2 * cos.shape[-1] <= head_dim and positions.shape == (T,) and positions.device == self._device
+                and (not isinstance(slots, torch.Tensor) or (slots.shape == (T,) and slots.device == self._device)))
 
     def _append(self, layer: int, pos: torch.Tensor | None, start: int, k: torch.Tensor, v: torch.Tensor,
                 rope: tuple | None = None) -> None:

@@ -207,13 +207,13 @@ class QuantLinear:
             n //= 2
         if (out_f32 or rope is not None) and (glu or out is not None):
             raise ConfigError("out_f32 and rope take neither glu nor out")
-        if rope is not None and (n != rope.nq + 2 * rope.nk or not self.fuses_rope_store(x.numel() // k)):
-            raise ConfigError(f"a RoPE-and-store GEMV needs a [Q; K; V] weight of {rope.nq} + 2 x {rope.nk} rows "
-                              f"(this one has {n}) and at most {GEMV_MAX_ROWS} x rows")
         out_f32 = out_f32 and x.dtype != torch.float32
         lead = x.shape[:-1]
         x2 = _rows(x, k)
         m = x2.shape[0]
+        if rope is not None and (n != rope.nq + 2 * rope.nk or not self.fuses_rope_store(m)):
+            raise ConfigError(f"a RoPE-and-store GEMV needs a [Q; K; V] weight of {rope.nq} + 2 x {rope.nk} rows "
+                              f"(this one has {n}) and at most {GEMV_MAX_ROWS} x rows")
         if out is not None and (out.dtype != x.dtype or out.shape != (*lead, n) or not out.is_contiguous()):
             raise ConfigError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, n)}")
         if m == 0:
