@@ -663,6 +663,7 @@ def test_qkv_gemv_rope_store_is_gemv_then_write_rotary(qtype, m, heads, d, parti
 
     from luce_core import rope
     from luce_core.roles import KVSpec
+    from luce_cuda import ops
     from luce_cuda.kv import CudaKVStorage
     from luce_cuda.linear import CudaLinear
 
@@ -676,7 +677,7 @@ def test_qkv_gemv_rope_store_is_gemv_then_write_rotary(qtype, m, heads, d, parti
         lin = CudaLinear(mma="bf16").prepare(w, torch.device("cuda"), dtype)
         x = torch.randn(m, k_in, generator=g).to("cuda", dtype)
         nw = (torch.rand(k_in, generator=g) + 0.5).to("cuda")
-        nw *= 2 / float((ops_norm(x, nw).double().cpu() @ _refs(w).T).abs().max().clamp_min(1e-6))
+        nw *= 2 / float((ops.rms_norm(x.float(), nw, 1e-5).double().cpu() @ _refs(w).T).abs().max().clamp_min(1e-6))
         rd = d // 2 if partial else d
         cos, sin = rope.rope_tables((10000.0 ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)).float(), 96,
                                     torch.device("cuda"))
@@ -699,12 +700,6 @@ def test_qkv_gemv_rope_store_is_gemv_then_write_rotary(qtype, m, heads, d, parti
         assert stores[0].k[1].any() and stores[0].v[1].any() and not stores[0].k[0].any()
     finally:
         os.environ.pop("LUCE_GEMV_ROWPAR", None)
-
-
-def ops_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from luce_cuda import ops
-
-    return ops.rms_norm(x.float(), w, 1e-5)
 
 
 @pytest.mark.gpu
