@@ -133,7 +133,7 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, i64 xs, i
 // [Q; K; V] (nq, nk, nk rows; heads of d channels, RoPE over the first 2 * half of them in pairs
 // (2i, 2i + 1), which a row group's R = 2 rows are), x row j is the token at RoPE position pos[j]
 // stored in cache slot slot[j] (or start + j). q is rotated in y; k (rotated) and v go to this
-// layer's f32/f16/bf16 caches [cap, nk / d, d] (kfmt, vfmt: kv_append.cu's KV_F32/F16/BF16) and
+// layer's f32/f16/bf16 caches [cap, nk / d, d] (kfmt, vfmt: KV_F32/F16/BF16) and
 // stay unrotated in y. Every value rounds as GEMV -> kv_append with RoPE rounds it: bit for bit
 // the two launches, in one.
 struct RopeStore {
@@ -149,10 +149,10 @@ struct RopeStore {
 };
 
 __device__ __forceinline__ void store_cache(u8* c, int fmt, i64 e, float a, float b) {
-    if (fmt == 0) {
+    if (fmt == KV_F32) {
         reinterpret_cast<float*>(c)[e] = a;
         reinterpret_cast<float*>(c)[e + 1] = b;
-    } else if (fmt == 1) {
+    } else if (fmt == KV_F16) {
         reinterpret_cast<__half*>(c)[e] = __float2half_rn(a);
         reinterpret_cast<__half*>(c)[e + 1] = __float2half_rn(b);
     } else {

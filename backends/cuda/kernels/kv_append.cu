@@ -11,12 +11,6 @@
 // a*b+c into an FMA by default and fast reciprocals would change the quantized bytes.
 #include "luce_common.cuh"
 
-// destination formats (luce_cuda.kv.FMT)
-#define KV_F32 0
-#define KV_F16 1
-#define KV_BF16 2
-#define KV_Q8_0 3
-#define KV_Q4_0 4
 // source dtypes (luce_cuda.ops.DT_CODE)
 #define SRC_F16 0
 #define SRC_BF16 1

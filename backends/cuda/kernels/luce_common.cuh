@@ -59,6 +59,14 @@ __device__ __forceinline__ float2 h2f2(u32 w) {
     return __half22float2(h);
 }
 
+// destination formats (luce_cuda.kv.FMT): written by kv_append.cu, and by a QKV GEMV
+// storing its K/V itself (gemv.cu RopeStore: the float ones)
+#define KV_F32 0
+#define KV_F16 1
+#define KV_BF16 2
+#define KV_Q8_0 3
+#define KV_Q4_0 4
+
 // ---------------------------------------------------------------- RoPE
 // One rotated pair (a, b) by the angle with cosine cs and sine sn. Explicit IEEE ops (no FMA
 // contraction), so ops.cu's rope_qk and kv_append.cu's fused RoPE round alike.
