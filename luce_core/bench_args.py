@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from luce_core.config import DEFAULT_BUDGET
+from luce_core.config import DEFAULT_BUDGET, budget_arg
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--check-baseline", metavar="FILE", nargs="?", const="bench/baseline.json",
                    help="compare with a perf baseline and fail on regressions")
-    p.add_argument("--draft-budget", type=int, default=DEFAULT_BUDGET, help="with --drafter: drafts per step (default %(default)s)")
+    p.add_argument("--draft-budget", type=budget_arg, default=DEFAULT_BUDGET, help="with --drafter: drafts per step (default %(default)s)")
     p.add_argument("--draft-model", help="with --drafter draft-model/dflash: its file")
     p.add_argument("--spec-tokens", type=int, default=128,
                    help="with --drafter: tokens generated per prompt of each prompt set (default %(default)s)")

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from luce_core.config import DEFAULT_BUDGET, DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS
+from luce_core.config import DEFAULT_BUDGET, DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS, budget_arg
 from luce_core.errors import LuceError
 from luce_core.impl import ROLES
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message (with --chat)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
     g.add_argument("--stats", action="store_true", help="print timing and selection as JSON on stderr")
-    g.add_argument("--draft-budget", type=int, default=DEFAULT_BUDGET, metavar="N",
+    g.add_argument("--draft-budget", type=budget_arg, default=DEFAULT_BUDGET, metavar="N",
                    help="speculative: drafts per step, or draft-tree nodes with --draft-tree (default %(default)s)")
     g.add_argument("--draft-model", metavar="PATH",
                    help="speculative: the draft GGUF (--drafter draft-model) or drafter file (--drafter dflash)")

@@ -14,6 +14,19 @@ from luce_core.errors import ConfigError
 # 1.58 ms at budget 7 in the sixth session (bench/results/README.md has the later runs).
 DEFAULT_BUDGET = 7
 
+
+def budget_arg(text: str) -> int:
+    """argparse type of --draft-budget: a bad value stops the command before any model loads."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
 if TYPE_CHECKING:
     from luce_core.roles import ModelConfig
 

@@ -327,9 +327,7 @@ class SpeculativeDecoder:
     def __init__(self, session: "Session", drafter: SpecDrafter, *, budget: int, tree: bool = False,
                  static_shapes: bool | None = None, mirror: "FeatureMirror | None" = None,
                  kv_storage: Any = None, feature_dtype: str = "f32", options: DrafterOptions | None = None):
-        if not isinstance(budget, int) or budget <= 0:
-            raise ConfigError(f"draft budget must be a positive integer, got {budget!r}",
-                              remedy="use --draft-budget 1 or more")
+        check_budget(budget)
         if tree and not getattr(drafter, "supports_tree", False):
             raise ConfigError(f"drafter {drafter.name!r} cannot propose trees",
                               remedy="drop --draft-tree, or use a drafter with tree support")
@@ -575,6 +573,13 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- wiring helpers
+def check_budget(budget: object) -> None:
+    """ConfigError unless ``budget`` is a positive integer (checked before any drafter loads)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ConfigError(f"draft budget must be a positive integer, got {budget!r}",
+                          remedy="use --draft-budget 1 or more")
+
+
 def make_drafter(name: str, plan: Any, options: DrafterOptions | None = None) -> SpecDrafter:
     """Select the drafter ``name`` (forced, so an unknown or unrunnable one is an error with its
     reasons), build it and bind it to the plan's target model."""
@@ -591,6 +596,7 @@ def decoder_for(plan: Any, session: "Session", drafter: str, *, budget: int, tre
                 options: DrafterOptions | None = None) -> SpeculativeDecoder:
     """The decoder the API / CLI use: drafter by name, feature mirror through the plan's
     kv_storage in the configured feature dtype."""
+    check_budget(budget)  # before a draft model's weights load
     options = options or DrafterOptions()
     d = make_drafter(drafter, plan, options)
     kv_storage = None

@@ -264,42 +264,50 @@ def test_linear_glu_epilogue(case, m, dtype):
 
 @settings(max_examples=40, deadline=None)
 @given(case=shape_st, m=st.sampled_from([1, 3, 8, 11, 40]), glu=st.booleans(),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       rowpar=st.sampled_from(["auto", "0", "1", "4"]))
 # found on an H200: f32 accumulate was contracted into one FMA (product + residual, one rounding)
-@example(case=("NVFP4", 1, 1, 0), m=3, glu=False, dtype=torch.float32)
+@example(case=("NVFP4", 1, 1, 0), m=3, glu=False, dtype=torch.float32, rowpar="auto")
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
-def test_linear_fused_norm_and_residual_change_no_bit(case, m, glu, dtype):
+def test_linear_fused_norm_and_residual_change_no_bit(case, m, glu, dtype, rowpar):
     """forward(norm=(w, eps)) is ops.rms_norm then forward, bit for bit: the GEMV normalizes its
-    rows in shared memory in the rms_norm kernel's summation order (over 32 rows the norm kernel
-    runs first). forward(out=r, accumulate=True) is r + forward(x), bit for bit, on the GEMV and
-    the GEMM paths. Each fused row still rounds as a one-row decode step."""
+    rows in shared memory in the rms_norm kernel's summation order, all of a block's rows at once
+    (over 32 rows the norm kernel runs first). forward(out=r, accumulate=True) is r + forward(x),
+    bit for bit, on the GEMV and the GEMM paths. Each fused row still rounds as a one-row decode
+    step, whatever the rows per block."""
+    import os
+
     from luce_cuda import ops
     from luce_cuda.linear import CudaLinear, GEMV_MAX_ROWS
 
-    qtype, n, blocks, seed = case
-    k = blocks * max(BLOCKS[qtype][0], 64)
-    scale = 0.37 if qtype == "NVFP4" else 1.0
-    w = _qtensor(qtype, 2 * n if glu else n, k, seed, scale)
-    lin = CudaLinear(mma="bf16").prepare(w, torch.device("cuda"), dtype)
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * 3).to("cuda", dtype)
-    nw = (torch.rand(k, generator=g) + 0.5).to("cuda")
-    # scaled so the products stay within +-4: f16 holds them (and silu(gate) * up)
-    h = ops.rms_norm(x.float(), nw, 1e-5).double().cpu()
-    nw *= 4 / float((h @ _refs(w).T).abs().max().clamp_min(1e-6))
-    got = lin.forward(x, glu=glu, norm=(nw, 1e-5))
-    want = lin.forward(ops.rms_norm(x, nw, 1e-5), glu=glu)
-    assert got.shape == (m, n) and torch.isfinite(got).all()
-    assert torch.equal(got, want), f"max diff {(got.float() - want.float()).abs().max()}"
-    if m <= GEMV_MAX_ROWS:  # (the GEMM path rounds differently from a one-row GEMV anyway)
-        for j in (0, m - 1):
-            assert torch.equal(lin.forward(x[j:j + 1], glu=glu, norm=(nw, 1e-5)), got[j:j + 1])
-    if not glu:
-        base = torch.randn(m, n, generator=g).to("cuda", dtype)
-        out = base.clone()
-        lin.forward(x, out=out, accumulate=True)
-        assert torch.equal(out, base + lin(x))
+    os.environ["LUCE_GEMV_ROWPAR"] = rowpar
+    try:
+        qtype, n, blocks, seed = case
+        k = blocks * max(BLOCKS[qtype][0], 64)
+        scale = 0.37 if qtype == "NVFP4" else 1.0
+        w = _qtensor(qtype, 2 * n if glu else n, k, seed, scale)
+        lin = CudaLinear(mma="bf16").prepare(w, torch.device("cuda"), dtype)
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(m, k, generator=g) * 3).to("cuda", dtype)
+        nw = (torch.rand(k, generator=g) + 0.5).to("cuda")
+        # scaled so the products stay within +-4: f16 holds them (and silu(gate) * up)
+        h = ops.rms_norm(x.float(), nw, 1e-5).double().cpu()
+        nw *= 4 / float((h @ _refs(w).T).abs().max().clamp_min(1e-6))
+        got = lin.forward(x, glu=glu, norm=(nw, 1e-5))
+        want = lin.forward(ops.rms_norm(x, nw, 1e-5), glu=glu)
+        assert got.shape == (m, n) and torch.isfinite(got).all()
+        assert torch.equal(got, want), f"max diff {(got.float() - want.float()).abs().max()}"
+        if m <= GEMV_MAX_ROWS:  # (the GEMM path rounds differently from a one-row GEMV anyway)
+            for j in (0, m - 1):
+                assert torch.equal(lin.forward(x[j:j + 1], glu=glu, norm=(nw, 1e-5)), got[j:j + 1])
+        if not glu:
+            base = torch.randn(m, n, generator=g).to("cuda", dtype)
+            out = base.clone()
+            lin.forward(x, out=out, accumulate=True)
+            assert torch.equal(out, base + lin(x))
+    finally:
+        os.environ.pop("LUCE_GEMV_ROWPAR", None)
 
 
 @pytest.mark.gpu
@@ -335,15 +343,15 @@ def test_gemv_split_over_warps(qtype, k):
         assert rel_err(lin(x).cpu(), _seen(lin, x) @ ref_w.T) < ACT_TOL[dtype]
 
 
-@pytest.mark.parametrize("rowpar", ["0", "1"])
+@pytest.mark.parametrize("rowpar", ["0", "1", "4"])  # chunks of 8; per grid row 1 or 4 rows
 @pytest.mark.parametrize("m", [2, 5, 8, 9, 17, 32])
 @pytest.mark.parametrize("qtype", QUANTS)
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_few_row_gemv_rounds_each_row_as_decode(qtype, m, rowpar, monkeypatch):
-    """A verify's few rows (chunks of up to 8 per launch, or one-row GEMVs side by side) give, bit
-    for bit, what one-row decode steps give: speculative decoding stays lossless in f16/bf16, not
-    only in f32."""
+    """A verify's few rows (chunks of up to 8 per launch, or grid rows of 1 or 4 side by side) give,
+    bit for bit, what one-row decode steps give: speculative decoding stays lossless in f16/bf16,
+    not only in f32."""
     from luce_cuda.linear import CudaLinear
 
     monkeypatch.setenv("LUCE_GEMV_ROWPAR", rowpar)
@@ -650,7 +658,7 @@ def test_swiglu_on_fused_gate_up(rows, f, dtype):
 @given(qtype=st.sampled_from(QUANTS), m=st.sampled_from([1, 2, 5, 8, 11, 20]), heads=st.sampled_from([(1, 1), (3, 1), (4, 2)]),
        d=st.sampled_from([64, 128]), partial=st.booleans(), caches=st.sampled_from([("f16", "f16"), ("bf16", "f32"),
                                                                                     ("f32", "bf16")]),
-       as_tensor=st.booleans(), rowpar=st.sampled_from(["0", "1"]),
+       as_tensor=st.booleans(), rowpar=st.sampled_from(["0", "1", "4"]),
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31))
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")

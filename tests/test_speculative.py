@@ -398,9 +398,12 @@ def attrs_evolve(params: SamplingParams, **kw) -> SamplingParams:
 def test_bad_budgets_and_forced_drafters_are_clear_errors(tiny):
     llm = tiny["llm"]
     d = make_drafter("prompt-lookup", llm.plan)
-    for bad in (0, -3):
+    for bad in (0, -3, 2.0, True):
         with pytest.raises(ConfigError, match="budget"):
             SpeculativeDecoder(llm.session, d, budget=bad)
+    from luce_core.speculative import decoder_for
+    with pytest.raises(ConfigError, match="budget"):  # before the draft model (none given here) is looked for
+        decoder_for(llm.plan, llm.session, "draft-model", budget=0)
     with pytest.raises(ConfigError, match="trees"):
         SpeculativeDecoder(llm.session, FixedChain(torch.ones(1, 300) / 300), budget=2, tree=True)
     with pytest.raises(SelectionError, match="no-such-drafter"):
@@ -415,6 +418,16 @@ def test_bad_budgets_and_forced_drafters_are_clear_errors(tiny):
         list(dec.generate([5] * 96, 4, Sampler(SamplingParams())))
     with pytest.raises(ConfigError):
         DrafterOptions(ngram_min=3, ngram_max=2)
+
+
+@pytest.mark.parametrize("cmd", [["generate", "hi", "--drafter", "prompt-lookup"], ["bench", "--drafter", "prompt-lookup"]])
+@pytest.mark.parametrize("bad", ["0", "-2", "x"])
+def test_cli_rejects_a_bad_budget_before_loading(cmd, bad, capsys):
+    from luce_core.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*cmd, "--model", "/nonexistent.gguf", "--draft-budget", bad])
+    assert e.value.code == 2 and "--draft-budget: must be a positive integer" in capsys.readouterr().err
 
 
 def test_stats_are_consistent_and_json_ready(tiny):

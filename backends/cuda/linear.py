@@ -49,15 +49,18 @@ GEMV_SMEM = 48 * 1024  # the fused RMSNorm's or the int8 activations' rows: at m
 # 10.1 us, QKV 3072x2048 6.7 against 4.9, but its down 2048x8192 7.5 against 8.1 and SmolLM2's
 # 576x576 Q4_1 1.9 against 2.5; bench/results).
 GEMV_Q8_MIN_WEIGHTS = 1 << 22
-# A few rows (a speculative verify) of a weight this small run as one-row GEMVs side by side (grid
-# y = row), each block's weight reads hitting L2 after the first, instead of the x8 kernel whose
-# lanes do every row's dot products in turn, while the grid stays within GEMV_ROWPAR_MAX_BLOCKS
-# (every block repeats the norm and the x quantization). H200, Q4_1, bf16, us per launch, x8
-# against side by side: SmolLM2's QKV 960x576 at 8 rows 11.7 against 7.9 (480 blocks), its O
-# 576x576 6.3 against 3.5, but its gate|up 3072x576 at 8 rows 14.5 against 17.3 (1 536 blocks)
-# and 3072x2048 at 4 rows 12.5 against 11.8 (768), at 2 rows 7.9 against 6.4 (384)
-# (bench/results/gemv_rowpar_ab_h200_s17.txt). LUCE_GEMV_ROWPAR=1 / 0 forces it on / off
-# (formats in programs.GEMV_ROWPAR only).
+# A few rows (a speculative verify) of a weight this small run side by side, one grid row of
+# blocks per 1, 4 or 8 x rows (the one-row kernel, or the x8 kernel; grid y), each block's weight
+# reads hitting L2 after the first, instead of x8 launches one after another, whose lanes do
+# every row's dot products in turn. The fewest rows per block whose grid stays within
+# GEMV_ROWPAR_MAX_BLOCKS (each block repeats the x quantization; beyond that, blocks wait for
+# others' SMs; a limit of 400 made SmolLM2's 8-row verify step 1 265 us instead of 1 185). H200,
+# Q4_1, bf16, 8 rows, us per launch (norm: the rms_norm kernel first), x8 launches against 1 | 4
+# rows per block: SmolLM2's QKV 960x576 norm 7.7 against 7.1 | 6.1, O
+# 576x576 6.9 against 4.1 | 4.6, gate|up 3072x576 13.3 against 16.6 | 13.4 (192 blocks a row);
+# 2048x2048 9.7 against 10.3 | 7.7. The x8 kernel with 2 rows a block lost to both
+# (bench/results/gemv_rows_per_block_h200_s18.txt). LUCE_GEMV_ROWPAR=0 forces x8 launches, 1 / 4 /
+# 8 that many rows per block (formats in programs.GEMV_ROWPAR only).
 GEMV_ROWPAR_MAX_BYTES = 4 << 20
 GEMV_ROWPAR_MAX_BLOCKS = 512
 
@@ -148,19 +151,26 @@ class QuantLinear:
         """Load every kernel this weight launches for activations of ``dtype`` (before graph capture)."""
         idx = device_index(next(p for p in self.w.planes if p is not None))
         q8 = "_q8" if self.int8_activations(dtype) else ""
-        for suffix in ("", "_x8", "_norm", "_x8_norm"):
+        for suffix in ("", "_x8", "_norm"):
             get_kernel(self._gemv, f"gemv_{self._q}_{ACT[dtype]}{suffix}{q8}", idx)
         mt = self._gemm_type(dtype)
         get_kernel(self._gemm[mt], f"gemm_{self._q}_{mt}", idx)
 
-    def rows_in_parallel(self, m: int, glu: bool = False) -> bool:
-        """Whether m > 1 rows run as one-row GEMVs side by side (see GEMV_ROWPAR_MAX_BYTES); each
-        row then rounds exactly as decode, which the x8 kernel does too."""
+    def rows_per_block(self, m: int, chunk: int = GEMV_CHUNK, glu: bool = False) -> int:
+        """How a verify's m > 1 rows share a launch: each grid row of blocks takes this many x
+        rows (1: the one-row kernel; more: the x8 kernel), or 0 for launches of ``chunk`` rows
+        one after another. Either way each row rounds exactly as decode. See
+        GEMV_ROWPAR_MAX_BYTES; ``LUCE_GEMV_ROWPAR`` = 0 forces chunks, N that many rows a block."""
         if m <= 1 or self._q not in programs.GEMV_ROWPAR:
-            return False
+            return 0
         env = os.environ.get("LUCE_GEMV_ROWPAR", "auto")
-        return env == "1" or (env != "0" and self.w.nbytes <= GEMV_ROWPAR_MAX_BYTES
-                              and m * self._row_blocks(glu) <= GEMV_ROWPAR_MAX_BLOCKS)
+        if env.isdigit():
+            return min(int(env), chunk, m)
+        if self.w.nbytes > GEMV_ROWPAR_MAX_BYTES:
+            return 0
+        per_row = self._row_blocks(glu)
+        return next((mb for mb in (1, 4, 8) if mb <= min(chunk, m) and -(-m // mb) * per_row <= GEMV_ROWPAR_MAX_BLOCKS),
+                    0)
 
     def _row_blocks(self, glu: bool) -> int:
         """Blocks of a one-row GEMV without the persistent grid's cap: outputs / per block."""
@@ -192,10 +202,11 @@ class QuantLinear:
 
         ``glu``: W is [gate; up] and y = silu(x @ gate.T) * (x @ up.T), half W's rows wide; the
         GEMV computes it in its epilogue (no SwiGLU launch), the GEMM path runs the op after.
-        ``norm`` = (w, eps): x is first RMS-normalized as ``ops.rms_norm(x, w, eps)`` (w f32), by
-        the GEMV itself (bit for bit the same) when its rows fit in shared memory, else by that
-        op. Fused was faster on all four decode shapes measured (graph replays on an H200,
-        bench/results: 1.2B QKV 6.5 against 7.7 us for norm + GEMV, its gate|up 15.1 against 15.6).
+        ``norm`` = (w, eps): x is first RMS-normalized as ``ops.rms_norm(x, w, eps)`` (w f32): for
+        one row (decode) by the GEMV itself (bit for bit the same) when the row fits in shared
+        memory, else by that op. Fused was faster on all four decode shapes measured (graph
+        replays on an H200, bench/results: 1.2B QKV 6.5 against 7.7 us for norm + GEMV, its
+        gate|up 15.1 against 15.6); for several rows the op first was (see kernels/gemv.cu).
         ``out_f32``: y in f32 (each value rounded to x's dtype first: ``forward(x).float()``, one
         launch). ``rope`` (W is [Q; K; V], rows as in :class:`RopeStore`, only where
         :meth:`fuses_rope_store`): q rotated in y, k rotated and v stored in the caches, k and v
@@ -221,19 +232,23 @@ class QuantLinear:
         q8 = self.int8_activations(x2.dtype)
         # x rows per GEMV launch: up to 8, fewer when the int8 rows would overflow shared memory
         chunk = max(1, min(GEMV_CHUNK, GEMV_SMEM // self._q8_row)) if q8 else GEMV_CHUNK
-        if norm is not None and (m > GEMV_MAX_ROWS or (not q8 and min(m, chunk) * k * x2.element_size() > GEMV_SMEM)):
+        if norm is not None and (m > 1 or (not q8 and k * x2.element_size() > GEMV_SMEM)):
             x2, norm = ops.rms_norm(x2, norm[0], norm[1]), None
         if m <= GEMV_MAX_ROWS:
             # decode and speculative verify: the GEMV, row by row side by side or in chunks of up
             # to 8 x rows, so every row rounds exactly as a one-row decode step (lossless verify)
             y = out.view(m, n) if out is not None else \
                 torch.empty((m, n), dtype=torch.float32 if out_f32 else x2.dtype, device=x2.device)
-            if self.rows_in_parallel(m, glu):
-                self._gemv_call(x2, y, accumulate and out is not None, glu, norm, q8, parallel=True, rope=rope)
+            add = accumulate and out is not None
+            mb = self.rows_per_block(m, chunk, glu)
+            if mb:  # grid rows side by side, then the rows that do not fill a grid row
+                full = m - m % mb
+                self._gemv_call(x2[:full], y[:full], add, glu, norm, q8, per_block=mb, rope=rope)
+                if full < m:
+                    self._gemv_call(x2[full:], y[full:], add, glu, norm, q8, rope=rope, row=full)
             else:
                 for i in range(0, m, chunk):
-                    self._gemv_call(x2[i:i + chunk], y[i:i + chunk], accumulate and out is not None, glu, norm, q8,
-                                    rope=rope, row=i)
+                    self._gemv_call(x2[i:i + chunk], y[i:i + chunk], add, glu, norm, q8, rope=rope, row=i)
         elif out_f32:
             y = self._gemm_call(x2, None, False).float()
         elif glu:
@@ -245,13 +260,13 @@ class QuantLinear:
 
     def _gemv_call(self, x2: torch.Tensor, y: torch.Tensor, accumulate: bool, glu: bool = False,
                    norm: tuple[torch.Tensor, float] | None = None, q8: bool = False,
-                   parallel: bool = False, rope: RopeStore | None = None, row: int = 0) -> torch.Tensor:
-        """One launch over x2's rows: the x8 kernel, or with ``parallel`` the one-row kernel on a
-        grid with one row of blocks per x row. y may be f32 for x of another dtype (out_f32);
-        ``row``: x2's first row within the rows ``rope`` describes."""
+                   per_block: int = 0, rope: RopeStore | None = None, row: int = 0) -> torch.Tensor:
+        """One launch over x2's rows: each grid row of blocks takes ``per_block`` of them (0: all;
+        the one-row kernel for 1, else the x8 kernel). y may be f32 for x of another dtype
+        (out_f32); ``row``: x2's first row within the rows ``rope`` describes."""
         n, k = y.shape[1], self.w.k  # n: outputs (half the weight rows with glu)
         rows = x2.shape[0]
-        m = 1 if parallel else rows  # x rows per block
+        m = per_block or rows  # x rows per block
         name = (f"gemv_{self._q}_{ACT[x2.dtype]}{'' if m == 1 else '_x8'}{'' if norm is None else '_norm'}"
                 f"{'_q8' if q8 else ''}")
         kern = get_kernel(self._gemv, name, device_index(x2))
@@ -260,7 +275,7 @@ class QuantLinear:
         # shared memory: the int8 rows, or the normalized rows
         smem = m * self._q8_row if q8 else (0 if norm is None else m * k * x2.element_size())
         blocks = min(self._row_blocks(glu), self._resident(kern, x2, smem))
-        launch(kern, (blocks, rows if parallel else 1), (32 * GEMV_WARPS,),
+        launch(kern, (blocks, rows // m), (32 * GEMV_WARPS,),
                (*self.w.planes, x2, y, np.int32(n), np.int32(k), np.int32(m), np.int64(x2.stride(0)),
                 np.int64(y.stride(0)), np.float32(self.w.alpha), np.int32(1 if accumulate else 0),
                 np.int32(self._wpr), np.int32(1 if glu else 0), nw, np.float32(eps), np.int32(nt),

@@ -32,9 +32,10 @@ GEMV_Q8 = frozenset({"q4_0", "q4_1", "q8_0"})
 
 
 def _gemv_kernels(q: str) -> tuple[str, ...]:
-    names = [f"gemv_{q}_{a}{x}{n}" for a in ("f16", "bf16", "f32") for x in ("", "_x8") for n in ("", "_norm")]
+    kinds = ("", "_x8", "_norm")  # the fused RMSNorm: one-row kernels only (kernels/gemv.cu)
+    names = [f"gemv_{q}_{a}{x}" for a in ("f16", "bf16", "f32") for x in kinds]
     if q in GEMV_Q8:
-        names += [f"gemv_{q}_{a}{x}{n}_q8" for a in ("f16", "bf16") for x in ("", "_x8") for n in ("", "_norm")]
+        names += [f"gemv_{q}_{a}{x}_q8" for a in ("f16", "bf16") for x in kinds]
     return (*names, f"dequant_{q}")
 
 

@@ -2,10 +2,11 @@
 //
 // y[j, n] = alpha * sum_k x[j, k] * W[n, k]  (+ y[j, n] when add_y) for the m <= MX rows j of x
 // (MX = 1 for decode, 8 for a few-row input such as a speculative verify, split by the host into
-// chunks of at most 8). With LUCE_GEMV_ROWPAR the one-row kernels also serve several rows side
-// by side: grid row blockIdx.y computes x row blockIdx.y exactly as a decode step does, reading
-// the weight again (from L2, for weights that fit there; luce_cuda.linear decides). Not in the
-// formats capped at 64 registers: the offsets made their kernels spill more. Each
+// chunks of at most 8). With LUCE_GEMV_ROWPAR the kernels also serve several chunks side by side:
+// grid row blockIdx.y computes x rows [blockIdx.y * m, (blockIdx.y + 1) * m) exactly as one launch
+// of those m rows does, reading the weight again (from L2, for weights that fit there;
+// luce_cuda.linear decides). Not in the formats capped at 64 registers: the offsets made their
+// kernels spill more. Each
 // weight unit is loaded once and used for every x row, and each (x row, weight row) sum takes
 // exactly the steps it takes with MX = 1, so a verify row rounds as the decode step does.
 // A group of wpr warps (1, 2, 4 or 8; the host picks it so each lane gets about two units)
@@ -22,10 +23,13 @@
 //
 // add_y (residual fusion): y = y + (the product rounded to T), what the unfused GEMV followed by
 // ops.cu's residual add gives bit for bit.
-// Kernels _norm (NORM): x is the residual stream and each of its m rows is RMS-normalized (weight
-// nw, eps; summed as ops.cu's rms_norm kernel of nt threads sums it, rounded to T as it rounds)
-// into dynamic shared memory before the dot products read it: bit for bit rms_norm then the GEMV,
-// one launch (and one pass over the activations) fewer.
+// Kernels _norm (NORM, one x row: decode): x is the residual stream and its row is RMS-normalized
+// (weight nw, eps; summed as ops.cu's rms_norm kernel of nt threads sums it, rounded to T as it
+// rounds) into dynamic shared memory before the dot products read it: bit for bit rms_norm then
+// the GEMV, one launch (and one pass over the activations) fewer. A few rows take the rms_norm
+// kernel first instead: each block normalizing its rows one after another (a block reduction and
+// two barriers per row) cost more than the extra launch (H200, 8 rows: SmolLM2's gate|up 18.2
+// against 13.1 us, a 1.2B-shaped Q4_1 gate|up 39.4 against 33.2).
 //
 // Kernels _q8 (Q4_0, Q4_1, Q8_0 with f16/bf16 activations): each block first quantizes its m rows
 // of x (normalized first with _norm) to int8 per run of 32 with ggml's Q8_0 rounding: d = max|x| / 127,
@@ -404,9 +408,9 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 
 // One program per weight format: the host passes -DLUCE_QNAME=q4_0 -DLUCE_QFMT=FQ4_0 (see
 // programs.py), so a model compiles only the formats it has. Activations f16/bf16/f32; one x row
-// (decode) or up to 8 (suffix _x8), each also with the fused RMSNorm (suffix _norm: m * K * sizeof(T)
-// bytes of dynamic shared memory) and, for LUCE_GEMV_Q8 formats and f16/bf16, with int8
-// activations (suffix _q8: m * K * 5/4 bytes); dequantization writes f32.
+// (decode) or up to 8 (suffix _x8), the one-row kernel also with the fused RMSNorm (suffix _norm:
+// K * sizeof(T) bytes of dynamic shared memory) and, for LUCE_GEMV_Q8 formats and f16/bf16, each
+// with int8 activations (suffix _q8: m * K * 5/4 bytes); dequantization writes f32.
 #define DEF_GEMV_MX(QN, F, AN, T, MX, NORM, Q8, SUF)                                                     \
     extern "C" __global__ void __launch_bounds__(256, MX == 1 ? LUCE_GEMV_MINB : 1)                     \
         gemv_##QN##_##AN##SUF(                                                                            \
@@ -417,7 +421,8 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
         int rs_kfmt, int rs_vfmt) {                                                                       \
         before_wait_gemv<F, LUCE_GEMV_ROWS>(p0, p1, p2, p3, N, K, wpr, glu, NORM ? nw : nullptr);         \
         grid_dependency_sync();                                                                           \
-        const i64 ry = MX == 1 && LUCE_GEMV_ROWPAR ? (i64)blockIdx.y : 0; /* x row of this grid row */    \
+        /* first x row of this grid row */                                                              \
+        const i64 ry = LUCE_GEMV_ROWPAR ? (MX == 1 ? (i64)blockIdx.y : (i64)blockIdx.y * m) : 0;          \
         const RopeStore rs{rs_pos ? rs_pos + ry : nullptr, rs_slot ? rs_slot + ry : nullptr, rs_start + ry, \
                            rs_cos, rs_sin, rs_k, rs_v, rs_cap, rs_nq, rs_nk, rs_d, rs_half, rs_kfmt, rs_vfmt}; \
         T* yr = yf32 ? reinterpret_cast<T*>(reinterpret_cast<float*>(y) + ry * ys) : y + ry * ys;         \
@@ -428,13 +433,11 @@ __device__ __forceinline__ void dequant_impl(const u8* p0, const u8* p1, const u
 #define DEF_GEMV(QN, F, AN, T)                        \
     DEF_GEMV_MX(QN, F, AN, T, 1, false, false, )      \
     DEF_GEMV_MX(QN, F, AN, T, 8, false, false, _x8)   \
-    DEF_GEMV_MX(QN, F, AN, T, 1, true, false, _norm)  \
-    DEF_GEMV_MX(QN, F, AN, T, 8, true, false, _x8_norm)
+    DEF_GEMV_MX(QN, F, AN, T, 1, true, false, _norm)
 #define DEF_GEMV_Q8(QN, F, AN, T)                        \
     DEF_GEMV_MX(QN, F, AN, T, 1, false, true, _q8)       \
     DEF_GEMV_MX(QN, F, AN, T, 8, false, true, _x8_q8)    \
-    DEF_GEMV_MX(QN, F, AN, T, 1, true, true, _norm_q8)   \
-    DEF_GEMV_MX(QN, F, AN, T, 8, true, true, _x8_norm_q8)
+    DEF_GEMV_MX(QN, F, AN, T, 1, true, true, _norm_q8)
 #define DEF_DEQUANT(QN, F)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) dequant_##QN(                                     \
         const u8* p0, const u8* p1, const u8* p2, const u8* p3, float* out, int N, int K, float alpha) { \
