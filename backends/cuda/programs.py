@@ -39,7 +39,7 @@ def _gemv_kernels(q: str) -> tuple[str, ...]:
     return (*names, f"dequant_{q}")
 
 
-# Formats whose one-row GEMV can run several x rows side by side (grid y = row; kernels/gemv.cu):
+# Formats whose GEMVs can run several x rows side by side (grid y = a group of 1-8 rows; kernels/gemv.cu):
 # not the register-capped ones, which spilled more with the row offsets.
 GEMV_ROWPAR = frozenset(q for q in QTYPES.values() if q not in _GEMV_MINB)
 
