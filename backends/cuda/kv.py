@@ -130,9 +130,8 @@ class CudaKVStore(TorchKVStore):
                 and (not tensor or slots.dtype == torch.int64)
                 and self._rotary_reads(T, cos, sin, positions, slots, s.head_dim)):
             return None
-        if not tensor:  # write()'s range check (shape-only tensors)
-            self._check_write(torch.empty(T, s.n_kv_heads, s.head_dim, device="meta"),
-                              torch.empty(T, s.n_kv_heads, s.head_dim, device="meta"), int(slots))
+        if not tensor:  # write()'s range check
+            self._check_slots(int(slots), T)
         return RopeStore(positions, slots if tensor else None, 0 if tensor else int(slots), cos, sin,
                          self.k[layer], self.v[layer], int(self._kfmt), int(self._vfmt), s.capacity, nq,
                          s.n_kv_heads * s.head_dim, s.head_dim)

@@ -73,10 +73,14 @@ class TorchKVStore:
         if k.dim() != 3 or tuple(k.shape[1:]) != want or tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"write expects k, v of shape [T, {want[0]}, {want[1]}], "
                              f"got {list(k.shape)} and {list(v.shape)}")
-        T = k.shape[0]
-        if start is not None and (start < 0 or start + T > s.capacity):
+        if start is not None:
+            self._check_slots(start, k.shape[0])
+
+    def _check_slots(self, start: int, T: int) -> None:
+        """Slots [start, start+T) must fit the capacity."""
+        if start < 0 or start + T > self.spec.capacity:
             raise ContextOverflowError(f"KV write of positions [{start}, {start + T}) exceeds the "
-                                       f"capacity of {s.capacity}", remedy="raise --ctx")
+                                       f"capacity of {self.spec.capacity}", remedy="raise --ctx")
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_write(k, v, start)

@@ -195,6 +195,7 @@ __device__ __forceinline__ void gemv_impl(const u8* p0, const u8* p1, const u8* 
                                           int m, i64 xs, i64 ys, float alpha, int add_y, int wpr, int glu,
                                           const float* __restrict__ nw, float eps, int nt, int yf32,
                                           const RopeStore& rs) {
+    static_assert(!NORM || MX == 1, "the fused RMSNorm serves one row (decode); the host normalizes rows first");
     // wpr warps share each group of R rows (split over k) so short grids still fill the GPU;
     // their partial sums meet in shared memory.
     __shared__ float red[8][MX * R];
