@@ -158,3 +158,29 @@ def test_binding_to_another_target_is_refused(tiny, tmp_path):
 def test_train_rejects_bad_options(tiny, tmp_path, bad):
     with pytest.raises(ConfigError):
         train_main(["--target", tiny["path"], "--out", str(tmp_path / "x.safetensors"), *bad])
+
+
+def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
+    """luce_drafters.dflash_widen: on a target widened by luce_gguf.widen, the padded drafter
+    proposes what the original proposes on the original (same draft logits, same accepted
+    lengths), and the CLI refuses a target of another model."""
+    from luce_drafters.dflash_widen import main as widen_main
+    from luce_gguf.widen import widen_gguf
+
+    wide = tmp_path / "wide.gguf"
+    widen_gguf(tiny["path"], wide, hidden=96, ffn=160, n_heads=6, n_kv_heads=3)
+    src = testing.random_dflash(tiny["llm"].plan.model, tmp_path / "d.safetensors", block=4, seed=2)
+    assert widen_main([src, "--target", str(wide), "--out", str(tmp_path / "dw.safetensors")]) == 0
+    runs = []
+    for target, drafter in ((tiny["path"], src), (wide, tmp_path / "dw.safetensors")):
+        llm = testing.load(target, ctx=128, kv_k="f32", kv_v="f32")
+        dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
+                                 budget=3)
+        out = list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
+        seq = dec._mirror_tokens + [llm.session.tokens[-1]]
+        runs.append((out, dec.stats.accepted, dec.drafter.block_logits(seq, dec.mirror).clone()))
+    (out_a, acc_a, logits_a), (out_b, acc_b, logits_b) = runs
+    assert out_a == out_b and acc_a == acc_b
+    torch.testing.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
+    other = testing.write_tiny(tmp_path / "other.gguf", n_layers=2)
+    assert widen_main([src, "--target", other, "--out", str(tmp_path / "x.safetensors")]) == 2

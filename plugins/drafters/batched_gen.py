@@ -19,10 +19,15 @@ from typing import Callable, Sequence
 import attrs
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from luce_core import rope
 from luce_core.errors import ConfigError
 from luce_core.model import Transformer, rms_norm
+
+# Not cuDNN: its attention builds an execution plan per new shape, and decoding grows the key
+# length every step (measured on an H200: 2.7 ms of host time per call, 65 % of the run).
+_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @attrs.frozen(eq=False)
@@ -92,7 +97,8 @@ class BatchedGreedy:
             qh = qh.reshape(B, cfg.n_kv_heads, group * T, cfg.head_dim)
             kh = self.k[i][:, :, :end].to(q.dtype)
             vh = self.v[i][:, :, :end].to(q.dtype)
-            a = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=m.scale)
+            with sdpa_kernel(_SDPA_BACKENDS):
+                a = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=m.scale)
             a = a.view(B, cfg.n_kv_heads, group, T, cfg.head_dim).permute(0, 3, 1, 2, 4)
             x = x + b.o(a.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
             h = rms_norm(x, b.ffn_norm, cfg.rms_eps)

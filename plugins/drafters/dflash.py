@@ -19,6 +19,10 @@ The drafter is a small transformer that fills in a whole block in one forward:
   LM head. Rows 1..block-1 give the draft distributions of positions n+1 .. n+block-1: one
   forward drafts ``block - 1`` tokens.
 
+``DFlashModel`` is the trainable formulation (many blocks per context, autograd);
+drafting runs the same math through ``dflash_infer.FastDrafter`` (fused weights, the target's
+layer kernels) and ``dflash_graph`` (one CUDA graph per step).
+
 Files: safetensors (state dict + ``__metadata__`` {"format": "luce-dflash", "config": JSON of
 :class:`DFlashConfig`}) or GGUF (architecture ``luce-dflash``, key ``luce-dflash.config`` = the
 same JSON, tensors F32/F16 under the state-dict names). ``load_drafter`` tells them apart by magic.
@@ -351,6 +355,8 @@ class DFlashDrafter:
         shape = (cfg.n_layers, target.ctx, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=tm.dtype, device=tm.device)
         self.v_cache = torch.zeros(shape, dtype=tm.dtype, device=tm.device)
+        from luce_drafters.dflash_infer import FastDrafter
+        self.fast = FastDrafter(self.model, tm.ops, target.ctx + cfg.block)
         # context rows [valid_from, cached) have K/V in the cache (rows before the window are skipped)
         self.valid_from = self.cached = 0
         self._ctx_tokens: list[int] = []
@@ -390,24 +396,22 @@ class DFlashDrafter:
                 feats = features.read(new, n).to(tm.device, tm.dtype) if n > new else None
                 self.cached = n
                 return self._graph.run(feats, new, n, int(tokens[-1]), rows)
+        dev = tm.device
         if n > new:  # eagerly: the prompt's rows, or a CPU target
-            feats = features.read(new, n).to(tm.device)
-            pos = torch.arange(new, n, device=tm.device)
-            kv = self.model.context_kv(self.model.context(feats.to(tm.dtype)), pos)
-            for i, (k, v) in enumerate(kv):
-                self.k_cache[i, new:n] = k
-                self.v_cache[i, new:n] = v
+            k, v = self.fast.context_rows(features.read(new, n).to(dev), torch.arange(new, n, device=dev))
+            self.k_cache[:, new:n] = k
+            self.v_cache[:, new:n] = v
         self.cached = n
-        ctx_kv = [(self.k_cache[i, lo:n][None], self.v_cache[i, lo:n][None]) for i in range(cfg.n_layers)]
-        first = tm.embed_tokens(torch.tensor([int(tokens[-1])], device=tm.device))
-        return self.head(self.model.denoise(first, torch.tensor([n], device=tm.device), ctx_kv)[0, 1:1 + rows])
+        first = tm.embed_tokens(torch.tensor([int(tokens[-1])], device=dev))
+        h = self.fast.block_hidden(first, n + torch.arange(cfg.block, device=dev),
+                                   self.k_cache[:, lo:n], self.v_cache[:, lo:n])
+        return self.head(h[1:1 + rows])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """f32 logits of drafter hidden states through the target's final norm and LM head."""
-        from luce_core.model import rms_norm
-
+        """f32 logits of drafter hidden states through the target's final norm and LM head (as
+        the target's own forward runs them: one fused launch where the backend has one)."""
         tm = self.target
-        return tm.lm_head(rms_norm(h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps)).float()
+        return tm.ops.norm_linear(tm.lm_head, h.to(tm.dtype), tm.out_norm, tm.cfg.rms_eps, out_f32=True)
 
     def propose(self, tokens: Sequence[int], budget: int, *, request: DraftRequest | None = None) -> Proposal:
         if self.model is None:
