@@ -67,6 +67,7 @@ def test_widened_smollm2_matches_smollm2(tmp_path, smollm2_path):
     (dict(WIDE, hidden=96), ConfigError, "cannot widen"),  # narrower
     (dict(WIDE, n_heads=3, n_kv_heads=3), ConfigError, "heads per kv head"),  # 1 slot for 2 heads
     (dict(WIDE, hidden=200), ConfigError, "straddle"),  # not whole 32-element blocks
+    (dict(WIDE, n_kv_heads=0), ConfigError, "positive"),
 ])
 def test_unreachable_shapes_are_refused(tmp_path, shape, error, words):
     src = tmp_path / "src.gguf"

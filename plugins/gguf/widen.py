@@ -128,7 +128,10 @@ def widen_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hidd
     f = open_gguf(src)
     cfg = model_config(f)
     new = WideShape(hidden, ffn, n_heads, n_kv_heads)
-    group, new_group = cfg.n_heads // cfg.n_kv_heads, n_heads // max(n_kv_heads, 1)
+    if min(hidden, ffn, n_heads, n_kv_heads) <= 0:
+        raise ConfigError(f"widen sizes must be positive, got hidden={hidden} ffn={ffn} heads={n_heads} "
+                          f"kv heads={n_kv_heads}")
+    group, new_group = cfg.n_heads // cfg.n_kv_heads, n_heads // n_kv_heads
     if (hidden < cfg.hidden or ffn < cfg.ffn or n_kv_heads < cfg.n_kv_heads or n_heads % n_kv_heads
             or new_group < group):
         raise ConfigError(
