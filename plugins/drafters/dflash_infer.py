@@ -53,7 +53,7 @@ class FastDrafter:
         T, nl = feats.shape[0], c.n_layers
         ctx = ops.rms_norm(feats.to(self.fc.dtype) @ self.fc.t(), self.fc_norm, c.rms_eps)
         kv = (ctx @ self.ctx_kv.t()).view(T, 2, nl * c.n_kv_heads, c.head_dim)
-        k, _ = ops.rope_qk(kv[:, 0], kv[:, 0, :0], self.cos, self.sin, pos, "neox")
+        k, _ = ops.rope_qk(kv[:, 0], kv[:, 0, :0], self.cos, self.sin, pos, "neox")  # only K rotates: empty "k"
         k = k.view(T, nl, c.n_kv_heads, c.head_dim).transpose(0, 1)
         return k, kv[:, 1].view(T, nl, c.n_kv_heads, c.head_dim).transpose(0, 1)
 

@@ -95,9 +95,7 @@ def _tokenizer_kv(out: StreamWriter, tokenizer_from: str | None, vocab: int | No
     src = open_gguf(tokenizer_from)
     for key in src.keys():
         if key.startswith("tokenizer."):
-            types = src.field_types(key)
-            sub = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
-            out.add(key, src.get(key), types[0], sub)
+            out.copy_key(src, key)
     n = len(src.get("tokenizer.ggml.tokens"))
     if vocab is not None and vocab != n:
         raise ValueError(f"vocab={vocab} but {tokenizer_from} has {n} tokens; pass vocab=None to use its size")

@@ -29,7 +29,6 @@ import os
 import sys
 from typing import Any
 
-import attrs
 import numpy as np
 
 from luce_core.errors import ConfigError, LuceError, UnsupportedModelError
@@ -48,18 +47,10 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@attrs.frozen
-class WideShape:
-    hidden: int
-    ffn: int
-    n_heads: int
-    n_kv_heads: int
-
-
-def _maps(cfg: Any, new: WideShape) -> dict[str, np.ndarray]:
+def _maps(cfg: Any, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
     """Where each original index goes, per kind of dimension (hidden, q rows, kv rows, ffn)."""
     hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    new_group = new.n_heads // new.n_kv_heads
+    new_group = n_heads // n_kv_heads
     heads = np.arange(cfg.n_heads)
     new_head = heads // group * new_group + heads % group
     dims = np.arange(hd)
@@ -127,7 +118,6 @@ def widen_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hidd
     size); the values are then rounded once more, so the function is the same only up to that."""
     f = open_gguf(src)
     cfg = model_config(f)
-    new = WideShape(hidden, ffn, n_heads, n_kv_heads)
     if min(hidden, ffn, n_heads, n_kv_heads) <= 0:
         raise ConfigError(f"widen sizes must be positive, got hidden={hidden} ffn={ffn} heads={n_heads} "
                           f"kv heads={n_kv_heads}")
@@ -139,7 +129,7 @@ def widen_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hidd
             f"{hidden}/{ffn}/{n_heads}/{n_kv_heads}",
             remedy="every size must be at least the original, heads a multiple of kv heads, and heads per "
                    f"kv head at least {group}")
-    maps = _maps(cfg, new)
+    maps = _maps(cfg, n_heads, n_kv_heads)
     sizes = {"h": hidden, "q": n_heads * cfg.head_dim, "kv": n_kv_heads * cfg.head_dim, "f": ffn,
              "vocab": cfg.vocab}
     norm_scale = math.sqrt(cfg.hidden / hidden)
@@ -147,8 +137,7 @@ def widen_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, hidd
     out = StreamWriter(dst, arch)
     for key in f.keys():
         if not key.startswith("GGUF."):
-            types = f.field_types(key)
-            out.add(key, f.get(key), types[0], types[-1] if len(types) > 1 else None)
+            out.copy_key(f, key)
     p = f"{arch}."
     out.add(p + "embedding_length", hidden)
     out.add(p + "feed_forward_length", ffn)

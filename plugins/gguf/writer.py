@@ -73,6 +73,11 @@ class StreamWriter:
             vtype, sub_type = value_type(value)
         self.kv[key] = (value, vtype, sub_type)
 
+    def copy_key(self, src: Any, key: str) -> None:
+        """Metadata ``key`` of ``src`` (a luce_gguf.reader.GGUFFile), with its stored GGUF type."""
+        types = src.field_types(key)
+        self.add(key, src.get(key), types[0], types[-1] if len(types) > 1 else None)  # arrays: element type
+
     def add_tensor(self, name: str, shape: tuple[int, ...], qtype: str, produce: Callable[[], np.ndarray]) -> None:
         self.tensors.append(PlannedTensor(name, tuple(int(d) for d in shape), qtype, produce))
 
