@@ -113,12 +113,14 @@ def bench_decode(llm, n: int, reps: int, depth: int = 1) -> dict[str, Any]:
     return {"tokens": n, "tok_s": round(n / med, 1), "runs_s": [round(x, 5) for x in runs]}
 
 
-def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str | None) -> dict[str, Any]:
-    """Greedy decode tok/s with ``drafter`` vs plain decoding on the same prompt sets
-    (luce_core.prompt_sets), plus acceptance length; outputs must be identical to count."""
+def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str | None,
+                      tree: bool = False) -> dict[str, Any]:
+    """Greedy decode tok/s with ``drafter`` (a chain, or a DDTree with ``tree``) vs plain decoding
+    on the same prompt sets (luce_core.prompt_sets), plus acceptance length; outputs must be
+    identical to count."""
     from luce_core.prompt_sets import CHAT_TEMPLATED, SETS
 
-    out: dict[str, Any] = {"drafter": drafter, "budget": budget, "tokens_per_prompt": n}
+    out: dict[str, Any] = {"drafter": drafter, "mode": None, "budget": budget, "tokens_per_prompt": n}
     for name, prompts in SETS.items():
         texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}])
                  if name in CHAT_TEMPLATED else p for p in prompts]
@@ -132,7 +134,8 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
         for prompt in ids:
             runs = {}
             for mode in ("plain", "spec"):
-                kw = dict(drafter=drafter, draft_budget=budget, draft_model=draft_model) if mode == "spec" else {}
+                kw = dict(drafter=drafter, draft_budget=budget, draft_model=draft_model,
+                          draft_tree=tree) if mode == "spec" else {}
                 llm.session.truncate(0)
                 list(llm.generate_ids(prompt, n, **kw))  # warm-up: captures every graph this run replays
                 llm.session.truncate(0)
@@ -143,6 +146,7 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
                 runs[mode] = toks
                 if mode == "spec":
                     st = llm.last_spec_stats
+                    out["mode"] = st.mode  # what the decoder ran: "chain" or "tree"
                     acc.append(round(st.acceptance_length, 3))
                     n_accepted += st.accepted
                     for k in split:
@@ -231,7 +235,8 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             llm.session.graphs = graphs
             graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
     drafter = a.role_drafter
-    spec = bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model) if drafter else None
+    spec = (bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model, a.draft_tree)
+            if drafter else None)
     caps = llm.plan.caps
     cfg = llm.plan.config
     peak = (torch.cuda.max_memory_allocated() if llm.plan.device.startswith("cuda")

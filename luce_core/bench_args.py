@@ -15,6 +15,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="compare with a perf baseline and fail on regressions")
     p.add_argument("--draft-budget", type=budget_arg, default=DEFAULT_BUDGET, help="with --drafter: drafts per step (default %(default)s)")
     p.add_argument("--draft-model", help="with --drafter draft-model/dflash: its file")
+    p.add_argument("--draft-tree", action="store_true",
+                   help="with --drafter: verify draft trees (DDTree; --draft-budget counts tree nodes)")
     p.add_argument("--spec-tokens", type=int, default=128,
                    help="with --drafter: tokens generated per prompt of each prompt set (default %(default)s)")
     p.add_argument("--llama-bench", metavar="PATH",

@@ -1,8 +1,9 @@
 """One-graph decode: each decode step is a single CUDA-graph replay.
 
 A graph is captured per attention window (powers of two up to the context), per number of
-tokens T (1 for plain decode, up to budget + 1 for a speculative chain verify) and per set of
-captured layers (a DFlash verify also returns target features), so a step whose last
+tokens T (1 for plain decode, up to budget + 1 for a speculative chain verify), per set of
+captured layers (a DFlash verify also returns target features) and per kind (chain, or a
+padded draft tree with its ``TreeMask``), so a step whose last
 position is p replays the smallest window > p: static shapes, no allocation and no host sync
 inside, and short contexts do not pay for attending over the whole cache. Tokens and positions
 live in static device buffers that are filled before replay.
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from luce_core.model import ForwardOut, Transformer
 from luce_core.roles import KVStore
+from luce_core.tree import DraftTree, TreeMask
 
 MIN_WINDOW = 256
 T = TypeVar("T")
@@ -49,18 +52,37 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.model, self.kv, self.ctx = model, kv, ctx
-        # (window, T, capture) -> graph and its static output
-        self.graphs: dict[tuple[int, int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, ForwardOut]] = {}
-        # T -> static device [2, T] (tokens, positions), its pinned host staging copy, and an event
-        # marking when the last upload from that staging copy was done
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+        # (window, T, capture, tree) -> graph and its static output
+        self.graphs: dict[tuple[int, int, tuple[int, ...], bool], tuple[torch.cuda.CUDAGraph, ForwardOut]] = {}
+        # (T, tree) -> static device int64 buffer (chain: tokens, positions; tree: also slots, the
+        # path table and the prefix length), its pinned host staging copy, and an event marking
+        # when the last upload from that staging copy was done
+        self.buffers: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.windows = windows(ctx)
 
-    def _capture(self, window: int, tokens: torch.Tensor, pos: torch.Tensor, capture: tuple[int, ...]):
-        # The buffers already hold this step's real tokens and positions, so the warm-up runs write
-        # the very K/V the replay writes again: nothing else in the cache is touched.
-        return capture_graph(lambda: self.model.decode_static(tokens, pos, self.kv, window, capture), self.pool)
+    def _upload(self, n: int, tree: bool, fill: Callable[[np.ndarray], None]) -> torch.Tensor:
+        """The static device buffer for (n, tree) after ``fill`` wrote its staging copy."""
+        key = (n, tree)
+        if key not in self.buffers:
+            size = 3 * n + n * n + 1 if tree else 2 * n
+            self.buffers[key] = (torch.zeros(size, dtype=torch.long, device=self.model.device),
+                                 torch.zeros(size, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+        dev, host, uploaded = self.buffers[key]
+        uploaded.synchronize()  # the previous upload has read the staging copy: refill it
+        fill(host.numpy())
+        dev.copy_(host, non_blocking=True)  # one asynchronous copy, no pageable staging
+        uploaded.record()
+        return dev
+
+    def _replay(self, key: tuple[int, int, tuple[int, ...], bool], fn: Callable[[], ForwardOut]) -> ForwardOut:
+        if key not in self.graphs:
+            # The buffers already hold this step's real inputs, so the warm-up runs write the very
+            # K/V the replay writes again: nothing else in the cache is touched.
+            self.graphs[key] = capture_graph(fn, self.pool)
+        g, out = self.graphs[key]
+        g.replay()
+        return out
 
     def run(self, tokens: list[int], start: int, capture: Sequence[int] = ()) -> ForwardOut:
         """Logits [T, vocab] (and captured features) after ``tokens`` at positions
@@ -68,22 +90,38 @@ class DecodeGraphs:
         buffers: read them before the next replay."""
         n = len(tokens)
         window = next(w for w in self.windows if w >= start + n)
-        if n not in self.buffers:
-            self.buffers[n] = (torch.zeros((2, n), dtype=torch.long, device=self.model.device),
-                               torch.zeros((2, n), dtype=torch.long, pin_memory=True), torch.cuda.Event())
-        dev, host, uploaded = self.buffers[n]
-        uploaded.synchronize()  # the previous upload has read the staging copy: refill it
-        staged = host.numpy()
-        staged[0] = tokens
-        staged[1] = range(start, start + n)
-        dev.copy_(host, non_blocking=True)  # one asynchronous copy, no pageable staging
-        uploaded.record()
-        key = (window, n, tuple(capture))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(window, dev[0], dev[1], key[2])
-        g, out = self.graphs[key]
-        g.replay()
-        return out
+
+        def fill(staged: np.ndarray) -> None:
+            staged[:n] = tokens
+            staged[n:] = range(start, start + n)
+
+        dev = self._upload(n, False, fill)
+        return self._replay((window, n, tuple(capture), False),
+                            lambda: self.model.decode_static(dev[:n], dev[n:], self.kv, window, capture))
+
+    def run_tree(self, tree: DraftTree, start: int, capture: Sequence[int] = ()) -> ForwardOut:
+        """``run`` for a draft tree: its nodes' K/V land in slots start..start+T-1, at RoPE
+        positions start + depth, under the ancestor-only ``TreeMask``."""
+        n = tree.size
+        window = next(w for w in self.windows if w >= start + n)
+
+        def fill(staged: np.ndarray) -> None:
+            staged[:n] = tree.tokens
+            staged[n:2 * n] = np.asarray(tree.depths) + start
+            staged[2 * n:3 * n] = range(start, start + n)
+            staged[3 * n:-1] = tree.path_table(start).ravel()
+            staged[-1] = start
+
+        dev = self._upload(n, True, fill)
+
+        def forward() -> ForwardOut:
+            # the int32 views the attention kernels read are made inside the graph
+            mask = TreeMask(positions=dev[n:2 * n], table=dev[3 * n:-1].view(n, n).to(torch.int32),
+                            start=dev[-1:].to(torch.int32))
+            return self.model.decode_static(dev[:n], dev[n:2 * n], self.kv, window, capture,
+                                            slots=dev[2 * n:3 * n], mask=mask)
+
+        return self._replay((window, n, tuple(capture), True), forward)
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [vocab] after ``token`` at ``position`` (its K/V lands in slot ``position``)."""

@@ -15,6 +15,7 @@ from luce_core import layer_ops, rope
 from luce_core.layer_ops import rms_norm  # noqa: F401  (re-exported for drafters)
 from luce_core.errors import ModelFileError
 from luce_core.roles import Attention, KVStore, Linear, LoadedModel, ModelConfig, QTensor
+from luce_core.tree import TreeMask
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 
@@ -123,13 +124,13 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, kv: KVStore, *,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | TreeMask | None = None,
                 logits_rows: slice | torch.Tensor | None = None,
                 capture: Sequence[int] = ()) -> ForwardOut:
         """Run ``tokens`` [T] occupying KV slots [start, start+T).
 
         positions (default start..start+T-1) drive RoPE, so tree verification can give siblings
-        the same depth; mask (bool [T, start+T]) replaces the causal mask. logits_rows limits the
+        the same depth; mask (bool [T, start+T], or a ``TreeMask``) replaces the causal mask. logits_rows limits the
         LM head to some rows (prefill needs only the last). capture lists layer indices whose
         input hidden states (and, for index n_layers, the final pre-norm output) are returned.
         """
@@ -139,19 +140,22 @@ class Transformer:
 
     @torch.inference_mode()
     def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int,
-                      capture: Sequence[int] = ()) -> ForwardOut:
+                      capture: Sequence[int] = (), *, slots: torch.Tensor | None = None,
+                      mask: TreeMask | None = None) -> ForwardOut:
         """Decode (or chain-verify) T consecutive tokens with static shapes, for CUDA-graph capture.
 
         tokens and pos are device tensors [T] (no host sync reads them); each token's K/V goes to
         slot pos[i] via ``kv.write_at`` and attention, given the positions, lets each query see
         the slots up to its own (``window`` bounds what a reference implementation reads).
-        Returns logits [T, vocab] (and the ``capture`` features, as ``forward`` does).
+        A tree verify gives its K/V ``slots`` (pos are then depths after the prefix) and its
+        ``TreeMask``. Returns logits [T, vocab] (and the ``capture`` features, as ``forward``).
         """
-        return self._run(tokens, pos, kv, pos, window - tokens.shape[0], None, None, capture, positions=pos)
+        return self._run(tokens, pos, kv, pos if slots is None else slots, window - tokens.shape[0], mask, None,
+                         capture, positions=pos)
 
     def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
              slots: int | torch.Tensor, attn_start: int,
-             mask: torch.Tensor | None, logits_rows: slice | torch.Tensor | None,
+             mask: torch.Tensor | TreeMask | None, logits_rows: slice | torch.Tensor | None,
              capture: Sequence[int], positions: torch.Tensor | None = None) -> ForwardOut:
         cfg, ops = self.cfg, self.ops
         T = tokens.shape[0]

@@ -130,6 +130,10 @@ class KVStore(Protocol):
     def set_length(self, n: int) -> None:
         """Mark [0, n) valid: after a forward (growing) or to roll back (shrinking)."""
 
+    # Optional: ``move(src: Tensor, dst: int)`` copies the stored rows of slots src to [dst, ...)
+    # byte for byte in every layer; tree verification uses it to keep the accepted path (else it
+    # round-trips read/write when that is exact, or re-runs the path).
+
     def snapshot(self) -> Any: ...
     def restore(self, snap: Any) -> None: ...
 

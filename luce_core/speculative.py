@@ -19,10 +19,10 @@ One decode step of :class:`SpeculativeDecoder`:
 4. **Rollback.** The KV store (and the feature mirror) keep exactly the accepted path.
    Chain: ``set_length``, nothing moves. Tree: when the path is the depth-first-leftmost branch
    (the greedy chain is laid out first) the K/V are already in place. Otherwise the accepted
-   nodes' K/V are moved down to consecutive slots: by ``read``/``write`` when that round trip is
-   exact (float storage whose values the compute dtype holds, unrotated K) - one gather/scatter
-   per layer -, else by re-running the accepted nodes from the first displaced one in a causal
-   forward (cost: one extra target forward of at most depth+1 tokens, only on those steps).
+   nodes' K/V are moved down to consecutive slots: by the store's ``move`` (a byte copy of every
+   layer's rows, exact for any format) when it has one, else by ``read``/``write`` when that
+   round trip is exact (float storage whose values the compute dtype holds, unrotated K), else by
+   re-running the accepted nodes from the first displaced one in a causal forward.
    The K/V of an accepted node is the same wherever it sits, because it depended only on the
    node's ancestors, which is the accepted path.
 
@@ -467,8 +467,12 @@ class SpeculativeDecoder:
         dev = s.model.device
         t_build = time.perf_counter()
         self.stats.draft_s += t_build - t1
-        out = s.model.forward(self._tensor(tree.tokens), n, s.kv, positions=tree.positions(n, dev),
-                              mask=tree.attention_mask(n, dev), capture=self.capture)
+        graphs = getattr(s, "graphs", None) if self.static else None
+        if graphs is not None:  # a padded tree has static shapes: replay it as one CUDA graph
+            out = graphs.run_tree(tree, n, self.capture)
+        else:
+            out = s.model.forward(self._tensor(tree.tokens), n, s.kv, positions=tree.positions(n, dev),
+                                  mask=tree.tree_mask(n, dev), capture=self.capture)
         s.kv.set_length(n + tree.size)
         _sync(dev)
         t2 = time.perf_counter()
@@ -493,7 +497,9 @@ class SpeculativeDecoder:
             return
         s = self.session
         self.stats.moved_steps += 1
-        if self._exact_copy:
+        if callable(getattr(s.kv, "move", None)):
+            s.kv.move(torch.tensor([n + p for p in path[j:]], device=s.model.device), n + j)
+        elif self._exact_copy:
             src = torch.tensor([n + p for p in path[j:]], device=s.model.device)
             end = n + path[-1] + 1
             for layer in range(s.model.cfg.n_layers):

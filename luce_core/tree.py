@@ -13,6 +13,11 @@ Verification runs the N nodes in one target forward at KV slots [n, n+N) with
 * an ancestor-only mask: node i attends to the committed prefix [0, n), to its ancestors and to
   itself, nothing else.
 
+The mask goes to attention as a :class:`TreeMask`: per node the slots of its path, root first.
+It has static shapes (nothing depends on the prefix length but tensor values), so a tree verify
+can be replayed as a CUDA graph, and a kernel can lay each node's path out as consecutive
+positions: node j then rounds exactly as a one-token decode step after accepting that path.
+
 For a capturable (static-shape) verify the tree is padded to a fixed node count. A padding node
 behaves like an extra depth-1 leaf: its mask row sees the prefix, the root and itself (a row with
 nothing visible would make SDPA produce NaN K/V that poison later reads), and it is never the
@@ -28,6 +33,46 @@ import numpy as np
 import torch
 
 from luce_core.errors import ConfigError
+
+
+@attrs.frozen(eq=False)
+class TreeMask:
+    """Ancestor-only attention for a verify at slots [start, start+T), as device tensors.
+
+    Row t sees every slot below ``start``, then the slots ``table[t, :d+1]`` (its path, root
+    first, d = its depth) as the logical positions start .. ``positions[t]`` = start + d.
+    Entries past a row's depth hold its own slot. Nothing here needs a host read, so it can live
+    in static buffers that a CUDA graph replays with.
+    """
+
+    positions: torch.Tensor  # int64 [T]: start + depth (also the RoPE positions of a tree)
+    table: torch.Tensor  # int32 [T, W]: absolute slots, W >= max depth + 1
+    start: torch.Tensor  # int32 [1]: the first slot of the verify (the committed length)
+
+    def dense(self, end: int) -> torch.Tensor:
+        """The same mask as bool [T, end] (end >= start + T), built on the tensors' device."""
+        dev = self.table.device
+        cols = torch.arange(end, device=dev)
+        m = (cols[None, :] < self.start.to(torch.long)).expand(self.table.shape[0], end).clone()
+        return m.scatter_(1, self.table.to(torch.long), True)
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, start: int, device: torch.device | str) -> "TreeMask | None":
+        """A bool mask [T, start+T] whose rows all see the whole prefix as a TreeMask (row t's
+        visible window slots in slot order), or None when some row does not (one host read)."""
+        m = mask.detach().to("cpu", torch.bool)
+        if m.dim() != 2 or m.shape[1] != start + m.shape[0] or not bool(m[:, :start].all()):
+            return None
+        t = m.shape[0]
+        w = m[:, start:]
+        cols = torch.arange(t)
+        first = torch.where(w, cols, cols + t).sort(dim=1).values  # visible slots first, in order
+        own = cols[:, None].expand(t, t)
+        table = torch.where(first < t, first, own) + start
+        count = w.sum(dim=1)
+        return cls(positions=(start + count - 1).to(device, torch.int64),
+                   table=table.to(device, torch.int32).contiguous(),
+                   start=torch.tensor([start], dtype=torch.int32, device=device))
 
 
 @attrs.frozen(eq=False)
@@ -106,6 +151,24 @@ class DraftTree:
         full = torch.ones((self.size, prefix + self.size), dtype=torch.bool)
         full[:, prefix:] = anc
         return full.to(device)
+
+    def path_table(self, prefix: int) -> np.ndarray:
+        """int32 [N, N]: row i = the slots prefix + (node of i's path at each depth), root
+        first, then i's own slot (``TreeMask.table``)."""
+        n = self.size
+        t = np.repeat((prefix + np.arange(n, dtype=np.int32))[:, None], n, axis=1)
+        for i in range(n):
+            p = self.parents[i]
+            if p >= 0:
+                d = self.depths[i]
+                t[i, :d] = t[p, :d]  # parents come first: their path is complete
+        return t
+
+    def tree_mask(self, prefix: int, device: torch.device | str = "cpu") -> TreeMask:
+        """The ancestor-only mask for a verify after ``prefix`` committed slots."""
+        return TreeMask(positions=self.positions(prefix, device),
+                        table=torch.from_numpy(self.path_table(prefix)).to(device),
+                        start=torch.tensor([prefix], dtype=torch.int32, device=device))
 
     def positions(self, prefix: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """RoPE positions ``prefix + depth`` as int64 [N]."""

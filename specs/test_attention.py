@@ -1,5 +1,6 @@
-"""Spec of the ``attention`` role: causal GQA attention and explicit (tree) masks over a KV store
-written by the torch reference store, against softmax(q k^T * scale + mask) v in float64."""
+"""Spec of the ``attention`` role: causal GQA attention and explicit (tree) masks, as bool masks
+and as ``luce_core.tree.TreeMask``, over a KV store written by the torch reference store, against
+softmax(q k^T * scale + mask) v in float64."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from luce_core.config import DEFAULT_KV, RunConfig
 from luce_core.roles import KVSpec, ModelConfig
+from luce_core.tree import TreeMask
 from luce_specs import oracles
 from luce_specs.hyp import spec_settings
 
@@ -53,10 +55,10 @@ def _filled_store(subject, gen: torch.Generator, end: int):
 
 
 def _check(subject, q: torch.Tensor, store, layer: int, start: int, scale: float,
-           allowed: torch.Tensor, mask: torch.Tensor | None) -> None:
+           allowed: torch.Tensor, mask: torch.Tensor | TreeMask | None) -> None:
     attn = subject.create()
     out = attn.forward(q.to(subject.device), store, layer, start, scale=scale,
-                       mask=None if mask is None else mask.to(subject.device))
+                       mask=mask.to(subject.device) if isinstance(mask, torch.Tensor) else mask)
     assert out.shape == q.shape
     k, v = store.read(layer, start + q.shape[0])
     expected = oracles.attention(store.rotate_query(q.to(subject.device)).cpu(), k.cpu(), v.cpu(), allowed, scale)
@@ -95,3 +97,7 @@ def test_tree_mask_matches_reference(subject, parents: list[int], start: int, se
     q = torch.randn(t, m.n_heads, m.head_dim, generator=gen)
     mask = oracles.tree_mask(start, parents)
     _check(subject, q, store, 1, start, 1 / math.sqrt(m.head_dim), mask, mask)
+    # the same mask as a TreeMask (per-row path tables, the static form graphs replay)
+    tm = TreeMask.from_dense(mask, start, subject.device)
+    assert tm is not None
+    _check(subject, q, store, 1, start, 1 / math.sqrt(m.head_dim), mask, tm)

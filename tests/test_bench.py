@@ -37,6 +37,7 @@ def test_bench_json(tiny, tmp_path) -> None:
     assert r["kv"]["allocated_bytes"] == 256 * r["kv"]["bytes_per_token"]
     assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False and r["prefill_chunk"] == 512
     spec = r["speculative"]
+    assert spec["mode"] == "chain"
     from luce_core.prompt_sets import SETS
 
     assert set(SETS) == {"code", "chat", "edit"} and set(SETS) <= set(spec)
@@ -50,6 +51,20 @@ def test_bench_json(tiny, tmp_path) -> None:
         # the set's tokens per verify is a step-weighted mean of the prompts' own
         per = s["acceptance_length_per_prompt"]
         assert len(per) == 4 and min(per) - 1e-3 <= s["acceptance_length"] <= max(per) + 1e-3
+
+
+def test_bench_tree_mode(tiny, tmp_path) -> None:
+    """--draft-tree benches DDTree verification; its outputs must equal plain decoding too."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--pp", "16",
+                           "--tg", "4", "--reps", "1", "--ctx", "256", "--out", str(out), "--drafter", "prompt-lookup",
+                           "--draft-tree", "--draft-budget", "6", "--spec-tokens", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec["mode"] == "tree" and spec["budget"] == 6
+    for name in ("code", "chat", "edit"):
+        assert spec[name]["identical_outputs"] == "4/4" and spec[name]["steps"] > 0
 
 
 def test_bench_kv_sweep(tiny, tmp_path) -> None:

@@ -199,6 +199,41 @@ def test_kernel_fwht_mirror(d):
     np.testing.assert_allclose(x / math.sqrt(had.group), had.rotate(q.float()).double().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def _random_tree(seed: int, budget: int):
+    """A DDTree from random draft log-probs: branches at several depths, the chain first."""
+    from luce_core.tree import build_ddtree, topk_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(6, 50, generator=g) * 3, dim=-1)
+    top_lp, top_ids = topk_logprobs(lp, 3)
+    return build_ddtree(7, top_lp, top_ids, budget)
+
+
+@pytest.mark.parametrize("seed, budget, start, pad", [(0, 12, 5, 0), (1, 9, 0, 4), (2, 15, 300, 2)])
+def test_tree_mask_lays_each_node_s_path_out_in_order(seed, budget, start, pad):
+    """A tree's TreeMask (what the _tree kernels read): node j reads its path's slots in depth
+    order and sees start + depth + 1 positions; a bool mask converts to the same table; a mask
+    hiding part of the prefix from a row is refused (the kernels show every row the prefix)."""
+    from luce_core.tree import TreeMask
+
+    tree = _random_tree(seed, budget)
+    tree = tree.padded(tree.size + pad)
+    tm = tree.tree_mask(start)
+    assert tm.table.dtype == torch.int32 and tm.table.shape == (tree.size, tree.size)
+    assert tm.start.tolist() == [start]
+    for j in range(tree.size):
+        path = tree.path_to(j)
+        assert int(tm.positions[j]) == start + tree.depths[j] == start + len(path) - 1
+        assert tm.table[j, : len(path)].tolist() == [start + i for i in path]
+    assert torch.equal(tm.dense(start + tree.size), tree.attention_mask(start))
+    dense = TreeMask.from_dense(tree.attention_mask(start), start, "cpu")
+    assert torch.equal(dense.table, tm.table) and torch.equal(dense.positions, tm.positions)
+    mask = tree.attention_mask(start)
+    if start:
+        mask[3, start - 1] = False
+        assert TreeMask.from_dense(mask, start, "cpu") is None
+
+
 # ----------------------------------------------------------------------------- GPU
 case_st = st.tuples(st.sampled_from(FORMATS), st.sampled_from(FORMATS), st.sampled_from([64, 128]),
                     st.sampled_from(GEOMS), st.booleans())
@@ -277,6 +312,49 @@ def test_verify_rows_equal_single_token_decode(kf, vf, rotated):
         # the same verify run eagerly (causal, no positions) rounds identically
         assert torch.equal(att.forward(q, store, 1, n - t, scale=0.1), multi), (kf, vf, n)
         assert rel_err(multi, oracle(q, store, 1, pos, 0.1)) < DECODE_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("kf, vf, rotated, h, hkv, d", [("bf16", "bf16", False, 9, 3, 64),
+                                                        ("f16", "q8_0", False, 32, 4, 128),
+                                                        ("q8_0", "q4_0", True, 16, 1, 64),
+                                                        ("q4_0", "f32", True, 6, 2, 128)])
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_tree_rows_equal_decode_after_their_path(kf, vf, rotated, h, hkv, d):
+    """Tree verification (ancestor-only mask) runs the kernel, and node j's rows are bit for bit
+    a one-token decode at position n + depth_j over a cache holding j's path at n.. n + depth_j:
+    what plain decoding computes after accepting that path, so DDTree stays lossless. Prefix
+    lengths put the tree across tile (32) and split (128) boundaries; GQA groups 3, 8, 16."""
+    from luce_cuda.attention import CudaAttention
+
+    att = CudaAttention()
+    for n, seed in ((3, 0), (250, 1), (1020, 2)):
+        tree = _random_tree(seed, 13).padded(16)
+        t = tree.size
+        store = _store(kf, vf, d, hkv, 2048, rotated, n + t, 20 + seed)
+        q = _query(t, h, d, torch.bfloat16, False, seed)
+        with kernel_only():
+            multi = att.forward(q, store, 1, n, scale=0.1, mask=tree.tree_mask(n, "cuda"),
+                                positions=tree.positions(n, "cuda"))
+            # a bool mask takes the same kernels (converted once per forward)
+            dense = att.forward(q, store, 1, n, scale=0.1, mask=tree.attention_mask(n, "cuda"),
+                                positions=tree.positions(n, "cuda"))
+        assert torch.equal(dense, multi)
+        ref = att._reference().forward(q, store, 1, n, scale=0.1, mask=tree.attention_mask(n, "cuda"))
+        assert rel_err(multi, ref) < DECODE_TOL[torch.bfloat16], (kf, vf, n)
+        k0, v0 = store.k[1].clone(), store.v[1].clone()
+        for j in range(t):
+            path = tree.path_to(j)
+            for i, node in enumerate(path):  # the path's raw rows, moved to consecutive slots
+                store.k[1][n + i] = k0[n + node]
+                store.v[1][n + i] = v0[n + node]
+            last = n + len(path) - 1
+            with kernel_only():
+                single = att.forward(q[j:j + 1], store, 1, last, scale=0.1,
+                                     positions=torch.tensor([last], device="cuda"))
+            assert torch.equal(multi[j], single[0]), (kf, vf, n, j, path)
+            store.k[1].copy_(k0)
+            store.v[1].copy_(v0)
 
 
 @pytest.mark.parametrize("t", [1, 9])

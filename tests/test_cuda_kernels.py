@@ -525,9 +525,15 @@ def test_attention_fallbacks_agree_with_reference():
     with pytest.warns(UserWarning, match="head_dim 96"):
         got = CudaAttention().forward(q, store, 0, 32, scale=0.125)
     torch.testing.assert_close(got, TorchAttention().forward(q, store, 0, 32, scale=0.125))
+    # a mask that hides prefix slots is not a tree mask: the reference serves it (head_dim 64 here,
+    # so the mask is the only reason)
+    store = _store(1, 64, 2, 64, "f32")
+    store.write(0, 0, k[..., :64], k.flip(0)[..., :64])
+    q = q[..., :64].contiguous()
     mask = torch.rand(8, 40, device="cuda") > 0.5
     mask[:, 0] = True
-    with pytest.warns(UserWarning, match="mask"):
+    mask[0, 1] = False
+    with pytest.warns(UserWarning, match="hides part of the prefix"):
         got = CudaAttention().forward(q, store, 0, 32, scale=0.125, mask=mask)
     torch.testing.assert_close(got, TorchAttention().forward(q, store, 0, 32, scale=0.125, mask=mask))
 

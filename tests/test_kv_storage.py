@@ -223,6 +223,26 @@ def test_append_and_rollback_keep_the_valid_prefix(ops, k_dtype, v_dtype, rotati
             assert np.array_equal(K.numpy(), np.stack(exp_k)) and np.array_equal(V.numpy(), np.stack(exp_v))
 
 
+@pytest.mark.parametrize("k_dtype, v_dtype, rotation", [("f16", "bf16", False), ("q8_0", "q4_0", True),
+                                                     ("q4_0", "f32", False)])
+def test_move_copies_rows_byte_for_byte(k_dtype, v_dtype, rotation):
+    """move(src, dst): every layer's rows of slots src land at dst.. unchanged, overlapping
+    ranges included (an accepted tree path moving down); other slots are untouched."""
+    store = TorchKVStore(spec(k_dtype, v_dtype, rotation, cap=32))
+    g = torch.Generator().manual_seed(1)
+    for layer in range(2):
+        store.write(layer, 0, torch.randn(20, 2, 64, generator=g), torch.randn(20, 2, 64, generator=g))
+    k0, v0 = store.k.clone(), store.v.clone()
+    src = [5, 7, 8, 12]
+    store.move(torch.tensor(src), 6)
+    for i, slot in enumerate(src):
+        assert torch.equal(store.k[:, 6 + i], k0[:, slot]) and torch.equal(store.v[:, 6 + i], v0[:, slot])
+    keep = [i for i in range(32) if not 6 <= i < 10]
+    assert torch.equal(store.k[:, keep], k0[:, keep]) and torch.equal(store.v[:, keep], v0[:, keep])
+    with pytest.raises(ContextOverflowError):
+        store.move(torch.tensor(src), 30)
+
+
 def test_bounds_and_shapes_are_checked():
     store = TorchKVStore(spec(cap=8))
     with pytest.raises(ContextOverflowError, match="capacity of 8"):

@@ -11,8 +11,12 @@ rotated inside the decode kernel, from ``kv.hadamard`` (signs and group).
 * causal T > 1 without positions: flash-prefill (FP16 tensor cores) over f16/bf16 caches; over
   other formats, up to DECODE_MAX_T tokens take flash-decode, more take flash-prefill on an f16
   copy of rows [0, start+T) (dequantized by torch).
-* an explicit mask (tree verification), a head_dim without a kernel, a store without K/V
-  tensors: the torch reference, with one warning per cause.
+* a tree mask (``luce_core.tree.TreeMask``, or a bool mask showing every row the whole prefix
+  [0, start), converted with one host read): the flash-decode kernels ``_tree``, which read each
+  node's path as consecutive logical positions, so a node's rows round exactly as a one-token
+  decode step after accepting that path would: DDTree verification stays lossless here.
+* any other mask, a head_dim without a kernel, a store without K/V tensors: the torch
+  reference, with one warning per cause.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.errors import ConfigError
 from luce_core.roles import KVStore
+from luce_core.tree import TreeMask
 from luce_cuda import ops
 
 DECODE_MAX_T = 32  # causal chunks this short use flash-decode (rows round as decode steps do)
@@ -60,6 +65,7 @@ class CudaAttention:
         self._warned: set[str] = set()
         # Split workspaces; never freed, since a captured graph keeps their addresses.
         self._ws: dict[tuple, ops.DecodeWorkspace] = {}
+        self._dense: tuple[torch.Tensor, int, TreeMask | None] | None = None  # every layer gets the same mask
         # the rest of the layer as fused kernels (RMSNorm+residual, RoPE on q and k, SwiGLU)
         from luce_cuda.layer_ops import CudaLayerOps
         self.layer_ops = CudaLayerOps()
@@ -104,6 +110,15 @@ class CudaAttention:
                 why.append("rotated K without a usable hadamard (power-of-two group dividing head_dim, signs)")
         return why, kf, vf
 
+    def _tree_mask(self, mask: torch.Tensor | TreeMask, start: int, device: torch.device) -> TreeMask | None:
+        """A bool mask as a TreeMask, converted once per forward (one host read for all layers)."""
+        if isinstance(mask, TreeMask):
+            return mask
+        c = self._dense
+        if c is None or c[0] is not mask or c[1] != start:
+            c = self._dense = (mask, start, TreeMask.from_dense(mask, start, device))
+        return c[2]
+
     def _workspace(self, q: torch.Tensor, cap: int, n_tokens: int) -> ops.DecodeWorkspace:
         key = (q.shape[1], q.shape[2], cap, n_tokens, q.device)
         ws = self._ws.get(key)
@@ -112,15 +127,19 @@ class CudaAttention:
         return ws
 
     def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *, scale: float,
-                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            return self._fallback("explicit attention masks are computed by the reference", q, kv, layer, start,
-                                  scale, mask, positions)
+                mask: torch.Tensor | TreeMask | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         why, kf, vf = self._plan(q, kv)
+        tree = None
+        if mask is not None and not why:
+            tree = self._tree_mask(mask, start, q.device)
+            if tree is None:
+                why = ["a mask that hides part of the prefix from some row"]
         if why:
             return self._fallback("; ".join(why), q, kv, layer, start, scale, mask, positions)
         k, v = kv.k[layer], kv.v[layer]  # type: ignore[attr-defined]
         t = q.shape[0]
+        if tree is not None:
+            positions = tree.positions
         # Up to DECODE_MAX_T causal rows (a speculative verify run eagerly, a short prompt) take the
         # decode kernel too: each row then rounds exactly as a one-token decode step does.
         if positions is not None or t <= DECODE_MAX_T:
@@ -132,7 +151,9 @@ class CudaAttention:
             n_tok = t if positions is not None else 1 << (t - 1).bit_length()
             return ops.flash_decode(q, k, v, start + 1, scale, positions=positions, max_len=start + t,
                                     k_fmt=kf, v_fmt=vf, signs=signs, rot_group=group,
-                                    workspace=self._workspace(q, k.shape[0], n_tok))
+                                    workspace=self._workspace(q, k.shape[0], n_tok),
+                                    tail=None if tree is None else tree.table,
+                                    tail_start=None if tree is None else tree.start)
         end = start + t
         if (kf, vf) not in _DIRECT_PREFILL:  # the prefill kernel reads FP16 operands anyway
             k, v = _as_f16(k[:end], kf), _as_f16(v[:end], vf)

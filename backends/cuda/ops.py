@@ -237,7 +237,8 @@ def _check_cache(name: str, x: torch.Tensor, fmt: str) -> None:
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, workspace: DecodeWorkspace | None = None,
                  max_len: int | None = None, positions: torch.Tensor | None = None, k_fmt: str | None = None,
-                 v_fmt: str | None = None, signs: torch.Tensor | None = None, rot_group: int = 0) -> torch.Tensor:
+                 v_fmt: str | None = None, signs: torch.Tensor | None = None, rot_group: int = 0,
+                 tail: torch.Tensor | None = None, tail_start: torch.Tensor | None = None) -> torch.Tensor:
     """Query tokens q [T, H, D] (or [H, D] for one) over K/V rows of k, v [capacity, Hkv, row], each
     in any cache format: f16, bf16, f32 tensors, or uint8 ggml blocks named by ``k_fmt``/``v_fmt``
     (q8_0, q4_0). Returns [T, H, D] in q's dtype (or writes ``out``).
@@ -248,7 +249,13 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     at or past max_len are never read, and blocks past a token's length exit at once.
 
     ``signs`` (f32 [D]) and ``rot_group`` move q into a Hadamard-rotated K's basis in the kernel:
-    q * signs, then a normalized Walsh-Hadamard transform over aligned groups of rot_group."""
+    q * signs, then a normalized Walsh-Hadamard transform over aligned groups of rot_group.
+
+    ``tail`` (int32 CUDA [T, W], with ``positions`` and ``tail_start``, an int32 CUDA [1]; tree
+    verification, see ``luce_core.tree.TreeMask``) remaps token t's positions p >= s =
+    tail_start[0] to the rows ``tail[t, p - s]``: the token attends to its own sequence of rows,
+    rounded exactly as a one-token decode over that sequence laid out in order. Entries past
+    positions[t] - s are never read; W must exceed every positions[t] - s."""
     q3 = q[None] if q.dim() == 2 else q
     if q3.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or q3.shape[1] % k.shape[1]:
         raise ConfigError(f"flash_decode: q {tuple(q.shape)} does not fit k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -271,6 +278,14 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
             positions = positions.to(torch.int64)
         if not positions.is_cuda or positions.shape != (t,) or not positions.is_contiguous():
             raise ConfigError(f"flash_decode: positions must be a contiguous int64 CUDA tensor [{t}]")
+    if tail is not None:
+        if positions is None or tail_start is None:
+            raise ConfigError("flash_decode: a tail table needs positions and tail_start")
+        if (tail.dtype != torch.int32 or not tail.is_cuda or tail.dim() != 2 or tail.shape[0] != t
+                or not tail.is_contiguous()):
+            raise ConfigError(f"flash_decode: tail must be a contiguous int32 CUDA tensor [{t}, W]")
+        if tail_start.dtype != torch.int32 or not tail_start.is_cuda or tail_start.numel() != 1:
+            raise ConfigError("flash_decode: tail_start must be an int32 CUDA tensor [1]")
     if max_len is not None:
         n_max = int(max_len)
     elif dyn or positions is not None:
@@ -295,15 +310,21 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     length_arg = np.int32(0 if dyn else int(length))
     len_ptr = length if dyn else None
     sl = np.float32(scale * LOG2E / (math.sqrt(rot_group) if rot_group > 1 else 1.0))
-    rows = t * (h // hkv)
-    ng = 4 if rows <= 4 else 8  # query rows per block (kernel suffix _g4: a decode step, GQA group <= 4)
-    grid = (hkv, n_splits, -(-rows // ng))
+    g = h // hkv
+    if tail is None:
+        ng = 4 if t * g <= 4 else 8  # query rows per block (kernel suffix _g4: a decode step, GQA group <= 4)
+        grid = (hkv, n_splits, -(-(t * g) // ng))
+    else:  # a block per token (and per 8 of its rows): the token's rows share one row map
+        ng = 4 if g <= 4 else 8
+        grid = (hkv, n_splits, t * -(-g // ng))
     prog = programs.ATTN_DECODE[kf]
-    launch(_k(prog, f"flash_decode_{kf}_d{d}{'_g4' if ng == 4 else ''}", q), grid, (128,),
+    name = f"flash_decode_{kf}_d{d}{'_g4' if ng == 4 else ''}{'' if tail is None else '_tree'}"
+    launch(_k(prog, name, q), grid, (128,),
            (q3, np.int32(DT_CODE[q.dtype]), np.int64(q3.stride(0)), k, v, np.int32(KV_FORMATS[vf]), ws.o, ws.ml,
             ws.done, o, np.int32(h), np.int32(hkv), np.int32(t), np.int32(k.stride(0) * k.element_size()),
             np.int32(v.stride(0) * v.element_size()), length_arg, len_ptr, positions, np.int32(n_max),
-            np.int32(split_len), sl, signs, np.int32(rot_group)), like=q)
+            np.int32(split_len), sl, signs, np.int32(rot_group), tail, tail_start,
+            np.int32(0 if tail is None else tail.shape[1])), like=q)
     return o
 
 

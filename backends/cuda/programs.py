@@ -74,7 +74,8 @@ HEAD_DIMS = (64, 128)
 ATTN_DECODE: dict[str, KernelProgram] = {
     kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75, pdl=True,
                       defines=(("LUCE_KV_K", str(i)),),
-                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}" for d in HEAD_DIMS for g in ("", "_g4")))
+                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}{tr}" for d in HEAD_DIMS for g in ("", "_g4")
+                                    for tr in ("", "_tree")))
     for i, kv in enumerate(KV_FORMATS)}
 
 # Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.

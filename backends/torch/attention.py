@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.roles import KVStore
+from luce_core.tree import TreeMask
 
 
 class TorchAttention:
@@ -14,10 +15,12 @@ class TorchAttention:
         pass
 
     def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *,
-                scale: float, mask: torch.Tensor | None = None,
+                scale: float, mask: torch.Tensor | TreeMask | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         T, n_heads, _ = q.shape
         end = start + T
+        if isinstance(mask, TreeMask):
+            mask = mask.dense(end)
         if mask is None and positions is not None:
             mask = torch.arange(end, device=q.device)[None, :] <= positions.to(q.device)[:, None]
         k, v = kv.read(layer, end)

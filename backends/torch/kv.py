@@ -99,6 +99,16 @@ class TorchKVStore:
         self.k[layer].index_copy_(0, pos, _encode(k, self.spec.k_dtype))
         self.v[layer].index_copy_(0, pos, _encode(v, self.spec.v_dtype))
 
+    def move(self, src: torch.Tensor, dst: int) -> None:
+        """Copy the stored rows of slots ``src`` (int64 [n]) to [dst, dst+n) in every layer, bytes
+        as they are (exact for every format, rotated K too). Overlaps are fine: rows are gathered
+        before they are written."""
+        n = int(src.shape[0])
+        self._check_slots(dst, n)
+        idx = src.to(self.k.device)
+        for t in (self.k, self.v):
+            t[:, dst:dst + n] = t[:, idx]
+
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.read_range(layer, 0, end)
 

@@ -40,3 +40,29 @@ def random_dflash(target: Any, path: str | os.PathLike[str], *, block: int, seed
     m.reset_parameters(seed)
     save_drafter(path, cfg, m)
     return str(path)
+
+
+class SecondBest:
+    """Test drafter: ranks a wrong token first and the target's true continuation second, so
+    every accepted tree path leaves the depth-first chain and its K/V must move. ``continuation``
+    is the target's own greedy output after a prompt of ``prompt_len`` tokens."""
+
+    name = "second-best"
+    capture: tuple[int, ...] = ()
+    supports_tree = True
+
+    def __init__(self, continuation: list[int], prompt_len: int, vocab: int, depth: int = 3):
+        self.cont, self.plen, self.vocab, self.depth = continuation, prompt_len, vocab, depth
+
+    def propose(self, tokens: Any, budget: int, *, request: Any = None) -> Any:
+        import torch
+
+        from luce_core.speculative import Proposal
+
+        done = len(tokens) - self.plen
+        want = self.cont[done:done + min(self.depth, request.max_depth)]
+        lp = torch.full((len(want), self.vocab), -30.0)
+        for i, t in enumerate(want):
+            lp[i, (t + 1) % self.vocab] = -0.7
+            lp[i, t] = -0.75
+        return Proposal(logprobs=lp)

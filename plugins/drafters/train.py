@@ -664,12 +664,16 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]], batched: 
         if per_prompt is not None and clock.left(clock.end) < 1.5 * per_prompt:
             _log(cfg, f"held-out decoding: time is up after {i}/{len(prompts)} prompts")
             break
+        # every run from an empty cache: a reused prefix re-runs fewer rows, and in bf16 a few-row
+        # forward need not round like the long prefill it replaces
+        llm.session.truncate(0)
         ref = list(llm.session.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
         if i < len(batched):  # compare the tokens both produced
             mine = [t for t in batched[i] if t not in stops]
             n = min(len(mine), len(ref))
             res["gen_matched"] += mine[:n] == ref[:n]
         for m, dec in enumerate(decs):
+            llm.session.truncate(0)
             out = list(dec.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
             res["matched"][m] += out == ref
         res["prompts"] = i + 1

@@ -25,6 +25,13 @@
 // to a workspace [split][t][h]; the last block to finish merges them. Scores are in log2 units (q
 // is pre-scaled by scale*log2(e)) so exp2f does the softmax.
 //
+// Tree rows (kernels _tree, DDTree verification): each block holds one token's rows; the token's
+// positions p >= *tail_start are logical (its ancestors in depth order, itself last) and read the
+// physical slot tail[t * tail_w + p - *tail_start]. A node at depth d then runs exactly the
+// arithmetic of a one-token decode at position *tail_start + d whose cache holds its ancestors
+// there: same tiles, lanes, splits and merge, only the rows' addresses differ. The row map is a
+// template flag, so the decode kernels carry none of it.
+//
 // Rotated K (Hadamard, see luce_torch.hadamard): with ``signs`` the query is moved into K's basis
 // in shared memory: times the ±1 signs, then a normalized FWHT over aligned groups of rot_group
 // channels (the 1/sqrt(group) is folded into the scale by the host).
@@ -223,10 +230,30 @@ template <int F, int D> __device__ __forceinline__ void load_v(const u8* __restr
     }
 }
 
+// The query rows a block serves: NG consecutive rows, or (per_token, tree rows) NG rows of one token.
+struct RowBlock { int r0, GB; };
+template <int NG, bool TREE> __device__ __forceinline__ RowBlock row_block(int T, int G) {
+    if constexpr (!TREE) {
+        const int r0 = blockIdx.z * NG;
+        return {r0, min(NG, T * G - r0)};
+    }
+    const int chunks = (G + NG - 1) / NG, t = blockIdx.z / chunks, c = blockIdx.z - t * chunks;
+    return {t * G + c * NG, min(NG, G - c * NG)};
+}
+// Physical cache slot of logical position p (identity unless TREE).
+template <bool TREE> struct SlotMap {
+    const int* tail;  // this block's token's row of the table
+    int start;
+    __device__ __forceinline__ int operator()(int p) const {
+        if constexpr (TREE) return p >= start ? __ldg(tail + p - start) : p;
+        else return p;
+    }
+};
+
 // acc[g] += sum_j ps[g][j] * V[tile + j] over the nv positions of a tile.
-template <int FV, int D, int NG>
+template <int FV, int D, int NG, bool TREE>
 __device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst, int tile, int nv, int lane,
-                                             const float (*pw)[32], float (&acc)[NG][D / 32]) {
+                                             const float (*pw)[32], float (&acc)[NG][D / 32], SlotMap<TREE> row_at) {
     // VB rows' loads are issued before any of their FMAs (a dependent load per row would leave
     // the warp waiting on memory latency 32 times per tile); the FMA order stays row by row.
     constexpr int VB = D == 64 ? 32 : 16;  // 64 registers of V per lane
@@ -234,7 +261,7 @@ __device__ __forceinline__ void accumulate_v(const u8* __restrict__ vb, int vst,
         float vv[VB][D / 32];
 #pragma unroll
         for (int j = 0; j < VB; ++j)
-            if (j0 + j < nv) load_v<FV, D>(vb + (i64)(tile + j0 + j) * vst, lane, vv[j]);
+            if (j0 + j < nv) load_v<FV, D>(vb + (i64)row_at(tile + j0 + j) * vst, lane, vv[j]);
 #pragma unroll
         for (int j = 0; j < VB; ++j) {
             if (j0 + j >= nv) break;  // warp-uniform
@@ -310,7 +337,7 @@ __device__ __forceinline__ void prefetch_row(const u8* p, int n) {
     for (int o = 0; o < n; o += 128) prefetch_l2(p + o);
     prefetch_l2(p + n - 1);
 }
-template <int FK, int D, int NG>
+template <int FK, int D, int NG, bool TREE>
 __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __restrict__ k, const u8* __restrict__ v,
                                                                 int v_fmt, int H, int Hkv, int T, int kst, int vst,
                                                                 int len, const int* __restrict__ len_ptr,
@@ -318,7 +345,9 @@ __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __rest
                                                                 int split_len) {
     __shared__ int lim[GMAX];
     const int hk = blockIdx.x, split = blockIdx.y;
-    const int G = H / Hkv, r0 = blockIdx.z * NG, GB = min(NG, T * G - r0);
+    const int G = H / Hkv;
+    const RowBlock rb = row_block<NG, TREE>(T, G);
+    const int r0 = rb.r0, GB = rb.GB;
     DecodeRange r;
     r.base = len_ptr ? *len_ptr : len;
     int end = 0;
@@ -349,7 +378,7 @@ __device__ __forceinline__ DecodeRange before_wait_flash_decode(const u8* __rest
     return r;
 }
 
-template <int FK, int D, int NG>
+template <int FK, int D, int NG, bool TREE>
 __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, int q_dt, i64 qst,
                                                   const u8* __restrict__ k, const u8* __restrict__ v, int v_fmt,
                                                   float* __restrict__ ws_o, float* __restrict__ ws_ml,
@@ -358,6 +387,8 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
                                                   int len, const int* __restrict__ len_ptr,
                                                   const i64* __restrict__ pos_ptr, int n_max, int split_len,
                                                   float scale_log2, const float* __restrict__ signs, int rot_group,
+                                                  const int* __restrict__ tail, const int* __restrict__ tail_start,
+                                                  int tail_w,
                                                   const DecodeRange& dr) {
     constexpr int DPL = D / 32;
     __shared__ __align__(16) float qs[NG][D];
@@ -367,7 +398,11 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
 
     if (!dr.run) return;
     const int hk = blockIdx.x, split = blockIdx.y;
-    const int G = H / Hkv, r0 = blockIdx.z * NG, GB = min(NG, T * G - r0);
+    const int G = H / Hkv;
+    const RowBlock rb = row_block<NG, TREE>(T, G);
+    const int r0 = rb.r0, GB = rb.GB;
+    SlotMap<TREE> row_at{tail, 0};
+    if constexpr (TREE) row_at = {tail + (i64)(r0 / G) * tail_w, *tail_start};
     const int base = dr.base, pb = dr.pb, pe = dr.pe, n_split = dr.n_split;
     const int* lim = dr.lim;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -391,11 +426,11 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     if constexpr (PK) {
         if (pre && tile0 + lane < pe)
 #pragma unroll
-            for (int i = 0; i < D / 8; ++i) kpre[i] = __ldg(reinterpret_cast<const uint4*>(kb + (i64)(tile0 + lane) * kst) + i);
+            for (int i = 0; i < D / 8; ++i) kpre[i] = __ldg(reinterpret_cast<const uint4*>(kb + (i64)row_at(tile0 + lane) * kst) + i);
         if (pre_v)
 #pragma unroll
             for (int j = 0; j < 32; ++j)  // the lane's two channels (accumulate_v's load_v)
-                if (tile0 + j < pe) vpre[j] = __ldg(reinterpret_cast<const u32*>(vb + (i64)(tile0 + j) * vst) + lane);
+                if (tile0 + j < pe) vpre[j] = __ldg(reinterpret_cast<const u32*>(vb + (i64)row_at(tile0 + j) * vst) + lane);
     }
     for (int i = threadIdx.x; i < NG * D; i += blockDim.x) {  // rows g >= GB: q = 0, never stored
         const int g = i / D, d = i % D;
@@ -455,11 +490,11 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     };
     auto accumulate_tile = [&](int tile, int nv) {  // p * V over one tile's rows, V from memory
         switch (v_fmt) {  // warp-uniform, once per tile
-            case F_F16: accumulate_v<F_F16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
-            case F_BF16: accumulate_v<F_BF16, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
-            case F_F32: accumulate_v<F_F32, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
-            case F_Q8_0: accumulate_v<F_Q8_0, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
-            default: accumulate_v<F_Q4_0, D, NG>(vb, vst, tile, nv, lane, ps[warp], acc); break;
+            case F_F16: accumulate_v<F_F16, D, NG, TREE>(vb, vst, tile, nv, lane, ps[warp], acc, row_at); break;
+            case F_BF16: accumulate_v<F_BF16, D, NG, TREE>(vb, vst, tile, nv, lane, ps[warp], acc, row_at); break;
+            case F_F32: accumulate_v<F_F32, D, NG, TREE>(vb, vst, tile, nv, lane, ps[warp], acc, row_at); break;
+            case F_Q8_0: accumulate_v<F_Q8_0, D, NG, TREE>(vb, vst, tile, nv, lane, ps[warp], acc, row_at); break;
+            default: accumulate_v<F_Q4_0, D, NG, TREE>(vb, vst, tile, nv, lane, ps[warp], acc, row_at); break;
         }
         __syncwarp();
     };
@@ -486,7 +521,7 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
         float s[NG];
 #pragma unroll
         for (int g = 0; g < NG; ++g) s[g] = 0.f;
-        if (p < pe) score_row<FK, D, NG>(kb + (i64)p * kst, qs, s);
+        if (p < pe) score_row<FK, D, NG>(kb + (i64)row_at(p) * kst, qs, s);
         softmax_step(s, p);
         accumulate_tile(tile, min(32, pe - tile));
     }
@@ -558,22 +593,26 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
     }
 }
 
-#define DEF_DECODE_NG(KN, FK, D, NG, SUF)                                                                    \
+#define DEF_DECODE_NG(KN, FK, D, NG, TREE, SUF)                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_##KN##_d##D##SUF(                         \
         const void* q, int q_dt, i64 qst, const u8* k, const u8* v, int v_fmt, float* ws_o, float* ws_ml,        \
         int* done, void* out, int H, int Hkv, int T, int kst, int vst, int len, const int* len_ptr,            \
-        const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group) {   \
-        const DecodeRange dr = before_wait_flash_decode<FK, D, NG>(k, v, v_fmt, H, Hkv, T, kst, vst, len,       \
-                                                                    len_ptr, pos_ptr, n_max, split_len);      \
+        const i64* pos_ptr, int n_max, int split_len, float scale_log2, const float* signs, int rot_group,     \
+        const int* tail, const int* tail_start, int tail_w) {                                                 \
+        const DecodeRange dr = before_wait_flash_decode<FK, D, NG, TREE>(k, v, v_fmt, H, Hkv, T, kst, vst, len, \
+                                                                          len_ptr, pos_ptr, n_max, split_len); \
         grid_dependency_sync();                                                                               \
-        flash_decode_impl<FK, D, NG>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst,    \
-                                     len, len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group, dr); \
+        flash_decode_impl<FK, D, NG, TREE>(q, q_dt, qst, k, v, v_fmt, ws_o, ws_ml, done, out, H, Hkv, T, kst, vst,    \
+                                     len, len_ptr, pos_ptr, n_max, split_len, scale_log2, signs, rot_group,    \
+                                     tail, tail_start, tail_w, dr);                                           \
     }
 // Blocks of 8 query rows, and of 4 (suffix _g4: a decode step of a model with GQA groups of up to
-// 4, where 8 would double the scoring work for nothing).
-#define DEF_DECODE(KN, FK, D)              \
-    DEF_DECODE_NG(KN, FK, D, GMAX, )       \
-    DEF_DECODE_NG(KN, FK, D, 4, _g4)
+// 4, where 8 would double the scoring work for nothing); each also with tree rows (_tree).
+#define DEF_DECODE(KN, FK, D)                       \
+    DEF_DECODE_NG(KN, FK, D, GMAX, false, )         \
+    DEF_DECODE_NG(KN, FK, D, 4, false, _g4)         \
+    DEF_DECODE_NG(KN, FK, D, GMAX, true, _tree)     \
+    DEF_DECODE_NG(KN, FK, D, 4, true, _g4_tree)
 // Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
 // format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.
 #if !defined(LUCE_KV_K) || LUCE_KV_K == 0
