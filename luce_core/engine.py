@@ -69,14 +69,18 @@ DEFAULT_PREFILL_CHUNK = 512  # when neither the user nor the attention implement
 
 class Session:
     """One sequence's state: the tokens whose K/V are in ``kv``. ``prefill_chunk`` 0 takes the
-    attention implementation's preference (its ``prefill_chunk``), else DEFAULT_PREFILL_CHUNK."""
+    attention implementation's preference (its ``prefill_chunk``), else DEFAULT_PREFILL_CHUNK.
+    With ``graphs``, decode steps replay CUDA graphs, and so do extends of at most
+    ``graph_extend`` tokens (a draft model catching up on a few accepted tokens every step; a
+    prompt's one-off prefill stays eager, where capturing would cost more than it saves)."""
 
     def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 0,
-                 graphs: bool = False):
+                 graphs: bool = False, graph_extend: int = 0):
         self.model, self.kv, self.ctx = model, kv, ctx
         self.prefill_chunk = prefill_chunk or getattr(model.attention, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
         self.tokens: list[int] = []
         self.graphs = None
+        self.graph_extend = graph_extend
         if graphs:
             from luce_core.graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, kv, ctx)
@@ -106,8 +110,11 @@ class Session:
         for s in range(start, len(ids), self.prefill_chunk):
             chunk = list(ids[s:s + self.prefill_chunk])
             try:
-                out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None),
-                                         capture=capture)
+                if self.graphs is not None and len(chunk) <= self.graph_extend:
+                    out = self.graphs.run(chunk, s, capture)  # static buffers: read before the next replay
+                else:
+                    out = self.model.forward(self._tensor(chunk), s, self.kv, logits_rows=slice(-1, None),
+                                             capture=capture)
             except torch.cuda.OutOfMemoryError:
                 # the chunks before this one stay in the session; this one's activations did not fit
                 raise DeviceMemoryError(

@@ -169,3 +169,20 @@ def test_ddtree_is_lossless_in_bf16(smollm2_path, tmp_path, drafter) -> None:
         if drafter == "prompt-lookup" and prompt is prompts[0]:  # repetitive: most drafts hold
             assert llm.last_spec_stats.acceptance_length > 1.5
     assert any(key[3] for key in llm.session.graphs.graphs)
+
+
+def test_draft_model_catches_up_through_graphs(smollm2_path) -> None:
+    """The draft-model drafter on CUDA (SmolLM2 drafting for itself): outputs equal plain greedy
+    decoding, almost every draft is accepted, and the draft session's catch-up on the accepted
+    tokens replays CUDA graphs of several tokens instead of eager forwards."""
+    llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
+    prompt = llm.encode("Write a short story about a robot who learns to paint.")
+    llm.session.truncate(0)
+    plain = list(llm.generate_ids(prompt, 64, stop_ids=()))
+    llm.session.truncate(0)
+    spec = list(llm.generate_ids(prompt, 64, stop_ids=(), drafter="draft-model", draft_model=str(smollm2_path),
+                                 draft_budget=4))
+    assert len(plain) == 64 and spec == plain
+    assert llm.last_spec_stats.acceptance_length > 4.0  # its own draft: everything but near-ties holds
+    draft = llm._spec.drafter.session
+    assert any(n > 1 for _, n, _, _ in draft.graphs.graphs)

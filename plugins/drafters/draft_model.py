@@ -50,6 +50,11 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, target_name: str, 
                               f"{attr}: {getattr(draft, attr)} vs {getattr(target, attr)}", remedy=remedy)
 
 
+# Tokens per catch-up a draft session replays as a CUDA graph (one graph per count and window): the
+# accepted drafts plus the pending token of a step, up to budget + 1.
+GRAPH_EXTEND = 16
+
+
 class DraftModelDrafter:
     name = "draft-model"
     capture: tuple[int, ...] = ()
@@ -88,9 +93,10 @@ class DraftModelDrafter:
         check_same_tokenizer(target.tokenizer, dplan.loaded.tokenizer, target_name, str(options.draft_model),
                              model.cfg.vocab, dplan.loaded.config.vocab)
         self.plan = dplan
-        # the draft decodes one token at a time: CUDA-graph its steps where luce's LLM would
+        # the draft decodes one token at a time and catches up on the few accepted ones per step:
+        # CUDA-graph both where luce's LLM would graph its decode steps
         graphs = (dplan.config.cuda_graphs and dplan.device.startswith("cuda") and hasattr(dplan.kv, "write_at"))
-        self.session = Session(dplan.model, dplan.kv, dplan.ctx, graphs=graphs)
+        self.session = Session(dplan.model, dplan.kv, dplan.ctx, graphs=graphs, graph_extend=GRAPH_EXTEND)
 
     def propose(self, tokens: Sequence[int], budget: int, *, request: DraftRequest | None = None) -> Proposal:
         if self.session is None:
