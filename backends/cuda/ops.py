@@ -317,7 +317,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     else:  # a block per token (and per 8 of its rows): the token's rows share one row map
         ng = 4 if g <= 4 else 8
         grid = (hkv, n_splits, t * -(-g // ng))
-    prog = programs.ATTN_DECODE[kf]
+    prog = (programs.ATTN_DECODE if tail is None else programs.ATTN_DECODE_TREE)[kf]
     name = f"flash_decode_{kf}_d{d}{'_g4' if ng == 4 else ''}{'' if tail is None else '_tree'}"
     launch(_k(prog, name, q), grid, (128,),
            (q3, np.int32(DT_CODE[q.dtype]), np.int64(q3.stride(0)), k, v, np.int32(KV_FORMATS[vf]), ws.o, ws.ml,

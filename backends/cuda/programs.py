@@ -74,8 +74,13 @@ HEAD_DIMS = (64, 128)
 ATTN_DECODE: dict[str, KernelProgram] = {
     kv: KernelProgram(name=f"attn_decode_{kv}", source="attention_decode.cu", min_sm=75, pdl=True,
                       defines=(("LUCE_KV_K", str(i)),),
-                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}{tr}" for d in HEAD_DIMS for g in ("", "_g4")
-                                    for tr in ("", "_tree")))
+                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}" for d in HEAD_DIMS for g in ("", "_g4")))
+    for i, kv in enumerate(KV_FORMATS)}
+# The same kernels with tree rows (DDTree verification), apart: compiled only when trees are verified.
+ATTN_DECODE_TREE: dict[str, KernelProgram] = {
+    kv: KernelProgram(name=f"attn_decode_tree_{kv}", source="attention_decode.cu", min_sm=75, pdl=True,
+                      defines=(("LUCE_KV_K", str(i)), ("LUCE_TREE", "1")),
+                      kernels=tuple(f"flash_decode_{kv}_d{d}{g}_tree" for d in HEAD_DIMS for g in ("", "_g4")))
     for i, kv in enumerate(KV_FORMATS)}
 
 # Causal prefill attention with mma.sync m16n8k8, FP16 operands (f16 and bf16 caches), SM 7.5+.
@@ -94,4 +99,4 @@ KV_MAX_DIM = 8192
 KV_APPEND = KernelProgram(name="kv_append", source="kv_append.cu", min_sm=75, pdl=True, kernels=("kv_append",))
 
 ALL: tuple[KernelProgram, ...] = (*GEMV.values(), *GEMM_F16.values(), *GEMM_BF16.values(), *ATTN_DECODE.values(),
-                                  ATTN_PREFILL, OPS, KV_APPEND)
+                                  *ATTN_DECODE_TREE.values(), ATTN_PREFILL, OPS, KV_APPEND)

@@ -607,12 +607,17 @@ __device__ __forceinline__ void flash_decode_impl(const void* __restrict__ q, in
                                      tail, tail_start, tail_w, dr);                                           \
     }
 // Blocks of 8 query rows, and of 4 (suffix _g4: a decode step of a model with GQA groups of up to
-// 4, where 8 would double the scoring work for nothing); each also with tree rows (_tree).
-#define DEF_DECODE(KN, FK, D)                       \
-    DEF_DECODE_NG(KN, FK, D, GMAX, false, )         \
-    DEF_DECODE_NG(KN, FK, D, 4, false, _g4)         \
-    DEF_DECODE_NG(KN, FK, D, GMAX, true, _tree)     \
+// 4, where 8 would double the scoring work for nothing). LUCE_TREE=1 programs hold the tree-row
+// kernels (_tree) instead: they double the compile time, and only tree verification needs them.
+#if defined(LUCE_TREE) && LUCE_TREE
+#define DEF_DECODE(KN, FK, D)                   \
+    DEF_DECODE_NG(KN, FK, D, GMAX, true, _tree) \
     DEF_DECODE_NG(KN, FK, D, 4, true, _g4_tree)
+#else
+#define DEF_DECODE(KN, FK, D)              \
+    DEF_DECODE_NG(KN, FK, D, GMAX, false, ) \
+    DEF_DECODE_NG(KN, FK, D, 4, false, _g4)
+#endif
 // Named by the K format; V's format is the v_fmt argument (F_* codes above). One program per K
 // format (LUCE_KV_K = its F_* code), so a model compiles only the kernels its cache needs.
 #if !defined(LUCE_KV_K) || LUCE_KV_K == 0
