@@ -471,8 +471,9 @@ class SpeculativeDecoder:
         if graphs is not None:  # a padded tree has static shapes: replay it as one CUDA graph
             out = graphs.run_tree(tree, n, self.capture)
         else:
-            out = s.model.forward(self._tensor(tree.tokens), n, s.kv, positions=tree.positions(n, dev),
-                                  mask=tree.tree_mask(n, dev), capture=self.capture)
+            mask = tree.tree_mask(n, dev)  # its positions (prefix + depth) are the RoPE positions too
+            out = s.model.forward(self._tensor(tree.tokens), n, s.kv, positions=mask.positions, mask=mask,
+                                  capture=self.capture)
         s.kv.set_length(n + tree.size)
         _sync(dev)
         t2 = time.perf_counter()
