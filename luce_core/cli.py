@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -56,9 +57,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     llm = luce.load(a.model, caps=a.caps, **_overrides(a))
     sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                     repetition_penalty=a.repeat_penalty, seed=a.seed)
-    if a.role_drafter:
-        sampling.update(drafter=a.role_drafter, draft_budget=a.draft_budget, draft_tree=a.draft_tree,
-                        draft_model=a.draft_model)
+    # the draft options go along also when LUCE_DRAFTER (not --drafter) names the drafter
+    sampling.update(drafter=a.role_drafter, draft_budget=a.draft_budget, draft_tree=a.draft_tree,
+                    draft_model=a.draft_model)
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         pieces = llm.chat(messages, a.n, **sampling)
@@ -175,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "specs":  # only `luce specs` passes unknown options on (to pytest)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "draft_tree", False) and not (args.role_drafter or os.environ.get("LUCE_DRAFTER")):
+        parser.error("--draft-tree verifies a drafter's trees: name one with --drafter NAME (or LUCE_DRAFTER)")
     args.extra = [x for x in extra if x != "--"]
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -413,6 +413,16 @@ def test_cli_rejects_a_bad_budget_before_loading(cmd, bad, capsys):
     assert e.value.code == 2 and "--draft-budget: must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cmd", [["generate", "hi"], ["bench"]])
+def test_cli_rejects_a_tree_without_a_drafter_before_loading(cmd, capsys, monkeypatch):
+    from luce_core.cli import main
+
+    monkeypatch.delenv("LUCE_DRAFTER", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--model", "/nonexistent.gguf", "--draft-tree"])
+    assert e.value.code == 2 and "--draft-tree verifies a drafter's trees" in capsys.readouterr().err
+
+
 def test_stats_are_consistent_and_json_ready(tiny):
     llm = tiny["llm"]
     prompt = [9, 10, 11, 9, 10, 11, 9, 10]
