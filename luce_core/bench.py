@@ -136,8 +136,12 @@ def bench_speculative(llm, drafter: str, budget: int, n: int, draft_model: str |
             for mode in ("plain", "spec"):
                 kw = dict(drafter=drafter, draft_budget=budget, draft_model=draft_model,
                           draft_tree=tree) if mode == "spec" else {}
-                llm.session.truncate(0)
-                list(llm.generate_ids(prompt, n, **kw))  # warm-up: captures every graph this run replays
+                # warm-up: captures every graph the timed run replays. A drafter keeps state between
+                # runs (a draft model's session reuses the prompt it saw last), so the speculative
+                # run warms up twice: the second starts from the state the timed run starts from.
+                for _ in range(2 if mode == "spec" else 1):
+                    llm.session.truncate(0)
+                    list(llm.generate_ids(prompt, n, **kw))
                 llm.session.truncate(0)
                 toks = []
                 t = _timed(llm, lambda: toks.extend(llm.generate_ids(prompt, n, **kw)))
@@ -234,7 +238,10 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             results[f"tg{a.tg}_eager"] = bench_decode(llm, a.tg, a.reps)
             llm.session.graphs = graphs
             graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
-    drafter = a.role_drafter
+    # --drafter, else LUCE_DRAFTER; taken out of the environment so that the plain-decoding
+    # baseline (generate_ids without a drafter reads LUCE_DRAFTER) stays plain
+    env = os.environ.pop("LUCE_DRAFTER", None)
+    drafter = a.role_drafter or (env if env != "auto" else None)
     spec = (bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model, a.draft_tree)
             if drafter else None)
     caps = llm.plan.caps

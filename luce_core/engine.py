@@ -139,6 +139,29 @@ class Session:
         self.kv.set_length(len(self.tokens))
         return logits
 
+    def greedy(self, logits: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+        """k ids of greedy decoding (plain argmax) after ``logits``, the logits that follow the
+        last token held, with one host sync in all: the ids stay on the device from one forward
+        to the next (with graphs, the k - 1 forwards are one replay). The first k - 1 ids are
+        run and appended. Returns (ids, logits [k, vocab] f32 each id is the argmax of)."""
+        first = torch.argmax(logits, dim=-1, keepdim=True)
+        start = len(self.tokens)
+        if k <= 1:
+            ids, rows = first, logits[None].float()
+        elif self.graphs is not None:
+            ids, rest = self.graphs.run_greedy(first, start, k - 1)
+            rows = torch.cat([logits[None].float(), rest])
+        else:
+            ids, rows = [first], [logits]
+            for i in range(k - 1):
+                rows.append(self.model.forward(ids[-1], start + i, self.kv).logits[-1])
+                ids.append(torch.argmax(rows[-1], dim=-1, keepdim=True))
+            ids, rows = torch.cat(ids), torch.stack(rows).float()
+        out = ids.tolist()
+        self.tokens += out[:k - 1]
+        self.kv.set_length(len(self.tokens))
+        return out[:k], rows
+
     def generate(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler,
                  stop_ids: frozenset[int] = frozenset(), stats: Stats | None = None,
                  progress: Callable[[int], None] | None = None) -> Iterator[int]:

@@ -58,6 +58,9 @@ class DecodeGraphs:
         # path table and the prefix length), its pinned host staging copy, and an event marking
         # when the last upload from that staging copy was done
         self.buffers: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+        # greedy chains (run_greedy): (window, steps) -> graph and its logits; steps -> ids buffer
+        self.greedy_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.greedy_ids: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.windows = windows(ctx)
 
@@ -75,12 +78,15 @@ class DecodeGraphs:
         uploaded.record()
         return dev
 
-    def _replay(self, key: tuple[int, int, tuple[int, ...], bool], fn: Callable[[], ForwardOut]) -> ForwardOut:
-        if key not in self.graphs:
+    def _replay(self, key: tuple, fn: Callable[[], T], table: dict | None = None) -> T:
+        """Replay the graph of ``key`` in ``table`` (default: the forward graphs), capturing
+        ``fn`` first if there is none; returns its static output."""
+        table = self.graphs if table is None else table
+        if key not in table:
             # The buffers already hold this step's real inputs, so the warm-up runs write the very
             # K/V the replay writes again: nothing else in the cache is touched.
-            self.graphs[key] = capture_graph(fn, self.pool)
-        g, out = self.graphs[key]
+            table[key] = capture_graph(fn, self.pool)
+        g, out = table[key]
         g.replay()
         return out
 
@@ -122,6 +128,34 @@ class DecodeGraphs:
                                             slots=dev[2 * n:3 * n], mask=mask)
 
         return self._replay((window, n, tuple(capture), True), forward)
+
+    def run_greedy(self, first: torch.Tensor, start: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding with no host in the loop: ``first`` (a device id [1]) at position
+        ``start``, then each next id the argmax of the logits before it, ``steps`` forwards in
+        one replay (a draft model's chain of drafts). Returns (ids [steps + 1]: ``first`` and the
+        argmaxes, logits [steps, vocab] they were taken from), static buffers: read them before
+        the next replay. The K/V of ids[:steps] land in slots start..start+steps-1."""
+        window = next(w for w in self.windows if w >= start + steps)
+
+        def fill(staged: np.ndarray) -> None:
+            staged[:steps] = 0  # the tokens half is unused: ids come from the device
+            staged[steps:] = range(start, start + steps)
+
+        pos = self._upload(steps, False, fill)[steps:]
+        ids = self.greedy_ids.get(steps)
+        if ids is None:
+            ids = self.greedy_ids[steps] = torch.zeros(steps + 1, dtype=torch.long, device=self.model.device)
+        ids[:1].copy_(first)
+
+        def forward() -> torch.Tensor:
+            rows = []
+            for i in range(steps):
+                logits = self.model.decode_static(ids[i:i + 1], pos[i:i + 1], self.kv, window).logits
+                ids[i + 1:i + 2].copy_(torch.argmax(logits, dim=-1))
+                rows.append(logits)
+            return torch.cat(rows)
+
+        return ids, self._replay((window, steps), forward, self.greedy_graphs)
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [vocab] after ``token`` at ``position`` (its K/V lands in slot ``position``)."""

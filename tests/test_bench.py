@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,12 +55,14 @@ def test_bench_json(tiny, tmp_path) -> None:
 
 
 def test_bench_tree_mode(tiny, tmp_path) -> None:
-    """--draft-tree benches DDTree verification; its outputs must equal plain decoding too."""
+    """--draft-tree benches DDTree verification; its outputs must equal plain decoding too. The
+    drafter is named by LUCE_DRAFTER here, which bench honours as it does --drafter."""
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--pp", "16",
-                           "--tg", "4", "--reps", "1", "--ctx", "256", "--out", str(out), "--drafter", "prompt-lookup",
+                           "--tg", "4", "--reps", "1", "--ctx", "256", "--out", str(out),
                            "--draft-tree", "--draft-budget", "6", "--spec-tokens", "8"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LUCE_DRAFTER": "prompt-lookup"})
     assert proc.returncode == 0, proc.stderr
     spec = json.loads(out.read_text())["speculative"]
     assert spec["mode"] == "tree" and spec["budget"] == 6

@@ -148,3 +148,44 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smol, tmp_path):
         assert out == ref[:n], (name, tree, smol.tokenizer.decode(out), smol.tokenizer.decode(ref))
         if name == "prompt-lookup":  # text that repeats itself: lookup drafts get accepted
             assert dec.stats.acceptance_length > 1.4, dec.stats.as_dict()
+
+
+WORDS = ("the", "cat", "sat", "on", "mat", "dog", "log", "a", "red", "ball", "def", "return", "x", "=", "1", "+",
+         "(", ")", ":", "\n", "print", "hello", "world", ".")
+
+
+@pytest.fixture(scope="module")
+def smol_drafts(smol, smollm2_path, tmp_path_factory):
+    """Drafters for SmolLM2 that accept much (itself as its draft model), little (its first 4
+    layers) or nothing (untrained DFlash of block 2, 4 and 8), built once per module."""
+    from luce_gguf.truncate import truncate_gguf
+
+    d = tmp_path_factory.mktemp("smol_drafts")
+    cut = d / "smollm2-4.gguf"
+    truncate_gguf(smollm2_path, cut, [0, 1, 2, 3])
+    files = {("draft-model", "self"): str(smollm2_path), ("draft-model", "cut"): str(cut)}
+    for b in (2, 4, 8):
+        files[("dflash", b)] = testing.random_dflash(smol.plan.model, d / f"dflash{b}.safetensors", block=b,
+                                                     window=32, seed=b)
+    return {key: make_drafter(key[0], smol.plan, DrafterOptions(draft_model=path, tree_topk=3))
+            for key, path in [*files.items(), (("prompt-lookup", None), None)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("drafter", [("prompt-lookup", None), ("draft-model", "self"), ("draft-model", "cut"),
+                                     ("dflash", 2), ("dflash", 4), ("dflash", 8)], ids=str)
+@settings(max_examples=2, deadline=None)
+@given(words=st.lists(st.sampled_from(WORDS), min_size=3, max_size=24), budget=st.integers(1, 7),
+       static=st.booleans(), max_tokens=st.integers(4, 10))
+def test_smollm2_speculative_greedy_property(smol, smol_drafts, words, drafter, budget, tree, static, max_tokens):
+    """Random prompts, drafters, budgets, block sizes, chain or tree: the real model's speculative
+    greedy output is its plain greedy output."""
+    ids = smol.encode(" ".join(words))
+    ref = list(smol.session.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    dec = SpeculativeDecoder(smol.session, smol_drafts[drafter], budget=budget, tree=tree, static_shapes=static,
+                             options=DrafterOptions(tree_topk=3))
+    out = list(dec.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    assert out == ref, (drafter, budget, tree, smol.tokenizer.decode(out), smol.tokenizer.decode(ref))
+    if drafter == ("draft-model", "self"):  # its own drafts hold
+        assert dec.stats.accepted > 0, dec.stats.as_dict()

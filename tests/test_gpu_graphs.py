@@ -186,3 +186,26 @@ def test_draft_model_catches_up_through_graphs(smollm2_path) -> None:
     assert llm.last_spec_stats.acceptance_length > 4.0  # its own draft: everything but near-ties holds
     draft = llm._spec.drafter.session
     assert any(n > 1 for _, n, _, _ in draft.graphs.graphs)
+    assert draft.graphs.greedy_graphs  # and its chains of drafts replayed as single graphs
+
+
+def test_greedy_chain_graph_equals_graphed_steps(smollm2_path) -> None:
+    """Session.greedy through one graph replay (ids fed back on the device) drafts what one-token
+    graph steps with a host argmax between them draft, from logits that agree."""
+    llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
+    s = llm.session
+    prompt = llm.encode("The three primary colors are")
+    logits, _ = s.prefill(prompt)
+    ids, rows = s.greedy(logits.clone(), 8)
+    assert s.tokens == prompt + ids[:7] and rows.shape == (8, llm.config.vocab)
+    assert list(s.graphs.greedy_graphs) == [(256, 7)]
+    s.truncate(0)
+    logits, _ = s.prefill(prompt)
+    ref, ref_rows = [], []
+    for i in range(8):
+        ref_rows.append(logits.float().clone())
+        ref.append(int(torch.argmax(logits)))
+        if i < 7:
+            logits = s.step(ref[-1])
+    assert ids == ref
+    torch.testing.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from luce_core.engine import Stats
 from luce_core.errors import ConfigError, ContextOverflowError, SelectionError
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import (DrafterOptions, Proposal, SpeculativeDecoder, SpecStats, accept_chain,
+from luce_core.speculative import (DrafterOptions, DraftRequest, Proposal, SpeculativeDecoder, SpecStats, accept_chain,
                                    accept_tree, make_drafter, residual, sample_among, speculative_sample,
                                    target_distribution)
 from luce_core.tree import DraftTree, build_ddtree, chain_tree, trie_tree
@@ -421,6 +421,38 @@ def test_cli_rejects_a_tree_without_a_drafter_before_loading(cmd, capsys, monkey
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--model", "/nonexistent.gguf", "--draft-tree"])
     assert e.value.code == 2 and "--draft-tree verifies a drafter's trees" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_draft_model_device_chain_equals_stepwise_drafting(tiny, tree):
+    """The draft model's greedy chain (ids kept on the device, Session.greedy) proposes what
+    drafting one host-side argmax at a time proposes, with the same log-probs for trees, and
+    leaves its session holding the same tokens."""
+    from luce_core.engine import Session
+
+    llm = tiny["llm"]
+    d = make_drafter("draft-model", llm.plan, DrafterOptions(draft_model=tiny["draft"]))
+    ref = Session(d.session.model, d.session.kv, d.session.ctx)  # the same model and store, stepped by hand
+    prompt = [9, 10, 11, 9, 10, 11, 9, 10, 40]
+    for k in (1, 4, 6):
+        req = DraftRequest(tokens=prompt, budget=k, tree=tree, params=SamplingParams(), generator=torch.Generator(),
+                           max_depth=k, tree_temp=0.7)
+        d.session.truncate(0)
+        prop = d.propose(prompt, k, request=req)
+        got_tokens = list(d.session.tokens)
+        ref.truncate(0)
+        logits, _ = ref.prefill(prompt)
+        drafts, lps = [], []
+        for i in range(k):
+            lps.append(torch.log_softmax(logits.float() / 0.7, dim=-1))
+            drafts.append(int(torch.argmax(logits)))
+            if i + 1 < k:
+                logits = ref.step(drafts[-1])
+        assert list(prop.tokens) == drafts and got_tokens == ref.tokens == prompt + drafts[:-1]
+        if tree:
+            torch.testing.assert_close(prop.logprobs, torch.stack(lps), rtol=0, atol=1e-5)
+        else:
+            assert prop.logprobs is None and prop.probs is None
 
 
 def test_stats_are_consistent_and_json_ready(tiny):

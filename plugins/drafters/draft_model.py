@@ -3,7 +3,9 @@
 The draft model keeps its own KV store and reuses it across steps (its session re-prefills only
 what changed since the last proposal: the accepted tokens and the new pending one). Chain mode
 drafts greedily at temperature 0 and samples from the draft's own distribution (same sampling
-parameters) at temperature > 0, returning those distributions for rejection sampling. Tree mode
+parameters) at temperature > 0, returning those distributions for rejection sampling. A greedy
+chain without a repetition penalty is decoded on the device (``Session.greedy``: with CUDA graphs
+the whole chain is one replay, and the host waits once per proposal, not once per draft). Tree mode
 returns the per-depth log-probs along the greedy draft chain; the engine builds a DDTree from
 their top-K (alternatives at depth d are conditioned on the greedy chain above them - a heuristic
 for which nodes to try; verification keeps the output exact whatever the tree).
@@ -110,6 +112,11 @@ class DraftModelDrafter:
         tree = request is not None and request.tree
         sample = not params.greedy and not tree
         logits, _ = self.session.prefill(list(tokens))
+        if not sample and params.repetition_penalty == 1.0:
+            # the greedy chain is plain argmax: it runs on the device, one host sync per proposal
+            drafts, rows = self.session.greedy(logits, k)
+            lps = torch.log_softmax(rows / request.tree_temp, dim=-1) if tree else None
+            return Proposal(tokens=tuple(drafts), logprobs=lps)
         hist = list(tokens)
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
