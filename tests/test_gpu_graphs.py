@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import luce
 
@@ -209,3 +211,47 @@ def test_greedy_chain_graph_equals_graphed_steps(smollm2_path) -> None:
             logits = s.step(ref[-1])
     assert ids == ref
     torch.testing.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)
+
+
+WORDS = ("the", "cat", "sat", "on", "mat", "a", "red", "ball", "def", "return", "x", "=", "1", "+", "(", ")", ":",
+         "\n", "print", "hello", "world", ".", "Write", "poem", "list", "three")
+
+
+@pytest.fixture(scope="module")
+def cuda_spec(smollm2_path, tmp_path_factory):
+    """SmolLM2 on CUDA (bf16, graphs) and drafters that accept much (itself as draft model),
+    from n-grams (prompt lookup) or little (untrained DFlash, blocks 4 and 8)."""
+    from luce_core.speculative import DrafterOptions, make_drafter
+    from luce_drafters.testing import random_dflash
+
+    llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
+    d = tmp_path_factory.mktemp("cuda_spec")
+    files = {("dflash", b): random_dflash(llm.plan.model, d / f"d{b}.safetensors", block=b, seed=b) for b in (4, 8)}
+    files[("draft-model", "self")] = str(smollm2_path)
+    drafters = {k: make_drafter(k[0], llm.plan, DrafterOptions(draft_model=p)) for k, p in files.items()}
+    drafters[("prompt-lookup", None)] = make_drafter("prompt-lookup", llm.plan)
+    return llm, drafters
+
+
+@settings(max_examples=40, deadline=None)
+@given(words=st.lists(st.sampled_from(WORDS), min_size=2, max_size=30), chat=st.booleans(),
+       drafter=st.sampled_from([("prompt-lookup", None), ("draft-model", "self"), ("dflash", 4), ("dflash", 8)]),
+       budget=st.integers(1, 7), tree=st.booleans(), max_tokens=st.integers(8, 48))
+def test_cuda_speculative_greedy_property(cuda_spec, words, chat, drafter, budget, tree, max_tokens) -> None:
+    """Random prompts, drafters, budgets, block sizes, chain or tree, on the CUDA backend in bf16
+    with graphed verifies: the speculative output is plain greedy decoding's, token for token."""
+    from luce_core.sampling import Sampler, SamplingParams
+    from luce_core.speculative import DrafterOptions, SpeculativeDecoder
+
+    llm, drafters = cuda_spec
+    text = " ".join(words)
+    ids = llm.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
+    llm.session.truncate(0)  # each from an empty cache (see test_ddtree_is_lossless_in_bf16)
+    ref = list(llm.session.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    llm.session.truncate(0)
+    dec = SpeculativeDecoder(llm.session, drafters[drafter], budget=budget, tree=tree,
+                             options=DrafterOptions(tree_topk=3))
+    out = list(dec.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    assert out == ref, (drafter, budget, tree, llm.tokenizer.decode(out), llm.tokenizer.decode(ref))
+    if drafter == ("draft-model", "self"):
+        assert dec.stats.accepted > 0
