@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from luce_core.errors import ConfigError
+from luce_core.selection import forced_name
 
 
 def _commit() -> str:
@@ -238,10 +239,10 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             results[f"tg{a.tg}_eager"] = bench_decode(llm, a.tg, a.reps)
             llm.session.graphs = graphs
             graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
-    # --drafter, else LUCE_DRAFTER; taken out of the environment so that the plain-decoding
-    # baseline (generate_ids without a drafter reads LUCE_DRAFTER) stays plain
-    env = os.environ.pop("LUCE_DRAFTER", None)
-    drafter = a.role_drafter or (env if env != "auto" else None)
+    # --drafter, else LUCE_DRAFTER (the role's usual rule); the variable then leaves the
+    # environment so that the plain-decoding baseline (generate_ids reads it) stays plain
+    drafter = a.role_drafter or forced_name("drafter", llm.plan.config)
+    os.environ.pop("LUCE_DRAFTER", None)
     spec = (bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model, a.draft_tree)
             if drafter else None)
     caps = llm.plan.caps

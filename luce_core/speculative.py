@@ -498,10 +498,10 @@ class SpeculativeDecoder:
             return
         s = self.session
         self.stats.moved_steps += 1
+        src = torch.tensor([n + p for p in path[j:]], device=s.model.device)
         if callable(getattr(s.kv, "move", None)):
-            s.kv.move(torch.tensor([n + p for p in path[j:]], device=s.model.device), n + j)
+            s.kv.move(src, n + j)
         elif self._exact_copy:
-            src = torch.tensor([n + p for p in path[j:]], device=s.model.device)
             end = n + path[-1] + 1
             for layer in range(s.model.cfg.n_layers):
                 k, v = s.kv.read(layer, end)

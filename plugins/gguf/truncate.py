@@ -40,11 +40,14 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def truncate_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], layers: list[int],
-                  progress: bool = False) -> None:
-    """Write ``dst``: ``src`` with only ``layers`` (original indices, in order), renumbered 0.."""
+def truncate_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], layers: str | list[int],
+                  progress: bool = False) -> list[int]:
+    """Write ``dst``: ``src`` with only ``layers`` (original indices, in order, or a ``parse_layers``
+    spec such as ``"0-7"``), renumbered 0..; returns the layers kept."""
     f = open_gguf(src)
     cfg = model_config(f)
+    if isinstance(layers, str):
+        layers = parse_layers(layers, cfg.n_layers)
     if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= cfg.n_layers:
         raise ConfigError(f"layers {layers} are not a sorted, non-empty subset of 0..{cfg.n_layers - 1}")
     renumber = {old: new for new, old in enumerate(layers)}
@@ -63,6 +66,7 @@ def truncate_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], laye
         new = f"blk.{renumber[int(m[1])]}.{m[2]}" if m else name
         out.add_tensor(new, q.shape, q.qtype, lambda q=q: np.asarray(q.data))
     out.write(progress=progress, desc=os.path.basename(os.fspath(dst)))
+    return layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     try:
-        n = model_config(open_gguf(a.src)).n_layers
-        layers = parse_layers(a.layers, n)
-        truncate_gguf(a.src, a.out, layers, progress=not a.quiet)
+        layers = truncate_gguf(a.src, a.out, a.layers, progress=not a.quiet)
     except (OSError, LuceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out} ({len(layers)} of {n} layers, {os.path.getsize(a.out) / 1e6:.1f} MB)", file=sys.stderr)
+    print(f"wrote {a.out} ({len(layers)} layers, {os.path.getsize(a.out) / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 
