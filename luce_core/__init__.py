@@ -2,9 +2,9 @@
 
 Importing this package is cheap: no torch, no CUDA. Heavy modules are imported where used.
 """
-from luce_core.errors import LuceError
-from luce_core.hookspecs import hookimpl
-from luce_core.impl import Impl
+from luce_core.contract.errors import LuceError
+from luce_core.contract.hookspecs import hookimpl
+from luce_core.contract.impl import Impl
 
 __version__ = "0.1.0"
 __all__ = ["Impl", "LuceError", "hookimpl", "__version__"]

@@ -12,8 +12,8 @@ from luce_core.caps import probe
 from luce_core.config import DEFAULT_BUDGET, RunConfig
 from luce_core.detok import StreamDecoder
 from luce_core.engine import Session, Stats
-from luce_core.errors import ConfigError
-from luce_core.impl import ROLES
+from luce_core.contract.errors import ConfigError
+from luce_core.contract.impl import ROLES
 from luce_core.plan import Plan, build
 from luce_core.sampling import Sampler, SamplingParams
 
@@ -34,7 +34,7 @@ def load(model: str | os.PathLike | None = None, *, caps: str | None = None, **o
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}",
                           remedy=f"options: {', '.join(sorted(_CONFIG_FIELDS | set(ROLES)))}")
     if model is None:
-        from luce_core.models import default_model_path
+        from luce_core.default_model import default_model_path
         model = default_model_path(progress=overrides.get("progress", True))
     config = RunConfig(model_path=str(model), overrides=roles, **overrides)
     return LLM(build(config, probe(caps)))

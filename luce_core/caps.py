@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 def _cc(value: Any) -> tuple[int, int] | None:

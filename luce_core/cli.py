@@ -8,8 +8,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 from luce_core.config import DEFAULT_BUDGET, DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS, budget_arg
-from luce_core.errors import LuceError
-from luce_core.impl import ROLES
+from luce_core.contract.errors import LuceError
+from luce_core.contract.impl import ROLES
 
 
 def _role_flags(p: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_plugins(a: argparse.Namespace) -> int:
-    from luce_core.plugins import host
+    from luce_core.plugin_host import host
 
     h = host()
     for name in h.plugin_names():
@@ -110,13 +110,13 @@ def cmd_specs(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from luce_core.bench import main as bench_main
+    from luce_tools.bench.run import main as bench_main
 
     return bench_main(a)
 
 
 def cmd_train_drafter(a: argparse.Namespace) -> int:
-    from luce_drafters.train import main as train_main
+    from luce_tools.train_drafter.train import main as train_main
 
     return train_main(a)
 
@@ -159,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_specs)
 
     t = sub.add_parser("train-drafter", help="distill a DFlash drafter from a target's own greedy generations")
-    from luce_drafters.train import add_arguments as add_train_args
+    from luce_tools.train_drafter.train import add_arguments as add_train_args
     add_train_args(t)
     t.set_defaults(func=cmd_train_drafter)
 
     b = sub.add_parser("bench", help="benchmark prefill/decode; JSON out")
-    from luce_core.bench_args import add_bench_args
+    from luce_tools.bench.args import add_bench_args
     add_bench_args(b)
     _run_flags(b)
     b.set_defaults(func=cmd_bench)

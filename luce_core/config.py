@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 # Chain drafts per step unless the user sets a budget: the pending token and 7 drafts are 8 verify
 # rows, one chunk of luce_cuda's few-row GEMV; a budget of 8 makes 9 rows, two launches per matmul.
@@ -28,12 +28,12 @@ def budget_arg(text: str) -> int:
     return n
 
 if TYPE_CHECKING:
-    from luce_core.roles import ModelConfig
+    from luce_core.contract.types import ModelConfig
 
 COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
 KV_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 FEATURE_DTYPES = ("f32", "f16", "bf16", "q8_0")
-WEIGHT_FORMATS = ("native", "nvfp4")  # native: as stored; nvfp4: matmul weights repacked at load (luce_core.repack)
+WEIGHT_FORMATS = ("native", "nvfp4")  # native: as stored; nvfp4: matmul weights repacked at load (luce_core.formats.repack)
 # The one documented default KV pair (README, tests and code all read it from here).
 DEFAULT_KV = ("f16", "f16")
 

@@ -1,7 +1,7 @@
 """Incremental detokenization: emit text only once its UTF-8 bytes are complete."""
 from __future__ import annotations
 
-from luce_core.roles import Tokenizer
+from luce_core.contract.types import Tokenizer
 
 
 class StreamDecoder:

@@ -6,11 +6,11 @@ from typing import Any
 
 import attrs
 
-from luce_core import plugins, selection
+from luce_core import plugin_host, selection
 from luce_core.caps import probe
 from luce_core.config import RunConfig
-from luce_core.errors import LuceError
-from luce_core.impl import ROLES
+from luce_core.contract.errors import LuceError
+from luce_core.contract.impl import ROLES
 
 OPTIONAL_ROLES = ("drafter", "chunk_selector")  # used only when asked for
 
@@ -19,7 +19,7 @@ def _config(model: str | None, overrides: dict[str, Any]) -> tuple[RunConfig, st
     roles = {r: overrides.pop(r) for r in list(overrides) if r in ROLES}
     note = ""
     if model is None:
-        from luce_core.models import DEFAULT_MODEL, cache_dir
+        from luce_core.default_model import DEFAULT_MODEL, cache_dir
         cached = cache_dir() / "models" / DEFAULT_MODEL.filename
         model = str(cached) if cached.exists() else ""
         note = "" if model else "default model not fetched yet (run `luce generate` once); model-dependent checks skipped"
@@ -30,7 +30,7 @@ def report(model: str | None = None, *, caps: str | None = None, overrides: dict
            as_json: bool = False) -> str:
     c = probe(caps)
     config, note = _config(model, dict(overrides or {}))
-    host = plugins.host()
+    host = plugin_host.host()
     out: dict[str, Any] = {"caps": c.summary(), "plugins": {n: host.distributions.get(n, "in-process")
                                                             for n in host.plugin_names()},
                            "plugin_errors": host.load_errors, "roles": {}, "notes": [note] if note else []}

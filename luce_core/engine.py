@@ -7,9 +7,9 @@ from typing import Callable, Iterator, Sequence
 import attrs
 import torch
 
-from luce_core.errors import ContextOverflowError, DeviceMemoryError
+from luce_core.contract.errors import ContextOverflowError, DeviceMemoryError
 from luce_core.model import ForwardOut, Transformer
-from luce_core.roles import KVStore
+from luce_core.contract.roles import KVStore
 from luce_core.sampling import Sampler
 
 

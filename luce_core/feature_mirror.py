@@ -11,7 +11,7 @@ rotation, compute dtype f32. Its dtype policy (``RunConfig.feature_dtype``):
   about 0.27 of f32); ``width`` must be a multiple of 32.
 
 Reads come back as f32 on the mirror's device; the conversion runs there (no host round trip).
-Memory is exactly ``capacity * feature_bytes_per_token(width, dtype)`` (see luce_core.kv_memory:
+Memory is exactly ``capacity * feature_bytes_per_token(width, dtype)`` (see luce_core.formats.blocks:
 when the row does not split into two whole-block halves, the V half carries one zero block).
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import os
 import torch
 
 from luce_core.config import FEATURE_DTYPES
-from luce_core.errors import ConfigError, ContextOverflowError
-from luce_core.kv_memory import feature_bytes_per_token, feature_split
-from luce_core.roles import KVSpec, KVStorage, KVStore
+from luce_core.contract.errors import ConfigError, ContextOverflowError
+from luce_core.formats.blocks import feature_bytes_per_token, feature_split
+from luce_core.contract.roles import KVStorage, KVStore
+from luce_core.contract.types import KVSpec
 
 
 class FeatureMirror:
@@ -83,11 +84,11 @@ class FeatureMirror:
         self.store.restore(snap)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from luce_core import kv_snapshot
+        from luce_core.formats import kv_snapshot
         kv_snapshot.save(self.store.snapshot(), path)
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        from luce_core import kv_snapshot
+        from luce_core.formats import kv_snapshot
         self.store.restore(kv_snapshot.load(path))
 
     @property

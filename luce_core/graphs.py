@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from luce_core.model import ForwardOut, Transformer
-from luce_core.roles import KVStore
+from luce_core.contract.roles import KVStore
 from luce_core.tree import DraftTree, TreeMask
 
 MIN_WINDOW = 256

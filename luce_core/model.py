@@ -13,8 +13,9 @@ import torch
 
 from luce_core import layer_ops, rope
 from luce_core.layer_ops import rms_norm  # noqa: F401  (re-exported for drafters)
-from luce_core.errors import ModelFileError
-from luce_core.roles import Attention, KVStore, Linear, LoadedModel, ModelConfig, QTensor
+from luce_core.contract.errors import ModelFileError
+from luce_core.contract.roles import Attention, KVStore, Linear
+from luce_core.contract.types import LoadedModel, ModelConfig, QTensor
 from luce_core.tree import TreeMask
 
 Proj = Callable[[torch.Tensor], torch.Tensor]

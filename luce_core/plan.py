@@ -8,12 +8,12 @@ from typing import Any
 
 import attrs
 
-from luce_core import plugins, selection
+from luce_core import plugin_host, selection
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError
-from luce_core.impl import Impl
-from luce_core.roles import KVSpec, LoadedModel
+from luce_core.contract.errors import ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError
+from luce_core.contract.impl import Impl
+from luce_core.contract.types import KVSpec, LoadedModel
 
 REFERENCE_PLUGIN = "torch"
 
@@ -49,7 +49,7 @@ class Chooser:
         self.chosen: dict[str, Impl] = {}
 
     def impls(self, role: str) -> list[Impl]:
-        return plugins.host().impls(role)
+        return plugin_host.host().impls(role)
 
     def create(self, role: str, config: RunConfig | None = None) -> tuple[Impl, Any]:
         config = config or self.config
@@ -102,7 +102,7 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     import torch
 
     from luce_core.model import Transformer
-    from luce_torch.kv import TORCH_DTYPES  # dtype names -> torch dtypes (reference vocabulary)
+    from luce_core.formats.dtypes import TORCH_DTYPES  # dtype names -> torch dtypes (reference vocabulary)
 
     if not os.path.exists(config.model_path):
         raise ModelFileError(f"model file not found: {config.model_path}",
@@ -111,7 +111,7 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     _, loader = ch.create("loader")
     loaded: LoadedModel = loader.load(config.model_path, config)
     if config.weights == "nvfp4":  # before selection: linear implementations see the NVFP4 types
-        from luce_core.repack import repack_nvfp4
+        from luce_core.formats.repack import repack_nvfp4
         loaded = repack_nvfp4(loaded, progress=config.progress)
     types = {t.qtype for t in loaded.tensors.values()}
     config = config.with_model(loaded.config, types)
@@ -155,7 +155,7 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     try:
         kv = kv_storage.allocate(spec)
     except torch.cuda.OutOfMemoryError:
-        from luce_core.kv_memory import kv_bytes_per_token
+        from luce_core.formats.blocks import kv_bytes_per_token
         need = kv_bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.k_dtype, spec.v_dtype) * ctx
         free = torch.cuda.mem_get_info(tdev)[0]
         raise DeviceMemoryError(

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from luce_core.errors import UnsupportedModelError
-from luce_core.roles import ModelConfig
+from luce_core.contract.errors import UnsupportedModelError
+from luce_core.contract.types import ModelConfig
 
 
 def inv_frequencies(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Sequence
 import attrs
 import torch
 
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 @attrs.frozen

@@ -14,8 +14,8 @@ import attrs
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import SelectionError
-from luce_core.impl import Impl
+from luce_core.contract.errors import SelectionError
+from luce_core.contract.impl import Impl
 
 
 @attrs.frozen

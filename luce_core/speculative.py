@@ -39,7 +39,8 @@ import attrs
 import torch
 
 from luce_core.engine import check_prompt_fits, common_prefix
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
+from luce_core.contract.drafting import Drafter, DrafterOptions, DraftRequest, Proposal, Target
 from luce_core.sampling import Sampler, SamplingParams, apply_repetition_penalty, probabilities
 from luce_core.tree import DraftTree, build_ddtree, chain_tree, topk_logprobs
 
@@ -47,83 +48,7 @@ if TYPE_CHECKING:
     from luce_core.engine import Session, Stats
     from luce_core.feature_mirror import FeatureMirror
     from luce_core.model import Transformer
-    from luce_core.roles import Tokenizer
-
-
-# ----------------------------------------------------------------------------- drafter contract
-@attrs.frozen(eq=False)
-class Target:
-    """What a drafter may look at when it binds to a target model."""
-
-    model: "Transformer"
-    tokenizer: "Tokenizer"
-    ctx: int
-    plan: Any = None  # luce_core.plan.Plan when built by luce (caps/config for loading a draft model)
-
-
-@attrs.frozen
-class DrafterOptions:
-    """User options for drafters (CLI: --draft-model, --draft-budget; tree knobs)."""
-
-    draft_model: str | None = None  # draft-model: a GGUF; dflash: a drafter file (.safetensors / .gguf)
-    ngram_max: int = 3  # prompt-lookup: longest suffix n-gram to match
-    ngram_min: int = 1
-    tree_topk: int = 8  # DDTree: candidates per depth
-    tree_temp: float = 1.0  # DDTree: temperature of the draft log-probs that rank tree nodes
-
-    def __attrs_post_init__(self) -> None:
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise ConfigError(f"prompt-lookup n-gram range [{self.ngram_min}, {self.ngram_max}] is empty",
-                              remedy="use 1 <= ngram_min <= ngram_max")
-        if self.tree_topk < 1:
-            raise ConfigError(f"tree_topk must be >= 1, got {self.tree_topk}")
-        if self.tree_temp <= 0:
-            raise ConfigError(f"tree_temp must be > 0, got {self.tree_temp}")
-
-
-@attrs.frozen(eq=False)
-class DraftRequest:
-    """One call for drafts. ``tokens`` = committed + pending; the features mirror (if the
-    drafter asked for captures) holds the target features of positions [0, len(tokens) - 1)."""
-
-    tokens: Sequence[int]
-    budget: int  # chain: at most this many drafts; tree: at most this many draft nodes
-    tree: bool
-    params: SamplingParams
-    generator: torch.Generator
-    max_depth: int  # drafts deeper than this cannot be emitted (a hint; deeper ones are harmless)
-    features: "FeatureMirror | None" = None
-    topk: int = 8
-    tree_temp: float = 1.0
-
-
-@attrs.frozen(eq=False)
-class Proposal:
-    """A drafter's answer. Any subset may be given:
-
-    tokens: chain drafts d1..dk (the top-1 / sampled chain).
-    probs: [k, vocab] distributions ``tokens`` were drawn from (None: deterministic, one-hot).
-    logprobs: [L, vocab] per-depth draft log-probs; tree mode builds a DDTree from them.
-    tree: a ready tree (root = the pending token), e.g. a trie of n-gram continuations.
-    """
-
-    tokens: tuple[int, ...] = ()
-    probs: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    tree: DraftTree | None = None
-
-
-class SpecDrafter(Protocol):
-    """The object a ``drafter`` factory builds (``luce_core.roles.Drafter`` plus binding)."""
-
-    name: str
-    capture: tuple[int, ...]  # Transformer.forward capture indices the drafter reads (DFlash)
-    supports_tree: bool
-
-    def bind(self, target: Target, options: DrafterOptions) -> None:
-        """Check the drafter can serve this target (raise ConfigError naming why not) and load."""
-
-    def propose(self, tokens: Sequence[int], budget: int, *, request: DraftRequest | None = None) -> Proposal: ...
+    from luce_core.contract.types import Tokenizer
 
 
 # ----------------------------------------------------------------------------- stats
@@ -324,7 +249,7 @@ class SpeculativeDecoder:
     the target's device built with ``kv_storage`` or the torch store).
     """
 
-    def __init__(self, session: "Session", drafter: SpecDrafter, *, budget: int, tree: bool = False,
+    def __init__(self, session: "Session", drafter: Drafter, *, budget: int, tree: bool = False,
                  static_shapes: bool | None = None, mirror: "FeatureMirror | None" = None,
                  kv_storage: Any = None, feature_dtype: str = "f32", options: DrafterOptions | None = None):
         check_budget(budget)
@@ -587,13 +512,13 @@ def check_budget(budget: object) -> None:
                           remedy="use --draft-budget 1 or more")
 
 
-def make_drafter(name: str, plan: Any, options: DrafterOptions | None = None) -> SpecDrafter:
+def make_drafter(name: str, plan: Any, options: DrafterOptions | None = None) -> Drafter:
     """Select the drafter ``name`` (forced, so an unknown or unrunnable one is an error with its
     reasons), build it and bind it to the plan's target model."""
-    from luce_core import plugins, selection
+    from luce_core import plugin_host, selection
 
     config = attrs.evolve(plan.config, overrides={**plan.config.overrides, "drafter": name})
-    impl = selection.select("drafter", plugins.host().impls("drafter"), plan.caps, config)
+    impl = selection.select("drafter", plugin_host.host().impls("drafter"), plan.caps, config)
     drafter = impl.create(plan.caps, config)
     drafter.bind(Target(plan.model, plan.loaded.tokenizer, plan.ctx, plan), options or DrafterOptions())
     return drafter

@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 import torch
 
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 @attrs.frozen(eq=False)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from luce_core import plugins
+from luce_core import plugin_host
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched into luce's cache on first use)."""
-    from luce_core.models import default_model_path
+    from luce_core.default_model import default_model_path
 
     return Path(os.environ["LUCE_TEST_MODEL"]) if os.environ.get("LUCE_TEST_MODEL") else default_model_path(progress=False)
 
@@ -20,9 +20,9 @@ def smollm2_path() -> Path:
 @pytest.fixture(autouse=True)
 def _fresh_plugin_host():
     """Each test sees a plugin host built from the current environment."""
-    plugins.reset()
+    plugin_host.reset()
     yield
-    plugins.reset()
+    plugin_host.reset()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ Two ways to build the oracle model:
   depend on; the weights and config are the same.
 - ``hf_from_weights``: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` built
   from explicit hyper-parameters and loaded with float32 weights in HF naming (as returned by
-  ``luce_gguf.synth.write_synthetic_gguf``).
+  ``luce_tools.models.synth.write_synthetic_gguf``).
 
 Attention runs in HF's "eager" implementation: a code path independent of luce's SDPA call.
 """
@@ -126,3 +126,36 @@ def luce_stepwise_logits(llm: Any, ids: Sequence[int], prefill: int = 1) -> torc
     assert s.tokens == list(ids) and s.kv.length == len(ids)
     s.truncate(0)
     return torch.stack(rows)
+
+
+# ---- a transformers model from a ModelConfig and HF-named weights (pairs with synth's output)
+def hf_config(cfg: Any) -> Any:
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}
+    if cfg.rope_scaling != "none":
+        raise ValueError(f"hf_config does not translate rope scaling {cfg.rope_scaling!r}")
+    config = classes[cfg.arch](
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.ctx_train, rms_norm_eps=cfg.rms_eps,
+        tie_word_embeddings=cfg.tied_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+    )
+    config.head_dim = cfg.head_dim  # Qwen2Config has no argument for it but its attention reads it
+    return config
+
+
+def hf_model(cfg: Any, weights: Mapping[str, np.ndarray], dtype: Any = None) -> Any:
+    """A transformers CausalLM with exactly ``weights`` (strict: every parameter given, no extra)."""
+    import torch
+    import transformers
+
+    dtype = dtype or torch.float32
+    config = hf_config(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in weights.items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+

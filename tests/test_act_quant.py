@@ -1,4 +1,4 @@
-"""luce_torch.act_quant (the oracle of the CUDA GEMV's int8 activations) against gguf's Q8_0."""
+"""luce_core.formats.act_quant (the oracle of the CUDA GEMV's int8 activations) against gguf's Q8_0."""
 from __future__ import annotations
 
 import gguf
@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from luce_torch.act_quant import dequantize_act_q8, quantize_act_q8
+from luce_core.formats.act_quant import dequantize_act_q8, quantize_act_q8
 
 floats = st.floats(-1e4, 1e4, width=32, allow_nan=False)
 

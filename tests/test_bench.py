@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from luce_core.bench import check_baseline
+from luce_tools.bench.run import check_baseline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     path = tmp_path_factory.mktemp("bench") / "tiny.gguf"
     write_synthetic_gguf(path, arch="llama", hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
@@ -39,7 +39,7 @@ def test_bench_json(tiny, tmp_path) -> None:
     assert r["selected"]["linear"] == "torch" and r["cuda_graphs"] is False and r["prefill_chunk"] == 512
     spec = r["speculative"]
     assert spec["mode"] == "chain"
-    from luce_core.prompt_sets import SETS
+    from luce_tools.bench.prompt_sets import SETS
 
     assert set(SETS) == {"code", "chat", "edit"} and set(SETS) <= set(spec)
     for name in SETS:  # speculative greedy decoding must reproduce plain greedy decoding
@@ -179,7 +179,7 @@ def test_llama_bench_parser_reads_real_output() -> None:
     """The parser against a real llama-bench JSON (H200, recorded in bench/results)."""
     from pathlib import Path
 
-    from luce_core import llamacpp
+    from luce_tools.bench import llamacpp
 
     path = Path(__file__).parent.parent / "bench/results/llamacpp_SmolLM2-135M-Instruct.Q4_1_h200_s9.json"
     rows = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import pytest
 
 from luce_core import caps as caps_mod
 from luce_core.caps import Caps, probe, tensor_core_flags
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 def _has_nvidia_gpu() -> bool:
@@ -78,14 +78,15 @@ def test_bad_override_is_a_config_error(spec: str, monkeypatch: pytest.MonkeyPat
 _NO_HEAVY_IMPORTS = """
 import importlib, json, sys
 import luce_core
-for mod in ("caps", "config", "errors", "formats", "hookspecs", "impl", "plugins", "roles", "selection"):
+for mod in ("caps", "config", "contract.errors", "formats.blocks", "contract.hookspecs", "contract.impl",
+            "plugin_host", "contract.roles", "contract.types", "contract.drafting", "plugin_api", "selection"):
     importlib.import_module("luce_core." + mod)
 modules = json.loads(sys.argv[1])
 for name in modules:
     importlib.import_module(name)
-from luce_core import plugins
-from luce_core.impl import ROLES
-host = plugins.host()
+from luce_core import plugin_host
+from luce_core.contract.impl import ROLES
+host = plugin_host.host()
 found = {role: [i.name for i in host.impls(role)] for role in ROLES}
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cuda", "transformers", "triton"))
 print(json.dumps({"heavy": heavy, "plugins": host.plugin_names(), "found": found}))

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from luce_chunks.lexical import LexicalSelector
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 
 from luce_core.cli import _overrides, build_parser
 from luce_core.config import DEFAULT_KV, RunConfig
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 
 
 @pytest.mark.parametrize("env,expected", [(None, True), ("1", True), ("0", False), ("off", False), ("false", False)])

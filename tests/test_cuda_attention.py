@@ -15,17 +15,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
+from luce_core.formats.dtypes import TORCH_DTYPES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from luce_core.roles import KVSpec
+from luce_core.contract.types import KVSpec
 from gpu import GPU_REASON
 
 
 FORMATS = ("f16", "bf16", "f32", "q8_0", "q4_0")
 # (n_heads, n_kv_heads): GQA groups 1, 3, 4, 8
 GEOMS = ((8, 8), (6, 2), (9, 3), (8, 2), (16, 4), (16, 2), (32, 4))
-QDT = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+QDT = TORCH_DTYPES
 # f32 accumulation (~1e-6) plus the output's rounding to q's dtype
 DECODE_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 # flash-prefill: FP16 operands (Q, K, V and the probabilities)
@@ -169,7 +171,7 @@ def _mirror_v_row(row: bytes, fmt: str, d: int) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kernel_block_decoding_mirror(fmt, d):
-    from luce_torch.kv_blocks import DEQUANTIZE, QUANTIZE
+    from luce_core.formats.kv_blocks import DEQUANTIZE, QUANTIZE
 
     x = torch.randn(3, 2, d, generator=torch.Generator().manual_seed(d)) * 3
     raw = QUANTIZE[fmt](x)  # [3, 2, row bytes]
@@ -185,7 +187,7 @@ def test_kernel_block_decoding_mirror(fmt, d):
 @pytest.mark.parametrize("d", [64, 128])
 def test_kernel_fwht_mirror(d):
     """The in-kernel query rotation: signs, butterflies h < group, then 1/sqrt(group)."""
-    from luce_torch.hadamard import Hadamard
+    from luce_core.formats.hadamard import Hadamard
 
     had = Hadamard(d)
     q = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -401,7 +403,7 @@ def test_graph_replays_with_new_positions(t):
 @pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
 def test_flash_decode_op_checks_and_formats():
     """ops.flash_decode: uint8 caches must name their format; an int32 device length still works."""
-    from luce_core.errors import ConfigError
+    from luce_core.contract.errors import ConfigError
     from luce_cuda import ops
 
     store = _store("q8_0", "q4_0", 64, 2, 600, False, 600, 2)

@@ -14,7 +14,7 @@ import pytest
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.roles import ModelConfig
+from luce_core.contract.types import ModelConfig
 from luce_core.selection import explain
 
 try:

@@ -3,7 +3,7 @@
 CPU part (always runs): the planar weight layout is lossless, and a numpy model of the kernels'
 unit decoding (same index math as kernels/quant.cuh) reproduces gguf.quants.dequantize.
 GPU part (marked gpu, skipped without a CUDA torch and NVRTC): GEMV/GEMM vs gguf and
-luce_torch.dequant, attention vs luce_torch's TorchAttention, the fused ops vs torch formulas,
+luce_core.formats.dequant, attention vs luce_torch's TorchAttention, the fused ops vs torch formulas,
 the forced SM 7.5 path, and CUDA-graph capture of a decode step.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from luce_core.formats import BLOCKS
-from luce_core.roles import KVSpec, QTensor
+from luce_core.formats.blocks import BLOCKS
+from luce_core.contract.types import KVSpec, QTensor
 from luce_cuda.weights import PLANE_SLICES, split_planes
 from gpu import GPU_REASON
 
@@ -147,8 +147,8 @@ def _qtensor(qtype: str, n: int, k: int, seed: int, scale: float = 1.0) -> QTens
 
 
 def _refs(w: QTensor) -> torch.Tensor:
-    """gguf's dequantization, checked against luce_torch.dequant on the way (both oracles)."""
-    from luce_torch.dequant import dequantize_qtensor
+    """gguf's dequantization, checked against luce_core.formats.dequant on the way (both oracles)."""
+    from luce_core.formats.dequant import dequantize_qtensor
 
     g = torch.from_numpy(oracle(w.qtype, np.asarray(w.data), *w.shape, scale=w.scale))
     t = dequantize_qtensor(w).double()
@@ -176,8 +176,8 @@ _REAL: dict = {}
 
 def _seen(lin, x: torch.Tensor, gemv: bool = True) -> torch.Tensor:
     """x as the kernel multiplies it, in float64 on the CPU: rounded to int8 per 32
-    (luce_torch.act_quant) where the GEMV quantizes activations, else exactly x."""
-    from luce_torch.act_quant import dequantize_act_q8
+    (luce_core.formats.act_quant) where the GEMV quantizes activations, else exactly x."""
+    from luce_core.formats.act_quant import dequantize_act_q8
 
     return dequantize_act_q8(x.cpu()) if gemv and lin.int8_activations(x.dtype) else x.double().cpu()
 
@@ -436,7 +436,7 @@ def test_forced_sm75_path_runs_here(monkeypatch):
     """LUCE_CAPS=cc=7.5 selects cuda-sm75 (FP16 WMMA), which also runs on a newer GPU."""
     from luce_core.caps import probe
     from luce_core.config import RunConfig
-    from luce_core.plugins import host
+    from luce_core.plugin_host import host
     from luce_core.selection import select
 
     monkeypatch.setenv("LUCE_CAPS", "cc=7.5")
@@ -676,7 +676,7 @@ def test_qkv_gemv_rope_store_is_gemv_then_write_rotary(qtype, m, heads, d, parti
     import os
 
     from luce_core import rope
-    from luce_core.roles import KVSpec
+    from luce_core.contract.types import KVSpec
     from luce_cuda import ops
     from luce_cuda.kv import CudaKVStorage
     from luce_cuda.linear import CudaLinear
@@ -722,8 +722,8 @@ def test_rope_store_refused_where_the_epilogue_cannot_write():
     """Quantized or rotated caches and neox RoPE keep the append kernel (None: the caller's
     fallback), and an int start beyond the capacity is the unfused write's error."""
     from luce_core import rope
-    from luce_core.errors import ContextOverflowError
-    from luce_core.roles import KVSpec
+    from luce_core.contract.errors import ContextOverflowError
+    from luce_core.contract.types import KVSpec
     from luce_cuda.kv import CudaKVStorage
 
     cos, sin = rope.rope_tables(torch.ones(32), 8, torch.device("cuda"))

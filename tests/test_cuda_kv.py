@@ -40,11 +40,11 @@ from hypothesis import strategies as st
 
 from luce_core.caps import Caps
 from luce_core.config import KV_DTYPES, RunConfig
-from luce_core.errors import ConfigError, ContextOverflowError
-from luce_core.roles import KVSpec, ModelConfig
+from luce_core.contract.errors import ConfigError, ContextOverflowError
+from luce_core.contract.types import KVSpec, ModelConfig
 from luce_core.selection import explain
 from luce_torch.kv import TorchKVStore
-from luce_torch.kv_blocks import DEQUANTIZE
+from luce_core.formats.kv_blocks import DEQUANTIZE
 from gpu import GPU_REASON, needs_gpu
 
 BLOCK = {"q8_0": 34, "q4_0": 18}

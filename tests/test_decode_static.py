@@ -10,7 +10,7 @@ from luce_core.graphs import windows
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     path = tmp_path_factory.mktemp("static") / "tiny.gguf"
     write_synthetic_gguf(path, arch="qwen3", hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,

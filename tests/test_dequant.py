@@ -1,4 +1,4 @@
-"""luce_torch.dequant against the oracle, gguf.quants.dequantize: bit for bit."""
+"""luce_core.formats.dequant against the oracle, gguf.quants.dequantize: bit for bit."""
 from __future__ import annotations
 
 import subprocess
@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luce_core.errors import ModelFileError, UnsupportedModelError
-from luce_core.formats import BLOCKS
-from luce_core.roles import QTensor
-from luce_torch.dequant import dequantize, dequantize_qtensor, qtensor_bytes
+from luce_core.contract.errors import ModelFileError, UnsupportedModelError
+from luce_core.formats.blocks import BLOCKS
+from luce_core.contract.types import QTensor
+from luce_core.formats.dequant import dequantize, dequantize_qtensor, qtensor_bytes
 
 QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "NVFP4")
 FLOATS = ("F32", "F16", "BF16")
@@ -151,8 +151,8 @@ def test_readonly_memmap_does_not_warn(tmp_path) -> None:
     np.zeros((2, 34), np.uint8).tofile(tmp_path / "w.bin")
     code = (
         "import numpy as np\n"
-        "from luce_core.roles import QTensor\n"
-        "from luce_torch.dequant import dequantize_qtensor\n"
+        "from luce_core.contract.roles import QTensor\n"
+        "from luce_core.formats.dequant import dequantize_qtensor\n"
         f"mm = np.memmap({str(tmp_path / 'w.bin')!r}, dtype=np.uint8, mode='r', shape=(2, 34))\n"
         "assert not dequantize_qtensor(QTensor('w', 'Q8_0', (2, 32), mm)).any()\n")
     # -W error: torch's warning, if it escaped, would raise and exit non-zero

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from luce_core.errors import ConfigError, ModelFileError
+from luce_core.contract.errors import ConfigError, ModelFileError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target, make_drafter
 from luce_drafters import testing
 from luce_drafters.dflash import (DFlashConfig, DFlashDrafter, DFlashModel, build_model, default_capture,
                                   load_drafter, save_drafter)
-from luce_drafters.train import Head, Sequences, block_hidden, packed_batch
-from luce_drafters.train import main as train_main
+from luce_tools.train_drafter.train import Head, Sequences, block_hidden, packed_batch
+from luce_tools.train_drafter.train import main as train_main
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -161,11 +161,11 @@ def test_train_rejects_bad_options(tiny, tmp_path, bad):
 
 
 def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
-    """luce_drafters.dflash_widen: on a target widened by luce_gguf.widen, the padded drafter
+    """luce_tools.train_drafter.widen: on a target widened by luce_tools.models.widen, the padded drafter
     proposes what the original proposes on the original (same draft logits, same accepted
     lengths), and the CLI refuses a target of another model."""
-    from luce_drafters.dflash_widen import main as widen_main
-    from luce_gguf.widen import widen_gguf
+    from luce_tools.train_drafter.widen import main as widen_main
+    from luce_tools.models.widen import widen_gguf
 
     wide = tmp_path / "wide.gguf"
     widen_gguf(tiny["path"], wide, hidden=96, ffn=160, n_heads=6, n_kv_heads=3)

@@ -11,10 +11,10 @@ import torch
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, SpeculativeDecoder, make_drafter
 from luce_drafters import testing
-from luce_drafters.batched_gen import BatchedGreedy
+from luce_tools.train_drafter.batched_gen import BatchedGreedy
 from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, load_drafter
-from luce_drafters.train import main as train_main
-from luce_drafters.train_prompts import SYSTEMS, builtin_prompts, split, with_variants
+from luce_tools.train_drafter.train import main as train_main
+from luce_tools.train_drafter.prompts import SYSTEMS, builtin_prompts, split, with_variants
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

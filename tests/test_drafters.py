@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luce_core import plugins
-from luce_core.errors import ConfigError
+from luce_core import plugin_host
+from luce_core.contract.errors import ConfigError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, DraftRequest, SpeculativeDecoder, make_drafter
 from luce_drafters import testing
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_plugin_declares_the_three_drafters_and_imports_nothing_heavy():
-    names = {i.name for i in plugins.host().impls("drafter")}
+    names = {i.name for i in plugin_host.host().impls("drafter")}
     assert {"prompt-lookup", "draft-model", "dflash"} <= names
     code = ("import sys, luce_drafters.plugin as p; p.provide_drafter(); "
             "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))")
@@ -158,7 +158,7 @@ WORDS = ("the", "cat", "sat", "on", "mat", "dog", "log", "a", "red", "ball", "de
 def smol_drafts(smol, smollm2_path, tmp_path_factory):
     """Drafters for SmolLM2 that accept much (itself as its draft model), little (its first 4
     layers) or nothing (untrained DFlash of block 2, 4 and 8), built once per module."""
-    from luce_gguf.truncate import truncate_gguf
+    from luce_tools.models.truncate import truncate_gguf
 
     d = tmp_path_factory.mktemp("smol_drafts")
     cut = d / "smollm2-4.gguf"

@@ -45,12 +45,12 @@ def _env(site: Path, **extra: str) -> dict[str, str]:
 
 _SELECTION_PROBE = textwrap.dedent("""
     import json, sys
-    from luce_core import plugins, selection
+    from luce_core import plugin_host, selection
     from luce_core.caps import probe
     from luce_core.config import RunConfig
-    from luce_core.errors import SelectionError
+    from luce_core.contract.errors import SelectionError
 
-    host = plugins.host()
+    host = plugin_host.host()
     impls = host.impls("linear")
     caps, config = probe(), RunConfig(weight_types={"Q4_1", "Q8_0", "F32"})
     try:
@@ -128,7 +128,7 @@ class BrokenLinear:
         pass
 
     def dequantize(self, w, device, dtype):
-        from luce_torch.dequant import dequantize_qtensor
+        from luce_core.formats.dequant import dequantize_qtensor
 
         out = dequantize_qtensor(w, device).clone()  # F32 weights come back as a view
         out[..., -1] = 0

@@ -4,16 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from luce_core.formats.dtypes import TORCH_DTYPES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luce_core.config import FEATURE_DTYPES, RunConfig
-from luce_core.errors import ConfigError, ContextOverflowError, SnapshotError
+from luce_core.contract.errors import ConfigError, ContextOverflowError, SnapshotError
 from luce_core.feature_mirror import FeatureMirror
-from luce_core.kv_memory import feature_bytes_per_token
-from luce_core.roles import KVSpec
+from luce_core.formats.blocks import feature_bytes_per_token
+from luce_core.contract.types import KVSpec
 from luce_torch.kv import TorchKVStorage, TorchKVStore
 
 BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
@@ -23,7 +25,7 @@ def oracle(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """What a mirror of ``dtype`` must read back for f32 rows ``x``."""
     if dtype == "q8_0":
         return torch.from_numpy(dequantize(quantize(x.numpy(), QT.Q8_0), QT.Q8_0))
-    return x.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]).float()
+    return x.to(TORCH_DTYPES[dtype]).float()
 
 
 class RecordingStorage:

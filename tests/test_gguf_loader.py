@@ -10,10 +10,10 @@ import pytest
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ModelFileError, UnsupportedModelError
+from luce_core.contract.errors import ModelFileError, UnsupportedModelError
 from luce_gguf.loader import GGUFLoader, load_gguf
-from luce_gguf.synth import write_synthetic_gguf
-from luce_gguf.writer import rewrite_gguf
+from luce_tools.models.synth import write_synthetic_gguf
+from luce_tools.models.writer import rewrite_gguf
 
 SMALL = dict(arch="llama", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=300)
 
@@ -54,9 +54,9 @@ def test_plugin_claims_only_gguf(smollm2_path, tmp_path):
 
 
 def test_selected_through_entry_points(smollm2_path):
-    from luce_core import plugins, selection
+    from luce_core import plugin_host, selection
 
-    impls = plugins.host().impls("loader")
+    impls = plugin_host.host().impls("loader")
     assert "gguf" in [i.name for i in impls]
     config = RunConfig(model_path=str(smollm2_path))
     chosen = selection.select("loader", impls, Caps(), config)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luce_torch.hadamard import DEFAULT_SEED, Hadamard, _splitmix64, fwht, group_size, sign_vector
+from luce_core.formats.hadamard import DEFAULT_SEED, Hadamard, _splitmix64, fwht, group_size, sign_vector
 
 SETTINGS = settings(max_examples=30, deadline=None, database=None)
 

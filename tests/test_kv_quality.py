@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import luce
-from luce_core.kv_quality import compare, measure
+from luce_tools.quality.kv import compare, measure
 
 
 def test_compare_is_kl_and_agreement() -> None:
@@ -16,7 +16,7 @@ def test_compare_is_kl_and_agreement() -> None:
 
 
 def test_measure_orders_dtypes(tmp_path, one_torch_thread) -> None:
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     path = tmp_path / "q3.gguf"
     write_synthetic_gguf(path, arch="qwen3", hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,

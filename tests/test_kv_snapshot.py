@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from luce_core import kv_snapshot
-from luce_core.errors import SnapshotError
-from luce_core.kv_snapshot import KVSnapshot
-from luce_core.roles import KVSpec
-from luce_torch.hadamard import DEFAULT_SEED
+from luce_core.formats import kv_snapshot
+from luce_core.contract.errors import SnapshotError
+from luce_core.formats.kv_snapshot import KVSnapshot
+from luce_core.contract.types import KVSpec
+from luce_core.formats.hadamard import DEFAULT_SEED
 from luce_torch.kv import TorchKVStore
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")

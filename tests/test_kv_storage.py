@@ -6,6 +6,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+
+from luce_core.formats.dtypes import TORCH_DTYPES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
@@ -13,13 +15,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, ContextOverflowError
-from luce_core.kv_memory import kv_bytes_per_token
-from luce_core.roles import KVSpec
+from luce_core.contract.errors import ConfigError, ContextOverflowError
+from luce_core.formats.blocks import kv_bytes_per_token
+from luce_core.contract.types import KVSpec
 from luce_torch.attention import TorchAttention
-from luce_torch.hadamard import Hadamard
+from luce_core.formats.hadamard import Hadamard
 from luce_torch.kv import TorchKVStorage, TorchKVStore
-from luce_torch.kv_blocks import DEQUANTIZE, QUANTIZE
+from luce_core.formats.kv_blocks import DEQUANTIZE, QUANTIZE
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None)
 GGML = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
@@ -44,7 +46,7 @@ def oracle_roundtrip(x: np.ndarray, dtype: str) -> np.ndarray:
     """What a store of ``dtype`` must give back for f32 input ``x`` (oracles: gguf and torch casts)."""
     if dtype in GGML:
         return dequantize(quantize(x, GGML[dtype]), GGML[dtype])
-    return torch.from_numpy(x).to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]).float().numpy()
+    return torch.from_numpy(x).to(TORCH_DTYPES[dtype]).float().numpy()
 
 
 # ----------------------------------------------------------------------------- block packing

@@ -3,7 +3,7 @@
 Real model: SmolLM2-135M-Instruct Q4_1, with HF built by transformers' own GGUF conversion, so
 both sides hold bit-identical dequantized weights and only the graph arithmetic differs.
 Synthetic models: F32 llama / qwen2 / qwen3 GGUFs with random weights written by
-``luce_gguf.synth``, HF built from the same hyper-parameters and the returned weights.
+``luce_tools.models.synth``, HF built from the same hyper-parameters and the returned weights.
 
 Measured on the CPU reference (f32 compute, f32 KV; numbers printed with ``pytest -s``):
 SmolLM2 over 35 tokens: max-abs 6.4e-5 on logits of std ~7 (rel 8.8e-6), mean KL 1.0e-11,
@@ -114,7 +114,7 @@ def _case_id(c) -> str:
 
 
 def _build(tmp_path_factory, case, seed: int):
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     arch, hidden, nh, nkv, hd, tied = case
     shape = dict(hidden=hidden, n_layers=N_LAYERS, n_heads=nh, n_kv_heads=nkv, head_dim=hd, ffn=FFN)

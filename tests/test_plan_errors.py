@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import luce
-from luce_core.errors import DeviceMemoryError, KernelError
+from luce_core.contract.errors import DeviceMemoryError, KernelError
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     path = tmp_path_factory.mktemp("plan") / "tiny.gguf"
     write_synthetic_gguf(path, arch="llama", hidden=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
@@ -66,8 +66,8 @@ def test_out_of_memory_in_a_prefill_chunk_keeps_the_earlier_chunks(tiny, monkeyp
 def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
     """An implementation failing at first use (KernelError) gives way to the next candidate with
     a warning; the same failure of a forced implementation is an error."""
-    from luce_core import plugins
-    from luce_core.impl import Impl
+    from luce_core import plugin_host
+    from luce_core.contract.impl import Impl
 
     class Broken:
         def __init__(self, caps, config):
@@ -80,7 +80,7 @@ def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
             return [Impl("attention", "broken", f"{__name__}:Broken", priority=50)]
 
     globals()["Broken"] = Broken
-    plugins.host().register(Plugin, "broken-test")
+    plugin_host.host().register(Plugin, "broken-test")
     with pytest.warns(UserWarning, match="'broken' failed"):
         llm = luce.load(tiny, device="cpu", progress=False)
     assert llm.selected()["attention"] == "torch"

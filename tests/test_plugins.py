@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from luce_core import Impl, hookimpl, hookspecs, plugins
+from luce_core import Impl, hookimpl, plugin_host
+from luce_core.contract import hookspecs
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, PluginError
-from luce_core.impl import ROLES
+from luce_core.contract.errors import ConfigError, PluginError
+from luce_core.contract.impl import ROLES
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"torch": "luce_torch.plugin", "cuda": "luce_cuda.plugin", "gguf": "luce_gguf.plugin",
@@ -25,7 +26,7 @@ FIRST_PARTY = {"torch": "luce_torch.plugin", "cuda": "luce_cuda.plugin", "gguf":
 
 
 def _entry_point_names() -> set[str]:
-    return {ep.name for ep in importlib.metadata.entry_points(group=plugins.GROUP)}
+    return {ep.name for ep in importlib.metadata.entry_points(group=plugin_host.GROUP)}
 
 
 @pytest.fixture
@@ -37,11 +38,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 # ----------------------------------------------------------------------------- discovery
 def test_first_party_plugins_come_from_entry_points(clean_env) -> None:
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=plugins.GROUP)}
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=plugin_host.GROUP)}
     for name, module in FIRST_PARTY.items():
         assert eps[name].value == module
         assert eps[name].dist is not None and eps[name].dist.metadata["Name"] == "luce"
-    host = plugins.host()
+    host = plugin_host.host()
     assert set(host.plugin_names()) == set(eps)  # everything installed, nothing special-cased
     for name, module in FIRST_PARTY.items():
         assert host.pm.get_plugin(name) is sys.modules[module]
@@ -54,7 +55,7 @@ def test_first_party_plugins_come_from_entry_points(clean_env) -> None:
                                              ("gguf,no-such-plugin", {"gguf"})])
 def test_allowlist(clean_env, allow: str, expected: set[str]) -> None:
     clean_env.setenv("LUCE_PLUGINS", allow)
-    host = plugins.host()
+    host = plugin_host.host()
     assert set(host.plugin_names()) == expected
     assert {i.plugin for i in host.impls("linear")} <= expected
     if not expected:
@@ -63,7 +64,7 @@ def test_allowlist(clean_env, allow: str, expected: set[str]) -> None:
 
 def test_blocklist(clean_env) -> None:
     clean_env.setenv("LUCE_DISABLE_PLUGINS", "torch,cuda")
-    host = plugins.host()
+    host = plugin_host.host()
     assert set(host.plugin_names()) == _entry_point_names() - {"torch", "cuda"}
     assert all(i.plugin not in ("torch", "cuda") for role in ROLES for i in host.impls(role))
 
@@ -71,29 +72,29 @@ def test_blocklist(clean_env) -> None:
 def test_blocklist_wins_over_allowlist(clean_env) -> None:
     clean_env.setenv("LUCE_PLUGINS", "torch,gguf")
     clean_env.setenv("LUCE_DISABLE_PLUGINS", "gguf")
-    assert plugins.host().plugin_names() == ["torch"]
+    assert plugin_host.host().plugin_names() == ["torch"]
 
 
 def test_reset_rereads_the_environment(clean_env) -> None:
     clean_env.setenv("LUCE_PLUGINS", "torch")
-    assert plugins.host().plugin_names() == ["torch"]
+    assert plugin_host.host().plugin_names() == ["torch"]
     clean_env.setenv("LUCE_PLUGINS", "gguf")
-    assert plugins.host().plugin_names() == ["torch"]  # the host is process-wide ...
-    plugins.reset()
-    assert plugins.host().plugin_names() == ["gguf"]  # ... until reset
+    assert plugin_host.host().plugin_names() == ["torch"]  # the host is process-wide ...
+    plugin_host.reset()
+    assert plugin_host.host().plugin_names() == ["gguf"]  # ... until reset
 
 
 def test_plugin_that_fails_to_import_is_skipped_with_a_warning(clean_env) -> None:
     real = importlib.metadata.entry_points
-    broken = importlib.metadata.EntryPoint(name="broken", value="luce_no_such_module.plugin", group=plugins.GROUP)
+    broken = importlib.metadata.EntryPoint(name="broken", value="luce_no_such_module.plugin", group=plugin_host.GROUP)
 
     def entry_points(**kw):
         eps = list(real(**kw))
-        return eps + [broken] if kw.get("group") == plugins.GROUP else eps
+        return eps + [broken] if kw.get("group") == plugin_host.GROUP else eps
 
     clean_env.setattr(importlib.metadata, "entry_points", entry_points)
     with pytest.warns(UserWarning, match="broken"):
-        host = plugins.PluginHost()
+        host = plugin_host.PluginHost()
     assert "broken" in host.load_errors and "luce_no_such_module" in host.load_errors["broken"]
     assert "broken" not in host.plugin_names() and "torch" in host.plugin_names()
 
@@ -120,7 +121,7 @@ def test_misspelled_hook_is_rejected() -> None:
         def provide_linaer(self):
             return [_impl("x")]
 
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     with pytest.raises(PluginError, match="provide_linaer") as e:
         host.register(Misspelled(), "typo")
     assert "LUCE_DISABLE_PLUGINS=typo" in str(e.value)
@@ -135,7 +136,7 @@ def test_hook_with_unknown_arguments_is_rejected() -> None:
         def provide_linear(self, caps):
             return []
 
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     with pytest.raises(PluginError, match="caps"):
         host.register(WantsArgs(), "args")
     assert host.plugin_names() == []
@@ -143,14 +144,14 @@ def test_hook_with_unknown_arguments_is_rejected() -> None:
 
 @pytest.mark.parametrize("bad", ["not an impl", None, _impl("x", role="attention")])
 def test_returning_a_non_impl_or_wrong_role_is_an_error(bad) -> None:
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     host.register(Provides(_impl("ok"), bad), "bad")
     with pytest.raises(PluginError, match="'bad'"):
         host.impls("linear")
 
 
 def test_duplicate_names_are_an_error() -> None:
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     host.register(Provides(_impl("same")), "first")
     host.register(Provides(_impl("same", priority=5)), "second")
     with pytest.raises(PluginError) as e:
@@ -164,7 +165,7 @@ def test_hook_that_raises_is_an_error_naming_the_plugin() -> None:
         def provide_linear(self):
             raise RuntimeError("boom")
 
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     host.register(Raises(), "raiser")
     with pytest.raises(PluginError, match="raiser.*boom") as e:
         host.impls("linear")
@@ -172,7 +173,7 @@ def test_hook_that_raises_is_an_error_naming_the_plugin() -> None:
 
 
 def test_impls_are_tagged_with_their_plugin_and_unknown_role_is_an_error() -> None:
-    host = plugins.PluginHost(load_entrypoints=False)
+    host = plugin_host.PluginHost(load_entrypoints=False)
     host.register(Provides(_impl("b"), _impl("a")), "mine")
     assert [(i.name, i.plugin) for i in host.impls("linear")] == [("a", "mine"), ("b", "mine")]
     with pytest.raises(PluginError, match="unknown role"):
@@ -222,8 +223,8 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_spec_plugin_loads_once_both_ways() -> None:
-    # specs/conftest.py enables the plugin; -p enables it again: pytest must register it once
-    proc = _pytest("-p", "luce_specs.plugin", "--co", "-q", "specs/test_chunk_selector.py")
+    # specs/luce_specs/conftest.py enables the plugin; -p enables it again: pytest must register it once
+    proc = _pytest("-p", "luce_specs.plugin", "--co", "-q", "specs/luce_specs/test_chunk_selector.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test_selection_properties" in proc.stdout
 
@@ -273,7 +274,8 @@ def _hookspecs() -> dict[str, object]:
 def test_every_role_has_exactly_one_hook() -> None:
     specs = _hookspecs()
     assert set(hookspecs.HOOK_OF_ROLE) == set(ROLES)
-    assert set(hookspecs.HOOK_OF_ROLE.values()) == set(specs)
+    # every other hook is a command hook, not a role
+    assert set(hookspecs.HOOK_OF_ROLE.values()) == set(specs) - {"register_commands"}
 
 
 @pytest.mark.parametrize("hook", sorted(_hookspecs()))
@@ -285,7 +287,7 @@ def test_hook_is_documented(hook: str) -> None:
 
 @pytest.mark.parametrize("role, hook", sorted(hookspecs.HOOK_OF_ROLE.items()))
 def test_hook_has_a_spec_suite(role: str, hook: str) -> None:
-    path = REPO / "specs" / f"test_{role}.py"
+    path = REPO / "specs" / "luce_specs" / f"test_{role}.py"
     assert path.exists(), f"no spec suite for {hook}: expected {path}"
     tree = ast.parse(path.read_text())
     declared = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
@@ -299,7 +301,7 @@ def test_hook_has_a_spec_suite(role: str, hook: str) -> None:
 def test_no_warnings_from_a_clean_host(clean_env) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        host = plugins.host()
+        host = plugin_host.host()
         for role in ROLES:
             host.impls(role)
     assert host.load_errors == {}

@@ -1,4 +1,4 @@
-"""luce_torch.quantize: byte-exact with gguf where gguf quantizes, and for the rest (Q4_K, Q6_K,
+"""luce_core.formats.quantize: byte-exact with gguf where gguf quantizes, and for the rest (Q4_K, Q6_K,
 NVFP4) nearest-code rounding (no clipping for the k-quants; NVFP4 picks the least-error block
 scale among the round-up one and a few below), checked through the oracle's dequantization."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from luce_core.errors import ConfigError
-from luce_core.formats import BLOCKS, row_bytes
-from luce_torch.dequant import UE4M3_TABLE, dequantize, q4_k_scale_min
-from luce_torch.quantize import quantize, quantize_nvfp4
+from luce_core.contract.errors import ConfigError
+from luce_core.formats.blocks import BLOCKS, row_bytes
+from luce_core.formats.dequant import UE4M3_TABLE, dequantize, q4_k_scale_min
+from luce_core.formats.quantize import quantize, quantize_nvfp4
 
 
 def oracle_dequant(raw: np.ndarray, qtype: str) -> np.ndarray:

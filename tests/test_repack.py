@@ -11,12 +11,12 @@ import torch
 import luce
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError, KernelError
-from luce_core.repack import matmul_groups, repack_nvfp4
+from luce_core.contract.errors import ConfigError, KernelError
+from luce_core.formats.repack import matmul_groups, repack_nvfp4
 from luce_gguf.loader import load_gguf
-from luce_gguf.quants import dequantize_rows
-from luce_torch.dequant import UE4M3_TABLE, dequantize_qtensor
-from luce_torch.quantize import quantize_nvfp4
+from luce_tools.models.quants import dequantize_rows
+from luce_core.formats.dequant import UE4M3_TABLE, dequantize_qtensor
+from luce_core.formats.quantize import quantize_nvfp4
 
 SHAPE = dict(arch="llama", hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=192, vocab=320)
 GPU = dict(torch_cuda=True, nvrtc=(13, 0), nvrtc_archs=(75, 80, 86, 89, 90, 100, 120))
@@ -25,7 +25,7 @@ GPU = dict(torch_cuda=True, nvrtc=(13, 0), nvrtc_archs=(75, 80, 86, 89, 90, 100,
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """path(qtype, tied) of a tiny synthetic llama whose matrices are stored as qtype."""
-    from luce_gguf.synth import write_synthetic_gguf
+    from luce_tools.models.synth import write_synthetic_gguf
 
     made = {}
 
@@ -110,8 +110,8 @@ def test_low_bit_source_is_repacked_with_one_notice(synth) -> None:
 
 
 def test_generate_with_nvfp4_weights_is_close_to_native(synth, one_torch_thread) -> None:
-    from luce_core.kv_quality import _store, all_logprobs, compare
-    from luce_core.weight_quality import measure
+    from luce_tools.quality.kv import _store, all_logprobs, compare
+    from luce_tools.quality.weights import measure
 
     path = synth("F16")
     native = luce.load(path, device="cpu", dtype="f32", progress=False)
@@ -133,7 +133,7 @@ def test_generate_with_nvfp4_weights_is_close_to_native(synth, one_torch_thread)
 
 
 def test_fp4_tensor_core_linear_is_declared_but_refuses(synth) -> None:
-    from luce_core import plugins
+    from luce_core import plugin_host
     from luce_core.doctor import report
     from luce_core.plan import Chooser
     from luce_cuda import fp4tc, plugin
@@ -153,7 +153,7 @@ def test_fp4_tensor_core_linear_is_declared_but_refuses(synth) -> None:
         fp4tc.make(Caps(**GPU).with_overrides("cc=10.0"), nv)
 
     # selected on SM 10.0, it fails at construction and plan falls back, with one warning
-    torch_impl = next(i for i in plugins.host().impls("linear") if i.name == "torch")
+    torch_impl = next(i for i in plugin_host.host().impls("linear") if i.name == "torch")
     ch = Chooser(Caps(**GPU).with_overrides("cc=10.0"), nv)
     ch.impls = lambda role: [impl, torch_impl]
     with pytest.warns(UserWarning, match="(?s)cuda-fp4tc.*not implemented.*falling back") as caught:

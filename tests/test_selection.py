@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import SelectionError
-from luce_core.impl import ROLES, Impl
+from luce_core.contract.errors import SelectionError
+from luce_core.contract.impl import ROLES, Impl
 from luce_core.selection import explain, forced_name, select
 
 SETTINGS = settings(max_examples=50, deadline=None)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from luce_core.engine import Stats
-from luce_core.errors import ConfigError, ContextOverflowError, SelectionError
+from luce_core.contract.errors import ConfigError, ContextOverflowError, SelectionError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import (DrafterOptions, DraftRequest, Proposal, SpeculativeDecoder, SpecStats, accept_chain,
                                    accept_tree, make_drafter, residual, sample_among, speculative_sample,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from luce_gguf.loader import load_gguf
-from luce_gguf.quants import dequantize_rows
-from luce_gguf.synth import PRESETS, llama_permute, llama_unpermute, main, tiny_vocab, write_synthetic_gguf
+from luce_tools.models.quants import dequantize_rows
+from luce_tools.models.synth import PRESETS, llama_permute, llama_unpermute, main, tiny_vocab, write_synthetic_gguf
 
 SHAPE = dict(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=300)
 
@@ -103,7 +103,7 @@ def test_llama_permutation_matches_hf_rope():
 def test_weights_build_the_model_in_transformers(tmp_path, arch):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from luce_gguf.hf_oracle import hf_model
+    from hf_oracle import hf_model
 
     path = tmp_path / "m.gguf"
     weights = write_synthetic_gguf(path, arch=arch, **SHAPE, qtype="Q8_0")

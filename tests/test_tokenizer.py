@@ -15,7 +15,7 @@ import regex
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from luce_core.errors import ConfigError, UnsupportedModelError
+from luce_core.contract.errors import ConfigError, UnsupportedModelError
 from luce_gguf.chat import DEFAULT_CHATML, ChatTemplate, TemplateError
 from luce_gguf.tokenizer import GGUFTokenizer, byte_to_unicode, load_tokenizer, pre_tokenizer
 
@@ -174,7 +174,7 @@ def test_chat_template_matches_transformers(tok, hf_tok):
 
 
 def _tiny_meta(**extra):
-    from luce_gguf.synth import tiny_vocab
+    from luce_tools.models.synth import tiny_vocab
 
     tokens, types, merges = tiny_vocab(300)
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,

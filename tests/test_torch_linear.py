@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import luce_torch.linear as linear_mod
-from luce_core import plugins
+from luce_core import plugin_host
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.errors import ConfigError
-from luce_core.roles import QTensor
+from luce_core.contract.errors import ConfigError
+from luce_core.contract.types import QTensor
 from luce_torch.linear import TorchLinear
-from luce_torch.quantize import quantize, quantize_nvfp4
+from luce_core.formats.quantize import quantize, quantize_nvfp4
 
 
 def oracle(w: QTensor) -> np.ndarray:
@@ -31,7 +31,7 @@ def make(qtype: str, out: int = 48, inp: int = 256, seed: int = 0, name: str = "
 
 
 def test_descriptor_creates_this_class() -> None:
-    impl = next(i for i in plugins.host().impls("linear") if i.name == "torch")
+    impl = next(i for i in plugin_host.host().impls("linear") if i.name == "torch")
     assert impl.reasons(Caps(), RunConfig(weight_types={"Q4_1", "F32"})) == []
     assert impl.reasons(Caps(), RunConfig(weight_types={"IQ2_XS"}))  # a type it cannot read
     assert isinstance(impl.create(Caps(), RunConfig()), TorchLinear)

@@ -8,11 +8,11 @@ import torch
 
 import luce
 from hf_oracle import luce_logits
-from luce_core.errors import ConfigError
+from luce_core.contract.errors import ConfigError
 from luce_gguf.reader import open_gguf
-from luce_gguf.synth import write_synthetic_gguf
-from luce_gguf.truncate import main, parse_layers, truncate_gguf
-from luce_gguf.writer import rewrite_gguf
+from luce_tools.models.synth import write_synthetic_gguf
+from luce_tools.models.truncate import main, parse_layers, truncate_gguf
+from luce_tools.models.writer import rewrite_gguf
 
 F32 = dict(device="cpu", dtype="f32", kv_k="f32", kv_v="f32", progress=False)
 SHAPE = dict(hidden=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn=128)

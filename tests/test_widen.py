@@ -8,10 +8,10 @@ import torch
 
 import luce
 from hf_oracle import compare, luce_logits
-from luce_core.errors import ConfigError, UnsupportedModelError
+from luce_core.contract.errors import ConfigError, UnsupportedModelError
 from luce_gguf.reader import open_gguf
-from luce_gguf.synth import write_synthetic_gguf
-from luce_gguf.widen import main, widen_gguf
+from luce_tools.models.synth import write_synthetic_gguf
+from luce_tools.models.widen import main, widen_gguf
 
 F32 = dict(device="cpu", dtype="f32", kv_k="f32", kv_v="f32", progress=False)
 SHAPE = dict(hidden=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn=128)

@@ -5,19 +5,17 @@ from typing import Callable
 
 import torch
 
-from luce_core.caps import Caps
-from luce_core.config import RunConfig
-from luce_core.roles import QTensor
+from luce_core.plugin_api import Caps, QTensor, RunConfig
 
 
 class ExampleLinear:
-    """Follows ``luce_core.roles.Linear``; built by luce as ``ExampleLinear(caps, config)``."""
+    """Follows ``luce_core.contract.roles.Linear``; built by luce as ``ExampleLinear(caps, config)``."""
 
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
         self.caps, self.config = caps, config
 
     def dequantize(self, w: QTensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        from luce_torch.dequant import dequantize_qtensor  # luce's reference dequantizer
+        from luce_core.formats.dequant import dequantize_qtensor  # luce's reference dequantizer
 
         return dequantize_qtensor(w, device).to(dtype)
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 
-from luce_core import Impl, hookimpl
-from luce_core.caps import Caps
-from luce_core.config import RunConfig
-from luce_core.formats import SUPPORTED
+from luce_core.plugin_api import Caps, Impl, RunConfig, hookimpl
+from luce_core.formats.blocks import SUPPORTED
 
 ENABLE = "LUCE_EXAMPLE_ENABLE"
 

@@ -1,0 +1,9 @@
+"""What plugins may rely on, versioned: hook specifications, implementation descriptors, the
+data that crosses role boundaries, one protocol per role (with every optional member declared),
+the drafter contract, the layer-ops protocol and the error family.
+
+``CONTRACT_VERSION`` is "MAJOR.MINOR". A plugin states the version it was built against on its
+descriptors (``Impl(contract=...)``); the core refuses an implementation of another major
+version, with the reason shown by ``luce doctor``. Minor versions only add optional members.
+"""
+CONTRACT_VERSION = "1.0"
