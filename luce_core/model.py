@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from luce_core import layer_ops, rope
-from luce_core.layer_ops import rms_norm  # noqa: F401  (re-exported for drafters)
-from luce_core.contract.errors import ModelFileError
+from luce_core.contract.errors import ConfigError, ModelFileError
 from luce_core.contract.roles import Attention, KVStore, Linear
 from luce_core.contract.types import LoadedModel, ModelConfig, QTensor
+from luce_core.lockstep import LockstepAttention, LockstepKV
 from luce_core.tree import TreeMask
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
@@ -71,8 +71,8 @@ def _joined(projs: Sequence[Proj]) -> Proj:
 
 @attrs.frozen
 class ForwardOut:
-    logits: torch.Tensor  # [T, vocab] float32 (only the rows asked for)
-    features: torch.Tensor | None = None  # [T, len(capture) * hidden]: hidden states for drafters
+    logits: torch.Tensor  # [T, vocab] float32 (only the rows asked for; forward_batch: [B, vocab])
+    features: torch.Tensor | None = None  # [T, len(capture) * hidden]: hidden states for drafters ([B, T, ...])
 
 
 class Transformer:
@@ -137,7 +137,7 @@ class Transformer:
         """
         T = tokens.shape[0]
         pos = torch.arange(start, start + T, device=self.device) if positions is None else positions.to(self.device)
-        return self._run(tokens.to(self.device), pos, kv, start, start, mask, logits_rows, capture)
+        return self._run(tokens.to(self.device), pos, kv, self.attention, start, start, mask, logits_rows, capture)
 
     @torch.inference_mode()
     def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int,
@@ -151,11 +151,32 @@ class Transformer:
         A tree verify gives its K/V ``slots`` (pos are then depths after the prefix) and its
         ``TreeMask``. Returns logits [T, vocab] (and the ``capture`` features, as ``forward``).
         """
-        return self._run(tokens, pos, kv, pos if slots is None else slots, window - tokens.shape[0], mask, None,
-                         capture, positions=pos)
+        return self._run(tokens, pos, kv, self.attention, pos if slots is None else slots, window - tokens.shape[0],
+                         mask, None, capture, positions=pos)
 
-    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore,
-             slots: int | torch.Tensor, attn_start: int,
+    def lockstep_kv(self, batch: int, length: int, dtype: torch.dtype | None = None) -> LockstepKV:
+        """An empty K/V cache for ``forward_batch``: ``batch`` sequences of up to ``length``
+        positions, in ``dtype`` (default: the compute dtype)."""
+        if length > self.cos.shape[0]:
+            raise ConfigError(f"{length} positions exceed the model's RoPE table ({self.cos.shape[0]} positions)",
+                              remedy="load the target with a larger ctx")
+        return LockstepKV.empty(self.cfg, batch, length, dtype or self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, start: int, kv: LockstepKV, positions: torch.Tensor,
+                      key_ok: torch.Tensor, capture: Sequence[int] = ()) -> ForwardOut:
+        """Run B sequences in lockstep: tokens [B, T] at cache columns start .. start+T-1 of
+        ``kv`` (``lockstep_kv``), RoPE positions [B, T]; key_ok [B, start+T] marks each
+        sequence's real columns (left padding is not one). The same layers as ``forward``, over
+        the B*T rows. Returns the logits of each sequence's last column [B, vocab] and the
+        ``capture`` features of every row [B, T, len(capture) * hidden]."""
+        B, T = tokens.shape
+        out = self._run(tokens.reshape(-1), positions.reshape(-1), kv, LockstepAttention(self.cfg, key_ok, start, T),
+                        start, start, None, torch.arange(T - 1, B * T, T, device=tokens.device), capture)
+        return ForwardOut(out.logits, None if out.features is None else out.features.view(B, T, -1))
+
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore | LockstepKV,
+             attention: Attention | LockstepAttention, slots: int | torch.Tensor, attn_start: int,
              mask: torch.Tensor | TreeMask | None, logits_rows: slice | torch.Tensor | None,
              capture: Sequence[int], positions: torch.Tensor | None = None) -> ForwardOut:
         cfg, ops = self.cfg, self.ops
@@ -169,7 +190,7 @@ class Transformer:
                 feats.append(x.clone())  # ops may update x in place below
             # q, and K/V to slots [start, start+T) (``forward``) or pos (``decode_static``)
             q = ops.qkv_rope_store(b, x, eps, kv, i, slots, self.cos, self.sin, pos, cfg.rope_style, hd)
-            a = self.attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
+            a = attention.forward(q, kv, i, attn_start, scale=self.scale, mask=mask, positions=positions)
             x = ops.linear_residual(b.o, a.reshape(T, cfg.n_heads * hd), x)
             g = ops.norm_linear(b.gate_up, x, b.ffn_norm, eps, glu=True)  # SwiGLU fused in where it can
             x = ops.linear_residual(b.down, g, x)
