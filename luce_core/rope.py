@@ -21,21 +21,25 @@ def inv_frequencies(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) 
     return inv
 
 
-def rope_tables(inv: torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [n, dim/2] in float32."""
-    ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]
+def rope_tables(inv: torch.Tensor, positions: int | torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin in float32 of positions 0 .. n-1 ([n, dim/2], ``positions`` an int n), or of the
+    positions in a tensor [...] ([..., dim/2]). Angles are float64 either way, so a row is the
+    same whether it comes from the table or from its position."""
+    pos = torch.arange(positions) if isinstance(positions, int) else positions
+    ang = pos.to(torch.float64)[..., None] * inv.to(pos.device, torch.float64)
     return torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate x [T, H, D] by per-token cos/sin [T, dim/2]; dims beyond 2*dim/2 pass through.
+    """Rotate x [..., T, H, D] by per-token cos/sin [..., T, dim/2]; dims beyond 2*dim/2 pass through.
 
     "normal" rotates adjacent pairs (2i, 2i+1): the GGUF llama layout, whose converter permuted
     the Q/K rows for it. "neox" rotates (i, i + dim/2): qwen2/qwen3 and HF's rotate_half.
     """
     half = cos.shape[-1]
     rot, rest = x[..., : 2 * half].float(), x[..., 2 * half:]
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     if style == "normal":
         a, b = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)

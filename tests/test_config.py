@@ -35,7 +35,7 @@ def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> 
 
     import luce
     from luce_core.cli import _overrides, build_parser
-    from luce_drafters.testing import write_tiny
+    from drafting_fixtures import write_tiny
 
     args, _ = build_parser().parse_known_args(["generate", "x", "--prefill-chunk", "7"])
     assert RunConfig(**_overrides(args)).prefill_chunk == 7
@@ -62,7 +62,7 @@ def test_prefill_chunk_automatic_takes_the_attention_preference(tmp_path, monkey
     implementation's ``prefill_chunk`` (luce_cuda's: 4096); a set value wins."""
     import luce
     from luce_core.engine import Session
-    from luce_drafters.testing import write_tiny
+    from drafting_fixtures import write_tiny
     from luce_torch.attention import TorchAttention
 
     path = write_tiny(tmp_path / "t.gguf", seed=2)

@@ -9,9 +9,11 @@ import torch
 from luce_core.contract.errors import ConfigError, ModelFileError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target, make_drafter
-from luce_drafters import testing
-from luce_drafters.dflash import (DFlashConfig, DFlashDrafter, DFlashModel, build_model, default_capture,
-                                  load_drafter, save_drafter)
+import drafting_fixtures as fixtures
+from luce_drafters.dflash.config import DFlashConfig, default_capture
+from luce_drafters.dflash.files import load_drafter, save_drafter
+from luce_drafters.dflash.model import DFlashModel, build_model
+from luce_drafters.dflash.runtime import DFlashDrafter
 from luce_tools.train_drafter.train import Head, Sequences, block_hidden, packed_batch
 from luce_tools.train_drafter.train import main as train_main
 
@@ -22,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("dflash")
-    path = testing.write_tiny(d / "t.gguf", seed=3, n_layers=3)
+    path = fixtures.write_tiny(d / "t.gguf", seed=3, n_layers=3)
     # f32 KV: the mirror-vs-full-forward comparison below is then exact to f32 rounding
-    return dict(dir=d, path=path, llm=testing.load(path, ctx=128, kv_k="f32", kv_v="f32"))
+    return dict(dir=d, path=path, llm=fixtures.load(path, ctx=128, kv_k="f32", kv_v="f32"))
 
 
 def _cfg(**kw) -> DFlashConfig:
@@ -119,12 +121,13 @@ def test_static_graph_step_equals_eager_step(tiny):
     """The CUDA-graph drafting step's body (block-row context update, fixed gathered window with
     masked rows, run here eagerly on the CPU) gives the eager step's logits, with the window both
     partly empty and sliding, and leaves the cache rows the eager step reads unchanged."""
-    from luce_drafters.dflash_graph import GraphedDraftStep
+    from luce_drafters.dflash.graph import GraphedDraftStep
 
     llm = tiny["llm"]
     cfg = _cfg(window=6)
     d, dec, seq = _drafted(llm, cfg, seed=7)
-    g = GraphedDraftStep(d)
+    # the step sees only what it is given: the fused forward, the cache, the target's embedding and head
+    g = GraphedDraftStep(d.fused, d.k_cache, d.v_cache, llm.plan.model.embed_tokens, d.head)
     for n, new in ((4, 2), (9, 6), (len(seq) - 1, len(seq) - 4)):  # window partly empty / sliding
         d.truncate(0)
         eager = d.block_logits(seq[: n + 1], dec.mirror).clone()
@@ -135,9 +138,9 @@ def test_static_graph_step_equals_eager_step(tiny):
         g.new0.fill_(new)
         g.n.fill_(n)
         g.first.fill_(seq[n])
-        got = g._body(cfg.block - 1)
+        got = g.body(cfg.block - 1)
         torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(g._body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
+        torch.testing.assert_close(g.body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
         torch.testing.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
     assert g.fits(10, 14) and not g.fits(10, 10 + cfg.block + 1) and not g.fits(126, 127)
     llm.session.truncate(0)
@@ -169,11 +172,11 @@ def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
 
     wide = tmp_path / "wide.gguf"
     widen_gguf(tiny["path"], wide, hidden=96, ffn=160, n_heads=6, n_kv_heads=3)
-    src = testing.random_dflash(tiny["llm"].plan.model, tmp_path / "d.safetensors", block=4, seed=2)
+    src = fixtures.random_dflash(tiny["llm"].plan.model, tmp_path / "d.safetensors", block=4, seed=2)
     assert widen_main([src, "--target", str(wide), "--out", str(tmp_path / "dw.safetensors")]) == 0
     runs = []
     for target, drafter in ((tiny["path"], src), (wide, tmp_path / "dw.safetensors")):
-        llm = testing.load(target, ctx=128, kv_k="f32", kv_v="f32")
+        llm = fixtures.load(target, ctx=128, kv_k="f32", kv_v="f32")
         dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
                                  budget=3)
         out = list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
@@ -182,5 +185,5 @@ def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
     (out_a, acc_a, logits_a), (out_b, acc_b, logits_b) = runs
     assert out_a == out_b and acc_a == acc_b
     torch.testing.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
-    other = testing.write_tiny(tmp_path / "other.gguf", n_layers=2)
+    other = fixtures.write_tiny(tmp_path / "other.gguf", n_layers=2)
     assert widen_main([src, "--target", other, "--out", str(tmp_path / "x.safetensors")]) == 2

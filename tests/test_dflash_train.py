@@ -8,11 +8,14 @@ import json
 import pytest
 import torch
 
+from luce_core.contract.errors import ConfigError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, SpeculativeDecoder, make_drafter
-from luce_drafters import testing
+import drafting_fixtures as fixtures
+from luce_drafters.dflash.config import DFlashConfig, default_capture
+from luce_drafters.dflash.files import load_drafter
+from luce_drafters.dflash.model import DFlashModel
 from luce_tools.train_drafter.batched_gen import BatchedGreedy
-from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, load_drafter
 from luce_tools.train_drafter.train import main as train_main
 from luce_tools.train_drafter.prompts import SYSTEMS, builtin_prompts, split, with_variants
 
@@ -25,13 +28,14 @@ TEXTS = ("Explain the water cycle.", "Hi", "def add(a, b):\n    return a + b\n",
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("dflash_train")
-    path = testing.write_tiny(d / "t.gguf", seed=3, n_layers=3)
+    path = fixtures.write_tiny(d / "t.gguf", seed=3, n_layers=3)
     # f32 K/V: luce's store then rounds nothing, as the batched generator's f32 K/V
-    return dict(dir=d, path=path, llm=testing.load(path, ctx=128, kv_k="f32", kv_v="f32"))
+    return dict(dir=d, path=path, llm=fixtures.load(path, ctx=128, kv_k="f32", kv_v="f32"))
 
 
-def test_batched_greedy_is_the_targets_greedy_decoding(tiny):
-    llm = tiny["llm"]
+def _check_batched_greedy(llm) -> int:
+    """Batched greedy ids == the Session's greedy ids per prompt, and the features == one plain
+    forward's; returns how many rows ended at a stop token."""
     model, tok = llm.plan.model, llm.tokenizer
     prompts = [tok.encode(t) for t in TEXTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: left padding is exercised
@@ -56,10 +60,28 @@ def test_batched_greedy_is_the_targets_greedy_decoding(tiny):
         torch.testing.assert_close(b.feats[r, :len(seq) - 1], full, atol=1e-5, rtol=1e-5)
         assert not b.feats[r, len(seq) - 1:].any()
     llm.session.truncate(0)
-    assert 0 < stopped < len(prompts)  # both endings are covered
+    return stopped
+
+
+def test_batched_greedy_is_the_targets_greedy_decoding(tiny):
+    llm = tiny["llm"]
+    assert 0 < _check_batched_greedy(llm) < len(TEXTS)  # both endings are covered
     # a cut (should_stop) ends every row early, still consistent
-    cut = BatchedGreedy(model, kv_dtype=torch.float32).generate(prompts, 40, (), capture, should_stop=lambda: True)
+    prompts = [llm.tokenizer.encode(t) for t in TEXTS]
+    cut = BatchedGreedy(llm.plan.model, kv_dtype=torch.float32).generate(
+        prompts, 40, (), default_capture(3), should_stop=lambda: True)
     assert int((cut.lens - cut.prompt_lens).max()) == 8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # Q/K/V biases; Q/K norms, rotate-half RoPE
+def test_batched_greedy_follows_each_architecture(tmp_path, arch):
+    path = fixtures.write_tiny(tmp_path / f"{arch}.gguf", seed=4, n_layers=2, arch=arch)
+    _check_batched_greedy(fixtures.load(path, ctx=128, kv_k="f32", kv_v="f32"))
+
+
+def test_batched_greedy_refuses_more_positions_than_the_model_has(tiny):
+    with pytest.raises(ConfigError, match="RoPE table"):
+        BatchedGreedy(tiny["llm"].plan.model).generate([[1, 2, 3]], 200)
 
 
 def test_packed_blocks_equal_blocks_one_at_a_time():

@@ -15,7 +15,7 @@ from luce_core import plugin_host
 from luce_core.contract.errors import ConfigError
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative import DrafterOptions, DraftRequest, SpeculativeDecoder, make_drafter
-from luce_drafters import testing
+import drafting_fixtures as fixtures
 from luce_drafters.draft_model import check_same_tokenizer
 from luce_drafters.prompt_lookup import PromptLookupDrafter
 
@@ -114,8 +114,8 @@ def test_tokenizer_mismatches_are_config_errors_naming_the_difference():
 
 
 def test_draft_model_with_another_vocabulary_is_refused(tmp_path):
-    target = testing.load(testing.write_tiny(tmp_path / "t.gguf", vocab=300), ctx=64)
-    other = testing.write_tiny(tmp_path / "d.gguf", vocab=320)
+    target = fixtures.load(fixtures.write_tiny(tmp_path / "t.gguf", vocab=300), ctx=64)
+    other = fixtures.write_tiny(tmp_path / "d.gguf", vocab=320)
     with pytest.raises(ConfigError, match=r"vocabulary of 320 tokens but the target .* has 300"):
         make_drafter("draft-model", target.plan, DrafterOptions(draft_model=other))
     # a drafter that needs weights, forced without them, says which flag is missing
@@ -126,7 +126,7 @@ def test_draft_model_with_another_vocabulary_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
 def smol(smollm2_path):
-    return testing.load(smollm2_path, ctx=192)
+    return fixtures.load(smollm2_path, ctx=192)
 
 
 PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
@@ -136,7 +136,7 @@ PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
 def test_smollm2_speculative_greedy_equals_plain_greedy(smol, tmp_path):
     ids = smol.encode(PROMPT)
     ref = list(smol.session.generate(ids, 16, Sampler(SamplingParams())))
-    dflash = testing.random_dflash(smol.plan.model, tmp_path / "d.safetensors", block=4, window=32)
+    dflash = fixtures.random_dflash(smol.plan.model, tmp_path / "d.safetensors", block=4, window=32)
     # (drafter, tree, budget, weights, tokens): the untrained DFlash drafter accepts nothing, so
     # it runs fewer tokens; it checks that captured real-model features flow through a tree verify
     runs = [("prompt-lookup", False, 6, None, 16), ("prompt-lookup", True, 8, None, 16), ("dflash", True, 6, dflash, 6)]
@@ -165,7 +165,7 @@ def smol_drafts(smol, smollm2_path, tmp_path_factory):
     truncate_gguf(smollm2_path, cut, [0, 1, 2, 3])
     files = {("draft-model", "self"): str(smollm2_path), ("draft-model", "cut"): str(cut)}
     for b in (2, 4, 8):
-        files[("dflash", b)] = testing.random_dflash(smol.plan.model, d / f"dflash{b}.safetensors", block=b,
+        files[("dflash", b)] = fixtures.random_dflash(smol.plan.model, d / f"dflash{b}.safetensors", block=b,
                                                      window=32, seed=b)
     return {key: make_drafter(key[0], smol.plan, DrafterOptions(draft_model=path, tree_topk=3))
             for key, path in [*files.items(), (("prompt-lookup", None), None)]}

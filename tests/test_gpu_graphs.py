@@ -98,7 +98,7 @@ def test_graphed_dflash_is_lossless_and_matches_eager_drafting(smollm2_path, tmp
     """DFlash with the feature-capturing verify and the drafting step both replayed as CUDA
     graphs keeps the target's greedy tokens (f32), and the graphed drafting step's logits equal
     the eager step's."""
-    from luce_drafters.testing import random_dflash
+    from drafting_fixtures import random_dflash
 
     prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef"
     llm = luce.load(smollm2_path, device="cuda", dtype="f32", ctx=1024, progress=False)
@@ -132,7 +132,7 @@ def test_tree_verify_is_lossless_in_bf16(smollm2_path, kv, graphed) -> None:
 
     from luce_core.sampling import Sampler, SamplingParams
     from luce_core.speculative import DrafterOptions, SpeculativeDecoder
-    from luce_drafters.testing import SecondBest
+    from drafting_fixtures import SecondBest
 
     llm = luce.load(smollm2_path, device="cuda", ctx=1024, kv_k=kv[0], kv_v=kv[1], progress=False)
     assert llm.session.model.dtype == torch.bfloat16
@@ -153,7 +153,7 @@ def test_tree_verify_is_lossless_in_bf16(smollm2_path, kv, graphed) -> None:
 def test_ddtree_is_lossless_in_bf16(smollm2_path, tmp_path, drafter) -> None:
     """luce's own drafters in tree mode (graphed verify; DFlash's also captures features) keep
     plain greedy decoding's tokens in bf16 on code and chat prompts."""
-    from luce_drafters.testing import random_dflash
+    from drafting_fixtures import random_dflash
 
     llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
     path = random_dflash(llm.plan.model, tmp_path / "d.safetensors", block=8) if drafter == "dflash" else None
@@ -222,7 +222,7 @@ def cuda_spec(smollm2_path, tmp_path_factory):
     """SmolLM2 on CUDA (bf16, graphs) and drafters that accept much (itself as draft model),
     from n-grams (prompt lookup) or little (untrained DFlash, blocks 4 and 8)."""
     from luce_core.speculative import DrafterOptions, make_drafter
-    from luce_drafters.testing import random_dflash
+    from drafting_fixtures import random_dflash
 
     llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
     d = tmp_path_factory.mktemp("cuda_spec")

@@ -19,7 +19,7 @@ from luce_core.speculative import (DrafterOptions, DraftRequest, Proposal, Specu
                                    accept_tree, make_drafter, residual, sample_among, speculative_sample,
                                    target_distribution)
 from luce_core.tree import DraftTree, build_ddtree, chain_tree, trie_tree
-from luce_drafters import testing
+import drafting_fixtures as fixtures
 
 FEW = settings(max_examples=25, deadline=None)
 
@@ -30,10 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("spec")
-    target = testing.write_tiny(d / "target.gguf", seed=0)
-    draft = testing.write_tiny(d / "draft.gguf", seed=7)  # same tokenizer, other weights: real rejections
-    llm = testing.load(target, ctx=96)
-    dflash = {b: testing.random_dflash(llm.plan.model, d / f"dflash{b}.safetensors", block=b, seed=b)
+    target = fixtures.write_tiny(d / "target.gguf", seed=0)
+    draft = fixtures.write_tiny(d / "draft.gguf", seed=7)  # same tokenizer, other weights: real rejections
+    llm = fixtures.load(target, ctx=96)
+    dflash = {b: fixtures.random_dflash(llm.plan.model, d / f"dflash{b}.safetensors", block=b, seed=b)
               for b in (2, 4, 8)}
     return dict(dir=d, target=target, draft=draft, llm=llm, dflash=dflash)
 
@@ -283,14 +283,14 @@ def test_stop_and_context_limits_match_plain_decoding(tiny):
 @pytest.mark.parametrize("store_moves", [True, False])
 def test_off_chain_acceptance_moves_kv_exactly(tiny, kv, store_moves):
     # head_dim 32: q8_0 stores K/V in blocks of 32
-    path = testing.write_tiny(tiny["dir"] / "target_hd32.gguf", seed=0, n_heads=2, n_kv_heads=1)
-    llm = testing.load(path, ctx=96, kv_k=kv, kv_v=kv)
+    path = fixtures.write_tiny(tiny["dir"] / "target_hd32.gguf", seed=0, n_heads=2, n_kv_heads=1)
+    llm = fixtures.load(path, ctx=96, kv_k=kv, kv_v=kv)
     if not store_moves:  # a store without move(): read/write round trip or re-run
         llm.session.kv.move = None
     prompt = _prompt(random.Random(11), 8)
     ref = list(llm.session.generate(prompt, 24, Sampler(SamplingParams())))
     # depth 3, two candidates per depth, budget 14: the whole tree, so the true path is in it
-    dec = SpeculativeDecoder(llm.session, testing.SecondBest(ref, len(prompt), 300), budget=14, tree=True,
+    dec = SpeculativeDecoder(llm.session, fixtures.SecondBest(ref, len(prompt), 300), budget=14, tree=True,
                              options=DrafterOptions(tree_topk=2))
     out = list(dec.generate(prompt, 24, Sampler(SamplingParams())))
     assert out == ref

@@ -1,2 +1,3 @@
-"""luce_drafters: drafters for speculative decoding (prompt lookup, draft model, DFlash) and
-``train-drafter``. The verify/accept engine is ``luce_core.speculative``."""
+"""luce_drafters: drafters for speculative decoding (prompt lookup, draft model, DFlash). The
+verify/accept engine is ``luce_core.speculative``; training a DFlash drafter is a tool
+(``luce_tools.train_drafter``)."""

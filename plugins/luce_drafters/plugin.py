@@ -17,6 +17,6 @@ def provide_drafter() -> list[Impl]:
              summary="n-gram match in the context (no weights); chain or trie of matches"),
         Impl("drafter", "draft-model", "luce_drafters.draft_model:DraftModelDrafter", priority=0,
              summary="a small GGUF sharing the target's tokenizer (--draft-model), run by luce"),
-        Impl("drafter", "dflash", "luce_drafters.dflash:DFlashDrafter", priority=0,
+        Impl("drafter", "dflash", "luce_drafters.dflash.runtime:DFlashDrafter", priority=0,
              summary="block drafter fed target hidden states (--draft-model FILE from luce train-drafter)"),
     ]

@@ -3,7 +3,7 @@
 Recipe:
 
 1. **Prompts.** ``--prompts FILE`` (one per line; ``\\n`` escapes allowed) or the built-in set
-   (``train_prompts``: 7,587 prompts - chat tasks x 229 topics, code requests, raw code
+   (``prompts``: 7,587 prompts - chat tasks x 229 topics, code requests, raw code
    openings; ``--variants 2`` renders each chat prompt under a second system message too, 14,937
    in all). Prompts are split *by group* (topic): ``--heldout-frac`` of the groups is held out
    whole, so the held-out numbers measure new subjects. Chat prompts go through the model's chat
@@ -419,11 +419,9 @@ class Head:
         self.eps = cfg.rms_eps
 
     def __call__(self, h: Any) -> Any:
-        import torch
+        from luce_core.plugin_api import rms_norm
 
-        hf = h.float()
-        hn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
-        return hn @ self.w.T
+        return rms_norm(h.float(), self.norm, self.eps) @ self.w.T
 
 
 def position_weights(block: int, decay: float, device: Any) -> Any:
@@ -484,7 +482,9 @@ def train(cfg: TrainConfig) -> TrainReport:
     import torch
 
     import luce
-    from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, describe, save_drafter
+    from luce_drafters.dflash.config import DFlashConfig, default_capture
+    from luce_drafters.dflash.files import save_drafter
+    from luce_drafters.dflash.model import DFlashModel, describe
 
     clock = Clock(cfg)
     torch.manual_seed(cfg.seed)
@@ -648,7 +648,7 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]], batched: 
     speculative outputs equalled plain greedy decoding; how many batched generations did."""
     from luce_core.plugin_api import Sampler, SamplingParams
     from luce_core.plugin_api import DrafterOptions, SpeculativeDecoder, Target
-    from luce_drafters.dflash import DFlashDrafter
+    from luce_drafters.dflash.runtime import DFlashDrafter
 
     res: dict[str, Any] = dict(al=[0.0, 0.0], rate_at=[], prompts=0, matched=[0, 0], gen_matched=0)
     if not prompts:

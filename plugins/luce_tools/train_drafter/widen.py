@@ -19,7 +19,9 @@ import attrs
 import torch
 
 from luce_core.plugin_api import ConfigError, LuceError
-from luce_drafters.dflash import DFlashConfig, build_model, load_drafter, save_drafter
+from luce_drafters.dflash.config import DFlashConfig
+from luce_drafters.dflash.files import load_drafter, save_drafter
+from luce_drafters.dflash.model import build_model
 
 
 def widen_drafter(cfg: DFlashConfig, state: dict[str, torch.Tensor], hidden: int) -> tuple[DFlashConfig, dict]:

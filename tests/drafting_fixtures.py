@@ -1,4 +1,5 @@
-"""Helpers for testing drafters and the speculative engine on tiny synthetic targets.
+"""Fixtures for testing drafters and the speculative engine: tiny synthetic targets, an untrained
+DFlash drafter file, and a drafter that ranks the right token second.
 
 Untied tiny llamas: with tied embeddings a random model mostly predicts the token it just saw,
 which makes every drafter look perfect; an independent output matrix gives varied greedy text
@@ -11,10 +12,10 @@ from typing import Any
 
 
 def write_tiny(path: str | os.PathLike[str], *, seed: int = 0, hidden: int = 64, n_layers: int = 2,
-               n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 300, qtype: str = "F32") -> str:
+               n_heads: int = 4, n_kv_heads: int = 2, vocab: int = 300, qtype: str = "F32", arch: str = "llama") -> str:
     from luce_tools.models.synth import write_synthetic_gguf
 
-    write_synthetic_gguf(path, arch="llama", hidden=hidden, n_layers=n_layers, n_heads=n_heads,
+    write_synthetic_gguf(path, arch=arch, hidden=hidden, n_layers=n_layers, n_heads=n_heads,
                          n_kv_heads=n_kv_heads, head_dim=hidden // n_heads, ffn=2 * hidden, vocab=vocab,
                          tied=False, qtype=qtype, seed=seed, return_weights=False)
     return str(path)
@@ -30,15 +31,10 @@ def load(path: str | os.PathLike[str], ctx: int = 128, **overrides: Any) -> Any:
 def random_dflash(target: Any, path: str | os.PathLike[str], *, block: int, seed: int = 0, window: int = 64,
                   capture: tuple[int, ...] | None = None) -> str:
     """An untrained (random) DFlash drafter for ``target`` (a Transformer), saved to ``path``."""
-    from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, save_drafter
+    from luce_drafters.dflash.files import save_drafter
+    from luce_drafters.dflash.model import untrained
 
-    c = target.cfg
-    cfg = DFlashConfig(target_hidden=c.hidden, target_vocab=c.vocab, target_layers=c.n_layers,
-                       capture=capture or default_capture(c.n_layers), width=32, n_layers=1, n_heads=2,
-                       n_kv_heads=1, head_dim=16, ffn=64, block=block, window=window)
-    m = DFlashModel(cfg)
-    m.reset_parameters(seed)
-    save_drafter(path, cfg, m)
+    save_drafter(path, *untrained(target.cfg, block=block, seed=seed, window=window, capture=capture))
     return str(path)
 
 
