@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import luce
+from luce_core.contract import CONTRACT_VERSION
 from luce_core.contract.errors import DeviceMemoryError, KernelError
 
 
@@ -77,7 +78,7 @@ def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
         @staticmethod
         @luce.hookimpl
         def provide_attention():
-            return [Impl("attention", "broken", f"{__name__}:Broken", priority=50)]
+            return [Impl("attention", "broken", f"{__name__}:Broken", priority=50, contract=CONTRACT_VERSION)]
 
     globals()["Broken"] = Broken
     plugin_host.host().register(Plugin, "broken-test")

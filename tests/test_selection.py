@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.contract.errors import SelectionError
+from luce_core.contract import CONTRACT_VERSION
 from luce_core.contract.impl import ROLES, Impl
 from luce_core.selection import explain, forced_name, select
 
@@ -34,7 +35,7 @@ def candidate_sets(draw: st.DrawFn, role: str = "linear") -> list[Impl]:
     impls = []
     for name in names:
         reasons = tuple(draw(st.lists(reasons_text, max_size=2)))
-        impls.append(Impl(role, name, f"pkg.{name}:Factory", priority=draw(st.integers(-2, 2)),
+        impls.append(Impl(role, name, f"pkg.{name}:Factory", contract=CONTRACT_VERSION, priority=draw(st.integers(-2, 2)),
                           requires=_requires(reasons)))
     return impls
 
@@ -103,7 +104,7 @@ def test_excluded_impl_is_never_selected(impls: list[Impl], data: st.DataObject)
 
 @pytest.mark.parametrize("role", ROLES)
 def test_env_override_per_role(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    impls = [Impl(role, "high", "m:f", priority=9), Impl(role, "low", "m:f", priority=1)]
+    impls = [Impl(role, "high", "m:f", contract=CONTRACT_VERSION, priority=9), Impl(role, "low", "m:f", contract=CONTRACT_VERSION, priority=1)]
     monkeypatch.setenv(f"LUCE_{role.upper()}", "low")
     assert forced_name(role, RunConfig()) == "low"
     assert select(role, impls, CAPS, RunConfig()).name == "low"
@@ -116,7 +117,7 @@ def test_env_override_per_role(role: str, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_env_of_another_role_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LUCE_ATTENTION", "low")
-    impls = [Impl("linear", "high", "m:f", priority=9), Impl("linear", "low", "m:f", priority=1)]
+    impls = [Impl("linear", "high", "m:f", contract=CONTRACT_VERSION, priority=9), Impl("linear", "low", "m:f", contract=CONTRACT_VERSION, priority=1)]
     assert select("linear", impls, CAPS, RunConfig()).name == "high"
 
 
@@ -129,7 +130,7 @@ def test_crashing_requires_becomes_a_reason() -> None:
     def broken(caps: Caps, config: RunConfig) -> list[str]:
         raise KeyError("cc")
 
-    impls = [Impl("linear", "crashy", "m:f", priority=5, requires=broken), Impl("linear", "safe", "m:f")]
+    impls = [Impl("linear", "crashy", "m:f", contract=CONTRACT_VERSION, priority=5, requires=broken), Impl("linear", "safe", "m:f", contract=CONTRACT_VERSION)]
     assert select("linear", impls, CAPS, RunConfig()).name == "safe"
     crashy = next(c for c in explain("linear", impls, CAPS, RunConfig()) if c.impl.name == "crashy")
     assert crashy.reasons == ("requires() raised KeyError: 'cc'",)
