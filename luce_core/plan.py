@@ -171,7 +171,7 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     if kv_impl.kv_layout and optional(kv, "kv_store", "tensors") is None:
         raise PluginError(f"kv_storage {kv_impl.name!r} declares the KV layout {kv_impl.kv_layout} but its "
                           f"store {type(kv).__name__} provides no `tensors`",
-                          remedy=f"report it to the plugin's authors; meanwhile use --kv-storage torch")
+                          remedy="report it to the plugin's authors; meanwhile use --kv-storage torch")
     note = eager_decode_reason(config, device, kv_impl, kv)
     if note:
         warnings.warn(f"luce: {note}", stacklevel=2)

@@ -69,7 +69,7 @@ def test_kv_storage_spec_passes(tmp_path: Path) -> None:
         for test in ("test_round_trip_within_dtype_bound", "test_restore_gives_back_the_snapshot",
                      "test_truncate_then_rewrite", "test_memory_accounting"):
             assert f"{test}[{NAME}.{NAME}-{variant}] PASSED" in out, f"{test} {variant}:\n{out[-3000:]}"
-    assert f"refuses q8_0: stores float K/V only" in out  # what it cannot store: skipped with its reason
+    assert "refuses q8_0: stores float K/V only" in out  # what it cannot store: skipped with its reason
     assert f"test_layout_view_holds_what_read_returns[{NAME}.{NAME}-f16] SKIPPED" in out  # opaque: no view
 
 
