@@ -14,6 +14,7 @@ from luce_core.detok import StreamDecoder
 from luce_core.engine import Session, Stats
 from luce_core.contract.errors import ConfigError
 from luce_core.contract.impl import ROLES
+from luce_core.contract.roles import optional
 from luce_core.plan import Plan, build
 from luce_core.sampling import Sampler, SamplingParams
 
@@ -45,7 +46,7 @@ class LLM:
         self.plan = plan
         self.tokenizer = plan.loaded.tokenizer
         graphs = (plan.config.cuda_graphs and plan.device.startswith("cuda")
-                  and hasattr(plan.kv, "write_at") and hasattr(plan.model.attention, "forward"))
+                  and optional(plan.kv, "kv_store", "write_at") is not None)
         self.session = Session(plan.model, plan.kv, plan.ctx, prefill_chunk=plan.config.prefill_chunk,
                                graphs=graphs)
         self.last_stats = Stats()

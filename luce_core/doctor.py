@@ -1,4 +1,5 @@
-"""``luce doctor``: what was probed, and why each role's implementation was (or was not) chosen."""
+"""``luce doctor``: what was probed, and why each role's implementation was (or was not) chosen
+(attention: also whether it can read the chosen kv_storage's layout)."""
 from __future__ import annotations
 
 import json
@@ -43,12 +44,13 @@ def report(model: str | None = None, *, caps: str | None = None, overrides: dict
                             "tensor_types": sorted(config.weight_types)}
         except LuceError as e:
             out["notes"].append(f"model not loaded: {e}")
+    # kv_storage first: the attention candidates are paired with the store it would choose
+    explained = {"kv_storage": selection.explain("kv_storage", host.impls("kv_storage"), c, config)}
+    kv_impl = next((cand.impl for cand in explained["kv_storage"] if cand.selected), None)
     for role in ROLES:
-        rows = []
-        for cand in selection.explain(role, host.impls(role), c, config):
-            rows.append({"name": cand.impl.name, "plugin": cand.impl.plugin, "priority": cand.impl.priority,
-                         "selected": cand.selected, "reasons": list(cand.reasons)})
-        out["roles"][role] = rows
+        cands = explained.get(role) or selection.explain(role, host.impls(role), c, config, kv_storage=kv_impl)
+        out["roles"][role] = [{"name": cand.impl.name, "plugin": cand.impl.plugin, "priority": cand.impl.priority,
+                               "selected": cand.selected, "reasons": list(cand.reasons)} for cand in cands]
     if as_json:
         return json.dumps(out, indent=2, default=str)
     return _text(out)

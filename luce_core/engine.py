@@ -9,7 +9,7 @@ import torch
 
 from luce_core.contract.errors import ContextOverflowError, DeviceMemoryError
 from luce_core.model import ForwardOut, Transformer
-from luce_core.contract.roles import KVStore
+from luce_core.contract.roles import KVStore, optional
 from luce_core.sampling import Sampler
 
 
@@ -77,7 +77,7 @@ class Session:
     def __init__(self, model: Transformer, kv: KVStore, ctx: int, prefill_chunk: int = 0,
                  graphs: bool = False, graph_extend: int = 0):
         self.model, self.kv, self.ctx = model, kv, ctx
-        self.prefill_chunk = prefill_chunk or getattr(model.attention, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
+        self.prefill_chunk = prefill_chunk or optional(model.attention, "attention", "prefill_chunk") or DEFAULT_PREFILL_CHUNK
         self.tokens: list[int] = []
         self.graphs = None
         self.graph_extend = graph_extend

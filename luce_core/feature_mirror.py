@@ -23,7 +23,7 @@ import torch
 from luce_core.config import FEATURE_DTYPES
 from luce_core.contract.errors import ConfigError, ContextOverflowError
 from luce_core.formats.blocks import feature_bytes_per_token, feature_split
-from luce_core.contract.roles import KVStorage, KVStore
+from luce_core.contract.roles import KVStorage, KVStore, optional
 from luce_core.contract.types import KVSpec
 
 
@@ -68,7 +68,7 @@ class FeatureMirror:
         if not 0 <= start <= end <= self.capacity:
             raise ContextOverflowError(f"feature read [{start}, {end}) is outside [0, {self.capacity})",
                                        remedy="raise --ctx")
-        read_range = getattr(self.store, "read_range", None)
+        read_range = optional(self.store, "kv_store", "read_range")
         if read_range is not None:
             k, v = read_range(0, start, end)
         else:  # any KVStore: decode the prefix, keep the tail

@@ -13,7 +13,7 @@ import torch
 
 from luce_core import layer_ops, rope
 from luce_core.contract.errors import ConfigError, ModelFileError
-from luce_core.contract.roles import Attention, KVStore, Linear
+from luce_core.contract.roles import Attention, KVStore, Linear, optional
 from luce_core.contract.types import LoadedModel, ModelConfig, QTensor
 from luce_core.lockstep import LockstepAttention, LockstepKV
 from luce_core.tree import TreeMask
@@ -114,7 +114,7 @@ class Transformer:
         factors = vec("rope_freqs.weight") if "rope_freqs.weight" in t else None
         self.cos, self.sin = rope.rope_tables(rope.inv_frequencies(cfg, None if factors is None else factors.cpu()), max_positions, device)
         self.scale = cfg.head_dim ** -0.5
-        self.ops: layer_ops.LayerOps = getattr(attention, "layer_ops", None) or layer_ops.TORCH_LAYER_OPS
+        self.ops: layer_ops.LayerOps = optional(linear, "linear", "layer_ops") or layer_ops.TORCH_LAYER_OPS
 
     @property
     def config(self) -> ModelConfig:

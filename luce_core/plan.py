@@ -11,8 +11,10 @@ import attrs
 from luce_core import plugin_host, selection
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
-from luce_core.contract.errors import ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError
+from luce_core.contract.errors import (ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError,
+                                       PluginError)
 from luce_core.contract.impl import Impl
+from luce_core.contract.roles import optional
 from luce_core.contract.types import KVSpec, LoadedModel
 
 REFERENCE_PLUGIN = "torch"
@@ -52,9 +54,11 @@ class Chooser:
         return plugin_host.host().impls(role)
 
     def create(self, role: str, config: RunConfig | None = None) -> tuple[Impl, Any]:
+        """The role's object; attention is paired with the kv_storage chosen before it."""
         config = config or self.config
         while True:
-            impl = selection.select(role, self.impls(role), self.caps, config, self.failed.get(role, ()))
+            impl = selection.select(role, self.impls(role), self.caps, config, self.failed.get(role, ()),
+                                    kv_storage=self.chosen.get("kv_storage"))
             try:
                 obj = impl.create(self.caps, config)
             except LuceError as e:
@@ -123,6 +127,8 @@ def build(config: RunConfig, caps: Caps) -> Plan:
         raise ConfigError(f"context length {ctx} is too small", remedy="use --ctx 2 or more")
     tdev, tdtype = torch.device(device), TORCH_DTYPES[dtype]
 
+    # the store first: which attention implementations can read it depends on its layout
+    _, kv_storage = ch.create("kv_storage", config)
     while True:
         linear_impl, linear = ch.create("linear", config)
         attn_impl, attention = ch.create("attention", config)
@@ -148,10 +154,9 @@ def build(config: RunConfig, caps: Caps) -> Plan:
             for role, impl in culprits:
                 ch.fail(role, impl, e)
 
-    _, kv_storage = ch.create("kv_storage", config)
     spec = KVSpec(n_layers=loaded.config.n_layers, n_kv_heads=loaded.config.n_kv_heads,
                   head_dim=loaded.config.head_dim, capacity=ctx, k_dtype=config.kv_k, v_dtype=config.kv_v,
-                  rotation=config.kv_rotation, device=device, compute_dtype=dtype)
+                  rotation=config.kv_rotation, device=device, compute_dtype=dtype, fingerprint=loaded.fingerprint)
     try:
         kv = kv_storage.allocate(spec)
     except torch.cuda.OutOfMemoryError:
@@ -162,6 +167,21 @@ def build(config: RunConfig, caps: Caps) -> Plan:
             f"the KV cache needs {need / 2**30:.2f} GiB for a context of {ctx} tokens, but only "
             f"{free / 2**30:.2f} GiB of GPU memory is free",
             remedy="lower --ctx, or store the cache quantized (--kv-k q8_0 --kv-v q8_0, or q4_0)") from None
-    if hasattr(kv, "fingerprint"):
-        kv.fingerprint = loaded.fingerprint
+    kv_impl = ch.chosen["kv_storage"]
+    if kv_impl.kv_layout and optional(kv, "kv_store", "tensors") is None:
+        raise PluginError(f"kv_storage {kv_impl.name!r} declares the KV layout {kv_impl.kv_layout} but its "
+                          f"store {type(kv).__name__} provides no `tensors`",
+                          remedy="report it to the plugin's authors; meanwhile use --kv-storage torch")
+    note = eager_decode_reason(config, device, kv_impl, kv)
+    if note:
+        warnings.warn(f"luce: {note}", stacklevel=2)
     return Plan(caps, config, device, dtype, ctx, loaded, model, kv, dict(ch.chosen))
+
+
+def eager_decode_reason(config: RunConfig, device: str, kv_impl: Impl, kv: Any) -> str | None:
+    """Why decode will run without CUDA graphs although they were asked for, when the cause is
+    the chosen KV store (it lacks the optional ``write_at`` a graph replay needs), else None."""
+    if not (config.cuda_graphs and device.startswith("cuda")) or optional(kv, "kv_store", "write_at") is not None:
+        return None
+    return (f"kv_storage {kv_impl.name!r} has no write_at, so decode runs without CUDA graphs "
+            f"(slower); a store implementing KVStore.write_at gets them")

@@ -19,6 +19,7 @@ from luce_core.contract.errors import (ConfigError, ContextOverflowError, Device
                                        UnsupportedModelError)
 from luce_core.contract.hookspecs import hookimpl
 from luce_core.contract.impl import ROLES, Impl
+from luce_core.contract.kv_layout import DENSE_V1, KVTensors
 from luce_core.contract.layer_ops import LayerOps
 from luce_core.contract.roles import (OPTIONAL, Attention, ChunkSelector, KVStorage, KVStore, Linear, Loader,
                                       optional)
@@ -65,7 +66,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "CONTRACT_VERSION", "Impl", "ROLES", "hookimpl",
+    "CONTRACT_VERSION", "Impl", "ROLES", "hookimpl", "DENSE_V1", "KVTensors",
     "Attention", "ChunkSelector", "Drafter", "KVStorage", "KVStore", "LayerOps", "Linear", "Loader",
     "OPTIONAL", "optional",
     "DraftRequest", "DrafterOptions", "KVSpec", "LoadedModel", "ModelConfig", "Proposal", "QTensor", "Target",

@@ -419,3 +419,27 @@ def test_flash_decode_op_checks_and_formats():
     assert rel_err(got, ref) < DECODE_TOL[torch.float16]
     assert ops.attention_supported(64, "q8_0", "q4_0") == []
     assert ops.attention_supported(96, torch.float16) != []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "-")
+def test_a_store_without_the_dense_view_is_an_error_not_a_fallback():
+    """Selection never pairs the CUDA attention with an opaque store; called with one directly,
+    it says so instead of quietly running the torch reference. A dense-v1 store (even another
+    object over the same memory) is read through its view."""
+    from luce_core.contract.errors import ConfigError
+    from luce_cuda.attention import CudaAttention
+
+    store = _store("f16", "f16", 64, 2, 40, False, 32, 3)
+
+    class Opaque:  # the protocol without the optional ``tensors``
+        spec, length = store.spec, 32
+        read, write, rotate_query = store.read, store.write, store.rotate_query
+
+    attn = CudaAttention()
+    q = torch.randn(1, 4, 64, device="cuda", dtype=torch.float16)
+    with kernel_only(), pytest.raises(ConfigError, match="dense-v1"):
+        attn.forward(q, Opaque(), 1, 31, scale=0.125)
+    with kernel_only():
+        got = attn.forward(q, store, 1, 31, scale=0.125)
+    assert rel_err(got, oracle(q, store, 1, torch.tensor([31], device="cuda"), 0.125)) < DECODE_TOL[torch.float16]

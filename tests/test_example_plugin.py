@@ -120,7 +120,7 @@ def test_linear_spec_passes_on_example(example_site: Path, tmp_path: Path) -> No
 
 _BROKEN_PLUGIN = '''
 """A linear implementation with a planted bug: the last input feature is ignored."""
-from luce_core import Impl, hookimpl
+from luce_core.plugin_api import CONTRACT_VERSION, Impl, hookimpl
 
 
 class BrokenLinear:
@@ -141,7 +141,8 @@ class BrokenLinear:
 
 @hookimpl
 def provide_linear():
-    return [Impl("linear", "broken", "luce_broken_example:BrokenLinear", priority=-1)]
+    return [Impl("linear", "broken", "luce_broken_example:BrokenLinear", priority=-1,
+                 contract=CONTRACT_VERSION)]
 '''
 
 

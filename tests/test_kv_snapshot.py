@@ -185,14 +185,11 @@ def test_length_beyond_capacity_is_refused():
     TorchKVStore(spec(cap=12)).restore(src.snapshot())  # exactly full fits
 
 
-def test_engine_fingerprint_attribute_is_what_counts():
-    src = filled(spec(fingerprint=""), 4)
-    src.fingerprint = "weights-1"  # as the engine sets it after allocation
-    dst = TorchKVStore(spec(fingerprint=""))
+def test_spec_fingerprint_is_what_counts():
+    src = filled(spec(fingerprint="weights-1"), 4)  # the plan puts the model's fingerprint in the spec
     with pytest.raises(SnapshotError, match="fingerprint"):
-        dst.restore(src.snapshot())
-    dst.fingerprint = "weights-1"
-    dst.restore(src.snapshot())
+        TorchKVStore(spec(fingerprint="")).restore(src.snapshot())
+    TorchKVStore(spec(fingerprint="weights-1")).restore(src.snapshot())
 
 
 def test_rotation_flag_is_irrelevant_for_float_k():

@@ -312,7 +312,7 @@ def test_plugin_factory_allocates_this_store():
     cfg = RunConfig(kv_k="q4_0", kv_v="q8_0")
     assert impl.reasons(None, cfg) == []
     store = impl.create(None, cfg).allocate(spec("q4_0", "q8_0", rotation=cfg.kv_rotation, fingerprint="abc"))
-    assert isinstance(store, TorchKVStore) and store.rotated and store.fingerprint == "abc"
+    assert isinstance(store, TorchKVStore) and store.rotated and store.layout.fingerprint == "abc"
     assert store.k.dtype == torch.uint8 and store.k.shape == (2, 32, 2, 36)
 
 

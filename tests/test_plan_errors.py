@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import luce
+from luce_core.contract import CONTRACT_VERSION
 from luce_core.contract.errors import DeviceMemoryError, KernelError
 
 
@@ -77,7 +78,7 @@ def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
         @staticmethod
         @luce.hookimpl
         def provide_attention():
-            return [Impl("attention", "broken", f"{__name__}:Broken", priority=50)]
+            return [Impl("attention", "broken", f"{__name__}:Broken", priority=50, contract=CONTRACT_VERSION)]
 
     globals()["Broken"] = Broken
     plugin_host.host().register(Plugin, "broken-test")
@@ -86,3 +87,53 @@ def test_kernel_failure_falls_back_unless_forced(tiny, monkeypatch) -> None:
     assert llm.selected()["attention"] == "torch"
     with pytest.raises(luce.LuceError, match="forced"):
         luce.load(tiny, device="cpu", attention="broken", progress=False)
+
+
+def test_layer_ops_come_from_the_linear_role(tiny) -> None:
+    """The model runs the LayerOps its linear implementation offers (Linear.layer_ops); an
+    attention object carrying one is not asked (the fusions live in the linear role)."""
+    from luce_core import plugin_host
+    from luce_core.contract.impl import Impl
+    from luce_core.layer_ops import TORCH_LAYER_OPS, TorchLayerOps
+    from luce_torch.attention import TorchAttention
+    from luce_torch.linear import TorchLinear
+
+    class Counting(TorchLayerOps):
+        calls = 0
+
+        def linear_residual(self, proj, x, residual):
+            Counting.calls += 1
+            return super().linear_residual(proj, x, residual)
+
+    class FusingLinear(TorchLinear):
+        def __init__(self, caps, config):
+            super().__init__(caps, config)
+            self.layer_ops = Counting()
+
+    class AttentionWithOps(TorchAttention):
+        def __init__(self, caps, config):
+            super().__init__()
+            self.layer_ops = Counting()  # not the attention role's to offer: ignored
+
+    class Plugin:
+        @staticmethod
+        @luce.hookimpl
+        def provide_linear():
+            return [Impl("linear", "fusing", f"{__name__}:FusingLinear", priority=50, contract=CONTRACT_VERSION)]
+
+        @staticmethod
+        @luce.hookimpl
+        def provide_attention():
+            return [Impl("attention", "with-ops", f"{__name__}:AttentionWithOps", priority=50,
+                         contract=CONTRACT_VERSION)]
+
+    globals().update(FusingLinear=FusingLinear, AttentionWithOps=AttentionWithOps)
+    plugin_host.host().register(Plugin, "layer-ops-test")
+    llm = luce.load(tiny, device="cpu", progress=False)
+    assert llm.selected()["linear"] == "fusing" and llm.selected()["attention"] == "with-ops"
+    ops = llm.plan.model.ops
+    assert isinstance(ops, Counting) and ops is not llm.plan.model.attention.layer_ops
+    list(llm.generate_ids([1, 2, 3], 2))
+    assert Counting.calls > 0
+    plain = luce.load(tiny, device="cpu", linear="torch", progress=False)
+    assert plain.plan.model.ops is TORCH_LAYER_OPS  # attention "with-ops" still selected, its ops unused

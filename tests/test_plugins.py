@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from luce_core import Impl, hookimpl, plugin_host
+from luce_core.contract import CONTRACT_VERSION
 from luce_core.contract import hookspecs
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
@@ -101,7 +102,7 @@ def test_plugin_that_fails_to_import_is_skipped_with_a_warning(clean_env) -> Non
 
 # ----------------------------------------------------------------------------- validation
 def _impl(name: str, role: str = "linear", priority: int = 0) -> Impl:
-    return Impl(role, name, "luce_no_such_module:Factory", priority=priority)
+    return Impl(role, name, "luce_no_such_module:Factory", contract=CONTRACT_VERSION, priority=priority)
 
 
 class Provides:
@@ -200,9 +201,9 @@ def test_spec_plan_skips_what_cannot_run_with_its_reasons() -> None:
 
     variants = {q: RunConfig(weight_types={q}) for q in ("Q4_0", "Q8_0")}
     impls = [
-        Impl("linear", "fast", "m:f", requires=_needs("needs a GPU with cc >= 8.0"), plugin="p1"),
-        Impl("linear", "partial", "m:f", requires=_needs("", {"Q8_0": "no Q8_0 kernel"}), plugin="p2"),
-        Impl("linear", "ref", "m:f", plugin="p2"),
+        Impl("linear", "fast", "m:f", contract=CONTRACT_VERSION, requires=_needs("needs a GPU with cc >= 8.0"), plugin="p1"),
+        Impl("linear", "partial", "m:f", contract=CONTRACT_VERSION, requires=_needs("", {"Q8_0": "no Q8_0 kernel"}), plugin="p2"),
+        Impl("linear", "ref", "m:f", contract=CONTRACT_VERSION, plugin="p2"),
     ]
     got = {p.id: p for p in plan("linear", impls, _caps(), variants)}
     assert set(got) == {"p1.fast", "p2.partial-Q4_0", "p2.partial-Q8_0", "p2.ref-Q4_0", "p2.ref-Q8_0"}

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.contract.errors import SelectionError
+from luce_core.contract import CONTRACT_VERSION
 from luce_core.contract.impl import ROLES, Impl
 from luce_core.selection import explain, forced_name, select
 
@@ -34,7 +35,7 @@ def candidate_sets(draw: st.DrawFn, role: str = "linear") -> list[Impl]:
     impls = []
     for name in names:
         reasons = tuple(draw(st.lists(reasons_text, max_size=2)))
-        impls.append(Impl(role, name, f"pkg.{name}:Factory", priority=draw(st.integers(-2, 2)),
+        impls.append(Impl(role, name, f"pkg.{name}:Factory", contract=CONTRACT_VERSION, priority=draw(st.integers(-2, 2)),
                           requires=_requires(reasons)))
     return impls
 
@@ -103,7 +104,7 @@ def test_excluded_impl_is_never_selected(impls: list[Impl], data: st.DataObject)
 
 @pytest.mark.parametrize("role", ROLES)
 def test_env_override_per_role(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    impls = [Impl(role, "high", "m:f", priority=9), Impl(role, "low", "m:f", priority=1)]
+    impls = [Impl(role, "high", "m:f", contract=CONTRACT_VERSION, priority=9), Impl(role, "low", "m:f", contract=CONTRACT_VERSION, priority=1)]
     monkeypatch.setenv(f"LUCE_{role.upper()}", "low")
     assert forced_name(role, RunConfig()) == "low"
     assert select(role, impls, CAPS, RunConfig()).name == "low"
@@ -116,7 +117,7 @@ def test_env_override_per_role(role: str, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_env_of_another_role_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LUCE_ATTENTION", "low")
-    impls = [Impl("linear", "high", "m:f", priority=9), Impl("linear", "low", "m:f", priority=1)]
+    impls = [Impl("linear", "high", "m:f", contract=CONTRACT_VERSION, priority=9), Impl("linear", "low", "m:f", contract=CONTRACT_VERSION, priority=1)]
     assert select("linear", impls, CAPS, RunConfig()).name == "high"
 
 
@@ -129,7 +130,61 @@ def test_crashing_requires_becomes_a_reason() -> None:
     def broken(caps: Caps, config: RunConfig) -> list[str]:
         raise KeyError("cc")
 
-    impls = [Impl("linear", "crashy", "m:f", priority=5, requires=broken), Impl("linear", "safe", "m:f")]
+    impls = [Impl("linear", "crashy", "m:f", contract=CONTRACT_VERSION, priority=5, requires=broken), Impl("linear", "safe", "m:f", contract=CONTRACT_VERSION)]
     assert select("linear", impls, CAPS, RunConfig()).name == "safe"
     crashy = next(c for c in explain("linear", impls, CAPS, RunConfig()) if c.impl.name == "crashy")
     assert crashy.reasons == ("requires() raised KeyError: 'cc'",)
+
+
+# ----------------------------------------------------------------------------- contract version
+@pytest.mark.parametrize("stated, refused", [
+    (CONTRACT_VERSION, None),
+    (f"{CONTRACT_VERSION.split('.')[0]}.99", None),  # minor versions only add optional members
+    ("2.0", "built for luce contract 2.x; this luce implements 1.0: upgrade the plugin or luce"),
+    ("0.3", "built for luce contract 0.x"),
+    ("", "states no contract version"),
+    ("one", "not MAJOR.MINOR"),
+])
+def test_contract_version_is_checked_before_requires(stated: str, refused: str | None) -> None:
+    asked = []
+    impl = Impl("linear", "p", "m:f", contract=stated, requires=lambda c, cfg: asked.append(1) or [])
+    cands = explain("linear", [impl], CAPS, RunConfig())
+    if refused is None:
+        assert cands[0].selected and cands[0].reasons == () and asked
+        return
+    assert not cands[0].selected and not asked  # requires() of another contract is not called
+    assert len(cands[0].reasons) == 1 and refused in cands[0].reasons[0]
+    with pytest.raises(SelectionError, match="contract"):
+        select("linear", [impl], CAPS, RunConfig(overrides={"linear": "p"}))
+
+
+# ----------------------------------------------------------------------------- KV layout pairing
+def _attn(name: str, reads: tuple[str, ...] | None, priority: int = 0) -> Impl:
+    return Impl("attention", name, "m:f", priority=priority, contract=CONTRACT_VERSION, reads_kv_layouts=reads)
+
+
+def _kv(name: str, layout: str) -> Impl:
+    return Impl("kv_storage", name, "m:f", contract=CONTRACT_VERSION, kv_layout=layout)
+
+
+def test_attention_that_cannot_read_the_store_is_refused_with_the_layouts() -> None:
+    impls = [_attn("fast", ("dense-v1",), 20), _attn("ref", None)]
+    cands = {c.impl.name: c for c in explain("attention", impls, CAPS, RunConfig(), kv_storage=_kv("mine", ""))}
+    assert cands["fast"].reasons == ("reads KV layouts dense-v1 only; kv_storage 'mine' provides opaque",)
+    assert cands["ref"].selected
+    assert select("attention", impls, CAPS, RunConfig(), kv_storage=_kv("other", "paged-v9")).name == "ref"
+    with pytest.raises(SelectionError, match="forced but cannot run here: reads KV layouts dense-v1 only"):
+        select("attention", impls, CAPS, RunConfig(overrides={"attention": "fast"}), kv_storage=_kv("mine", ""))
+
+
+def test_attention_pairs_with_a_store_of_a_layout_it_reads() -> None:
+    impls = [_attn("fast", ("paged-v9", "dense-v1"), 20), _attn("ref", None)]
+    assert select("attention", impls, CAPS, RunConfig(), kv_storage=_kv("dense", "dense-v1")).name == "fast"
+    assert select("attention", impls, CAPS, RunConfig()).name == "fast"  # no store chosen: nothing to pair
+
+
+def test_pairing_reason_adds_to_the_others() -> None:
+    impl = Impl("attention", "fast", "m:f", contract=CONTRACT_VERSION, reads_kv_layouts=("dense-v1",),
+                requires=lambda c, cfg: ["no NVIDIA GPU"])
+    (cand,) = explain("attention", [impl], CAPS, RunConfig(), kv_storage=_kv("mine", ""))
+    assert cand.reasons == ("no NVIDIA GPU", "reads KV layouts dense-v1 only; kv_storage 'mine' provides opaque")

@@ -1,9 +1,11 @@
 """The ``attention`` role on CUDA: flash-decode and causal flash-prefill over the KV store.
 
-The kernels read the store's per-layer K/V tensors directly (``kv.k[layer]``, ``kv.v[layer]`` of
-shape [capacity, n_kv_heads, row]): f16, bf16 or f32 rows, or q8_0 / q4_0 ggml blocks (the format
-named by ``kv.spec``), K and V independently. A Hadamard-rotated K (``kv.rotated``) gets the query
-rotated inside the decode kernel, from ``kv.hadamard`` (signs and group).
+The kernels read the store's memory in the ``dense-v1`` layout (``luce_core.contract.kv_layout``),
+which the store hands out as ``kv.tensors``: per layer K/V of shape [capacity, n_kv_heads, row],
+f16, bf16 or f32 rows, or q8_0 / q4_0 ggml blocks, K and V independently. A Hadamard-rotated K
+gets the query rotated inside the decode kernel (the view's signs and group). Selection pairs
+this implementation only with stores that declare dense-v1 (``Impl.reads_kv_layouts``); the view
+is looked up once per store, not per call.
 
 * ``positions`` given (graph-captured decode, chain verification) or one token: the multi-query
   flash-decode kernel, any format, no host sync. Keys are bounded by ``start + T`` (the window
@@ -15,8 +17,8 @@ rotated inside the decode kernel, from ``kv.hadamard`` (signs and group).
   [0, start), converted with one host read): the flash-decode kernels ``_tree``, which read each
   node's path as consecutive logical positions, so a node's rows round exactly as a one-token
   decode step after accepting that path would: DDTree verification stays lossless here.
-* any other mask, a head_dim without a kernel, a store without K/V tensors: the torch
-  reference, with one warning per cause.
+* any other mask, a head_dim or query dtype without a kernel: the torch reference, with one
+  warning per cause. A store without the dense-v1 view is an error (selection never pairs one).
 """
 from __future__ import annotations
 
@@ -24,19 +26,27 @@ import warnings
 
 import torch
 
-from luce_core.plugin_api import Caps, ConfigError, KVStore, RunConfig, TreeMask
+from luce_core.plugin_api import Caps, ConfigError, KVStore, KVTensors, RunConfig, TreeMask, optional
 from luce_cuda import ops
 
 DECODE_MAX_T = 32  # causal chunks this short use flash-decode (rows round as decode steps do)
 _DIRECT_PREFILL = (("f16", "f16"), ("bf16", "bf16"))  # caches flash-prefill reads as they are
 
 
-def _kv_formats(kv: KVStore, head_dim: int) -> tuple[str, str]:
-    """(K format, V format) of the store's tensors; uint8 ones are named by kv.spec."""
-    spec = getattr(kv, "spec", None)
-    k, v = kv.k, kv.v  # type: ignore[attr-defined]
-    return (ops.kv_format(k, head_dim, getattr(spec, "k_dtype", None) if k.dtype == torch.uint8 else None),
-            ops.kv_format(v, head_dim, getattr(spec, "v_dtype", None) if v.dtype == torch.uint8 else None))
+def _kv_formats(t: KVTensors, head_dim: int) -> tuple[str, str]:
+    """(K format, V format) of the view's tensors, checked against their dtypes and rows."""
+    return (ops.kv_format(t.k, head_dim, t.k_format if t.k.dtype == torch.uint8 else None),
+            ops.kv_format(t.v, head_dim, t.v_format if t.v.dtype == torch.uint8 else None))
+
+
+def _tensors(kv: KVStore) -> KVTensors:
+    """The store's dense-v1 view; a store without one was never meant to reach these kernels."""
+    t = optional(kv, "kv_store", "tensors")
+    if t is None or t.k.dim() != 4 or t.v.dim() != 4:
+        raise ConfigError(f"the CUDA attention reads KV stores of the dense-v1 layout; {type(kv).__name__} "
+                          f"provides {'no `tensors`' if t is None else 'tensors that are not [layers, capacity, heads, row]'}",
+                          remedy="let selection pair the roles (it refuses this pair), or use --attention torch")
+    return t
 
 
 def _as_f16(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -62,9 +72,11 @@ class CudaAttention:
         # Split workspaces; never freed, since a captured graph keeps their addresses.
         self._ws: dict[tuple, ops.DecodeWorkspace] = {}
         self._dense: tuple[torch.Tensor, int, TreeMask | None] | None = None  # every layer gets the same mask
-        # the rest of the layer as fused kernels (RMSNorm+residual, RoPE on q and k, SwiGLU)
-        from luce_cuda.layer_ops import CudaLayerOps
-        self.layer_ops = CudaLayerOps()
+        # the last store read, its view, and the plans per (query dtype, head_dim, device type):
+        # resolved once per store instead of once per layer call
+        self._kv: KVStore | None = None
+        self._view: KVTensors | None = None
+        self._plans: dict[tuple, tuple[list[str], str, str]] = {}
 
     def _reference(self):
         if self._ref is None:
@@ -83,27 +95,36 @@ class CudaAttention:
     def kernel_reasons(self, q: torch.Tensor, kv: KVStore) -> list[str]:
         return self._plan(q, kv)[0]
 
+    def _bind(self, kv: KVStore) -> KVTensors:
+        """Look up a new store's view once; later calls with the same store reuse it."""
+        self._view, self._kv, self._plans = _tensors(kv), kv, {}
+        return self._view
+
     def _plan(self, q: torch.Tensor, kv: KVStore) -> tuple[list[str], str, str]:
-        """(reasons the kernels cannot serve this call, K format, V format)."""
-        k = getattr(kv, "k", None)
-        v = getattr(kv, "v", None)
-        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) or k.dim() != 4 or v.dim() != 4:
-            return [f"KV store {type(kv).__name__} exposes no [layers, capacity, heads, row] K/V tensors"], "", ""
-        if not q.is_cuda or not k.is_cuda or not v.is_cuda:
+        """(reasons the kernels cannot serve this call, K format, V format), computed once per
+        store and query dtype, head_dim and device type."""
+        t = self._view if kv is self._kv else self._bind(kv)
+        key = (q.dtype, q.shape[-1], q.is_cuda)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._check(q, t)
+        return plan
+
+    def _check(self, q: torch.Tensor, t: KVTensors) -> tuple[list[str], str, str]:
+        if not q.is_cuda or not t.k.is_cuda or not t.v.is_cuda:
             return ["tensors are not on a CUDA device"], "", ""
         if q.dtype not in ops.DT_CODE:
             return [f"query dtype {q.dtype}"], "", ""
         d = int(q.shape[-1])
         try:
-            kf, vf = _kv_formats(kv, d)
+            kf, vf = _kv_formats(t, d)
         except ConfigError as e:
             return [e.message], "", ""
         why = ops.attention_supported(d, kf, vf)
-        if getattr(kv, "rotated", False):
-            h = getattr(kv, "hadamard", None)
-            group = getattr(h, "group", 0)
-            if not callable(getattr(h, "signs", None)) or group < 1 or group & (group - 1) or d % group:
-                why.append("rotated K without a usable hadamard (power-of-two group dividing head_dim, signs)")
+        if t.rotated:
+            group, signs = t.rotation_group, t.signs
+            if signs is None or tuple(signs.shape) != (d,) or group & (group - 1) or d % group:
+                why.append("rotated K without usable Hadamard signs and group (power of two dividing head_dim)")
         return why, kf, vf
 
     def _tree_mask(self, mask: torch.Tensor | TreeMask, start: int, device: torch.device) -> TreeMask | None:
@@ -132,17 +153,15 @@ class CudaAttention:
                 why = ["a mask that hides part of the prefix from some row"]
         if why:
             return self._fallback("; ".join(why), q, kv, layer, start, scale, mask, positions)
-        k, v = kv.k[layer], kv.v[layer]  # type: ignore[attr-defined]
+        view = self._view  # bound by _plan
+        k, v = view.k[layer], view.v[layer]
         t = q.shape[0]
         if tree is not None:
             positions = tree.positions
         # Up to DECODE_MAX_T causal rows (a speculative verify run eagerly, a short prompt) take the
         # decode kernel too: each row then rounds exactly as a one-token decode step does.
         if positions is not None or t <= DECODE_MAX_T:
-            signs, group = None, 0
-            if getattr(kv, "rotated", False):
-                h = kv.hadamard  # type: ignore[attr-defined]
-                signs, group = h.signs(q.device), h.group
+            signs, group = view.signs, view.rotation_group  # None, 0 for an unrotated K
             # graph steps have a fixed T; causal chunks share power-of-two workspaces
             n_tok = t if positions is not None else 1 << (t - 1).bit_length()
             return ops.flash_decode(q, k, v, start + 1, scale, positions=positions, max_len=start + t,

@@ -7,7 +7,12 @@ inside the KV append, and ``qkv_rope_store`` does RoPE and the append inside the
 epilogue where the cache is f32/f16/bf16 (``LUCE_FUSE_ROPE_STORE=0``: the append kernel does
 it). A decoded layer is then five launches: QKV (normalizing, RoPE, K/V stored), attention,
 O (+ residual), gate|up (normalizing, SwiGLU), down (+ residual); the LM head writes f32 logits
-itself. Each fusion gives bit for bit the unfused kernels' result."""
+itself. Each fusion gives bit for bit the unfused kernels' result.
+
+The CUDA linear role offers it (``CudaLinear.layer_ops``). It reaches the KV store only through
+the store's declared optional members ``write_rotary`` and ``rope_store_args``
+(``luce_core.contract.roles.KVStore``; luce_cuda's store has both), so any store works with it:
+one without them is written by ``write`` / ``write_at`` after the RoPE kernel."""
 from __future__ import annotations
 
 import os
@@ -15,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from luce_core.plugin_api import TorchLayerOps
+from luce_core.plugin_api import TorchLayerOps, optional
 from luce_cuda import ops
 from luce_cuda.linear import QuantLinear
 
@@ -41,7 +46,7 @@ class CudaLayerOps(TorchLayerOps):
                    v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                    style: str) -> torch.Tensor:
         # the CUDA store's append kernel rotates q and k itself: one launch instead of two
-        fused = getattr(kv, "write_rotary", None)
+        fused = optional(kv, "kv_store", "write_rotary")
         if fused is not None and fused(layer, slots, q, k, v, cos, sin, pos, style):
             return q
         return super().rope_store(kv, layer, slots, q, k, v, cos, sin, pos, style)
@@ -52,7 +57,7 @@ class CudaLayerOps(TorchLayerOps):
         # one launch where the QKV GEMV can rotate and store itself: no bias or q/k norm between
         # the matmul and RoPE, a float cache (luce_cuda.kv.CudaKVStore.rope_store_args)
         qkv, T = block.qkv, x.shape[0]
-        target = getattr(kv, "rope_store_args", None)
+        target = optional(kv, "kv_store", "rope_store_args")
         if (target is not None and isinstance(qkv, QuantLinear) and block.q_bias is None and block.q_norm is None
                 and self._ok(x) and qkv.fuses_rope_store(T) and os.environ.get("LUCE_FUSE_ROPE_STORE", "1") != "0"):
             nq = block.qkv_split[0]

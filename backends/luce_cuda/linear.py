@@ -353,11 +353,15 @@ class DenseLinear:
 
 
 class CudaLinear:
-    """The role object (luce_core.contract.roles.Linear)."""
+    """The role object (luce_core.contract.roles.Linear). Its ``layer_ops`` run the rest of a
+    layer as fused kernels, most of them inside this role's GEMVs (luce_cuda.layer_ops)."""
 
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None, mma: str = "bf16"):
+        from luce_cuda.layer_ops import CudaLayerOps  # it imports this module
+
         self.caps = caps
         self.mma = mma
+        self.layer_ops = CudaLayerOps()
 
     def prepare(self, w: QTensor, device: "torch.device", dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         device = torch.device(device)

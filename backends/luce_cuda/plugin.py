@@ -3,11 +3,12 @@
 linear    "cuda"       SM >= 8.0: GEMV for decode, BF16/FP16 WMMA GEMM for prefill
           "cuda-sm75"  SM >= 7.5: same GEMV, FP16 WMMA GEMM only (e.g. RTX 2080 Ti)
 attention "cuda"       SM >= 7.5: flash-decode reading f16/bf16/f32/q8_0/q4_0 caches (K and V
-                       independently) + FP16 mma.sync flash-prefill
+                       independently) + FP16 mma.sync flash-prefill; reads dense-v1 stores only
+kv_storage "cuda"      the dense-v1 layout (luce_core.contract.kv_layout), one fused append kernel
 """
 from __future__ import annotations
 
-from luce_core.plugin_api import Caps, Impl, RunConfig, hookimpl
+from luce_core.plugin_api import CONTRACT_VERSION, DENSE_V1, Caps, Impl, RunConfig, hookimpl
 
 INSTALL = "NVRTC not installed (pip install luce[cuda])"
 # Weight types the CUDA linear reads (quantized by kernels, float via cuBLAS).
@@ -73,14 +74,16 @@ def provide_linear() -> list[Impl]:
     return [
         Impl("linear", "cuda", "luce_cuda.linear:make_bf16", priority=20,
              requires=_linear_requires(80, "bf16_tc"),
-             summary="quantized GEMV (decode) + BF16/FP16 WMMA GEMM (prefill), NVRTC-compiled"),
+             summary="quantized GEMV (decode) + BF16/FP16 WMMA GEMM (prefill), NVRTC-compiled",
+             contract=CONTRACT_VERSION),
         Impl("linear", "cuda-sm75", "luce_cuda.linear:make_sm75", priority=10,
              requires=_linear_requires(75, "fp16_tc"),
-             summary="quantized GEMV (decode) + FP16 WMMA GEMM (prefill), for SM 7.5+"),
+             summary="quantized GEMV (decode) + FP16 WMMA GEMM (prefill), for SM 7.5+", contract=CONTRACT_VERSION),
         # Declared so selection and `luce doctor` can say where it would run; its factory raises
         # KernelError (no native FP4 MMA kernel yet), so plan falls back to "cuda" with a warning.
         Impl("linear", "cuda-fp4tc", "luce_cuda.fp4tc:make", priority=30, requires=_fp4tc_requires,
-             summary="NVFP4 weights on native FP4 tensor cores (SM 10.x/12.x); not implemented yet"),
+             summary="NVFP4 weights on native FP4 tensor cores (SM 10.x/12.x); not implemented yet",
+             contract=CONTRACT_VERSION),
     ]
 
 
@@ -88,7 +91,8 @@ def provide_linear() -> list[Impl]:
 def provide_attention() -> list[Impl]:
     return [Impl("attention", "cuda", "luce_cuda.attention:CudaAttention", priority=20,
                  requires=_attention_requires,
-                 summary="flash-decode (split over the sequence, GQA) + causal mma.sync flash-prefill")]
+                 summary="flash-decode (split over the sequence, GQA) + causal mma.sync flash-prefill",
+                 contract=CONTRACT_VERSION, reads_kv_layouts=(DENSE_V1,))]
 
 
 def _kv_requires(caps: Caps, config: RunConfig) -> list[str]:
@@ -103,4 +107,5 @@ def _kv_requires(caps: Caps, config: RunConfig) -> list[str]:
 @hookimpl
 def provide_kv_storage() -> list[Impl]:
     return [Impl("kv_storage", "cuda", "luce_cuda.kv:CudaKVStorage", priority=20, requires=_kv_requires,
-                 summary="fused rotate+quantize+append kernel (f32/f16/bf16/q8_0/q4_0)")]
+                 summary="fused rotate+quantize+append kernel (f32/f16/bf16/q8_0/q4_0)", contract=CONTRACT_VERSION,
+                 kv_layout=DENSE_V1)]

@@ -5,6 +5,9 @@ tensors holding ggml blocks of each head's ``head_dim`` vector; quantized on wri
 on read). Shapes: ``[n_layers, capacity, n_kv_heads, head_dim]`` for floats and
 ``[n_layers, capacity, n_kv_heads, row_bytes]`` for blocks.
 
+The tensors are the ``dense-v1`` layout of ``luce_core.contract.kv_layout``, handed out as
+``tensors`` (what the CUDA attention reads).
+
 Rotation: with ``spec.rotation`` and a quantized K, K is Hadamard-rotated (after RoPE, which the
 model applies before ``write``) and then quantized; ``read`` returns K in that rotated basis and
 ``rotate_query`` moves queries into it, so attention scores are unchanged. For a float K the flag
@@ -18,7 +21,8 @@ import os
 import torch
 
 from luce_core.formats import kv_snapshot
-from luce_core.plugin_api import Caps, ConfigError, ContextOverflowError, KVSpec, RunConfig, SnapshotError
+from luce_core.plugin_api import (DENSE_V1, Caps, ConfigError, ContextOverflowError, KVSpec, KVTensors, RunConfig,
+                                  SnapshotError)
 from luce_core.formats.blocks import KV_BLOCKS, QUANTIZED, kv_bytes_per_token, vector_bytes
 from luce_core.formats.kv_snapshot import KVLayout, KVSnapshot
 from luce_core.formats.hadamard import DEFAULT_SEED, Hadamard
@@ -45,7 +49,6 @@ class TorchKVStore:
             raise ConfigError(f"compute dtype {spec.compute_dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
         self.spec = spec
         self.length = 0
-        self.fingerprint = spec.fingerprint  # the engine may set it after allocation
         self._compute = TORCH_DTYPES[spec.compute_dtype]
         self.rotated = bool(spec.rotation) and spec.k_dtype in QUANTIZED
         self.hadamard = Hadamard(spec.head_dim, DEFAULT_SEED) if self.rotated else None
@@ -54,6 +57,9 @@ class TorchKVStore:
         # byte views of the same memory: what snapshots copy, whatever the dtype
         self._k_raw = self.k.view(torch.uint8)
         self._v_raw = self.v.view(torch.uint8)
+        h = self.hadamard
+        self.tensors = KVTensors(self.k, self.v, spec.k_dtype, spec.v_dtype, h.group if h else 0,
+                                 h.signs(self.k.device) if h else None, DENSE_V1)
 
     def _alloc(self, dtype: str) -> torch.Tensor:
         s = self.spec
@@ -135,7 +141,7 @@ class TorchKVStore:
     def layout(self) -> KVLayout:
         s, h = self.spec, self.hadamard
         return KVLayout(s.k_dtype, s.v_dtype, self.rotated, h.seed if h else 0, h.group if h else 0,
-                        s.n_layers, s.n_kv_heads, s.head_dim, self.fingerprint)
+                        s.n_layers, s.n_kv_heads, s.head_dim, s.fingerprint)
 
     def snapshot(self) -> KVSnapshot:
         """Host-memory copy of the packed bytes of positions [0, length)."""

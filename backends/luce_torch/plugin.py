@@ -1,7 +1,7 @@
 """Descriptors of the torch reference implementations (imports nothing heavy)."""
 from __future__ import annotations
 
-from luce_core.plugin_api import Caps, Impl, KV_DTYPES, RunConfig, hookimpl
+from luce_core.plugin_api import CONTRACT_VERSION, DENSE_V1, Caps, Impl, KV_DTYPES, RunConfig, hookimpl
 from luce_core.formats.blocks import SUPPORTED
 
 
@@ -17,16 +17,18 @@ def _kv_requires(caps: Caps, config: RunConfig) -> list[str]:
 @hookimpl
 def provide_linear() -> list[Impl]:
     return [Impl("linear", "torch", "luce_torch.linear:TorchLinear", priority=0,
-                 requires=_linear_requires, summary="dequantize once per device/dtype, then matmul")]
+                 requires=_linear_requires, summary="dequantize once per device/dtype, then matmul",
+                 contract=CONTRACT_VERSION)]
 
 
 @hookimpl
 def provide_attention() -> list[Impl]:
     return [Impl("attention", "torch", "luce_torch.attention:TorchAttention", priority=0,
-                 summary="causal GQA attention with optional explicit mask (SDPA)")]
+                 summary="causal GQA attention with optional explicit mask (SDPA)", contract=CONTRACT_VERSION)]
 
 
 @hookimpl
 def provide_kv_storage() -> list[Impl]:
     return [Impl("kv_storage", "torch", "luce_torch.kv:TorchKVStorage", priority=0,
-                 requires=_kv_requires, summary="preallocated per-layer K/V tensors")]
+                 requires=_kv_requires, summary="preallocated per-layer K/V tensors", contract=CONTRACT_VERSION,
+                 kv_layout=DENSE_V1)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
+from luce_core.contract.kv_layout import KVTensors
 from luce_core.contract.types import KVSpec, LoadedModel, QTensor
 
 if TYPE_CHECKING:
@@ -81,6 +82,30 @@ class KVStore(Protocol):
     def read_range(self, layer: int, start: int, end: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """K, V of positions [start, end), as ``read``. Default None: ``read(layer, end)[start:]``."""
 
+    tensors: KVTensors | None
+    """The store's memory in the layout its descriptor names (``Impl.kv_layout``, e.g.
+    ``dense-v1``; see ``luce_core.contract.kv_layout``), for attention implementations that read
+    it directly. Must be present when the descriptor names a layout. Default None: an opaque
+    store, reached only through the members above (selection pairs it with an attention
+    implementation that reads any store)."""
+
+    def write_rotary(self, layer: int, slots: "int | torch.Tensor", q: "torch.Tensor", k: "torch.Tensor",
+                     v: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor", positions: "torch.Tensor",
+                     style: str) -> bool:
+        """RoPE and the store in one step: rotate q [T, Hq, D] in place and k [T, H, D] with the
+        f32 tables cos/sin [max_pos, rope_dim/2] at ``positions`` (int64 [T]), then store k and v
+        at ``slots`` (a start int as ``write``, or a device tensor as ``write_at``). Returns False,
+        having done nothing, where it cannot serve the call. Default None: the layer ops rotate,
+        then write."""
+
+    def rope_store_args(self, layer: int, slots: "int | torch.Tensor", positions: "torch.Tensor",
+                        cos: "torch.Tensor", sin: "torch.Tensor", style: str, nq: int,
+                        dtype: "torch.dtype") -> Any:
+        """Backend-private: what a QKV matmul of the *same backend* needs to rotate and store this
+        layer's k and v in its epilogue, or None where it cannot. The core never reads the value;
+        only that backend's ``LayerOps`` interprets it (the one named escape hatch between a
+        backend's linear and KV roles). Default None: no such fusion."""
+
 
 class KVStorage(Protocol):
     def allocate(self, spec: KVSpec) -> KVStore: ...
@@ -116,7 +141,8 @@ class ChunkSelector(Protocol):
 # ----------------------------------------------------------------------------- optional members
 OPTIONAL: dict[str, dict[str, Any]] = {
     "linear": {"layer_ops": None},
-    "kv_store": {"write_at": None, "move": None, "read_range": None},
+    "kv_store": {"write_at": None, "move": None, "read_range": None, "tensors": None, "write_rotary": None,
+                 "rope_store_args": None},
     "attention": {"prefill_chunk": 0},
     "drafter": {"capture": (), "supports_tree": False, "truncate": None, "spec_options": None},
 }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from luce_core.plugin_api import Caps, Impl, RunConfig, hookimpl
+from luce_core.plugin_api import CONTRACT_VERSION, Caps, Impl, RunConfig, hookimpl
 
 GGUF_MAGIC = b"GGUF"
 
@@ -34,4 +34,5 @@ def _loader_requires(caps: Caps, config: RunConfig) -> list[str]:
 def provide_loader() -> list[Impl]:
     return [Impl("loader", "gguf", "luce_gguf.loader:GGUFLoader", priority=0,
                  requires=_loader_requires,
-                 summary="GGUF v2/v3 via memory map (llama, qwen2, qwen3; tensors kept in stored format)")]
+                 summary="GGUF v2/v3 via memory map (llama, qwen2, qwen3; tensors kept in stored format)",
+                 contract=CONTRACT_VERSION)]

@@ -1,15 +1,17 @@
 """Spec of the ``attention`` role: causal GQA attention and explicit (tree) masks, as bool masks
 and as ``luce_core.tree.TreeMask``, over a KV store written by the torch reference store, against
-softmax(q k^T * scale + mask) v in float64."""
+softmax(q k^T * scale + mask) v in float64; an implementation that declares it reads any store
+(``Impl.reads_kv_layouts=None``) also over a store offering only the protocol's required members."""
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from luce_core.plugin_api import DEFAULT_KV, KVSpec, ModelConfig, RunConfig, TreeMask
+from luce_core.plugin_api import DEFAULT_KV, KVSpec, ModelConfig, RunConfig, TreeMask, optional
 from luce_specs import oracles
 from luce_specs.hyp import spec_settings
 
@@ -99,3 +101,65 @@ def test_tree_mask_matches_reference(subject, parents: list[int], start: int, se
     tm = TreeMask.from_dense(mask, start, subject.device)
     assert tm is not None
     _check(subject, q, store, 1, start, 1 / math.sqrt(m.head_dim), mask, tm)
+
+
+class _Opaque:
+    """A store reached only through the KVStore protocol's required members (none of the
+    optional ones, no layout view): what a third-party store may be."""
+
+    def __init__(self, store):
+        self._s = store
+        self.spec = store.spec
+
+    @property
+    def length(self) -> int:
+        return self._s.length
+
+    def write(self, layer, start, k, v):
+        self._s.write(layer, start, k, v)
+
+    def read(self, layer, end):
+        return self._s.read(layer, end)
+
+    def rotate_query(self, q):
+        return self._s.rotate_query(q)
+
+    def set_length(self, n):
+        self._s.set_length(n)
+
+    def snapshot(self):
+        return self._s.snapshot()
+
+    def restore(self, snap):
+        self._s.restore(snap)
+
+    @property
+    def bytes_per_token(self):
+        return self._s.bytes_per_token
+
+    @property
+    def nbytes(self):
+        return self._s.nbytes
+
+
+@spec_settings(8)
+@given(t=st.integers(1, 12), start=st.integers(0, 24), seed=st.integers(0, 2**31 - 1))
+def test_reads_any_store_through_the_protocol(subject, t: int, start: int, seed: int) -> None:
+    """An implementation declaring ``reads_kv_layouts=None`` is paired with every store, opaque
+    ones too: it must need nothing but the protocol's required members."""
+    if subject.impl.reads_kv_layouts is not None:
+        pytest.skip(f"reads only the KV layouts {', '.join(subject.impl.reads_kv_layouts)}")
+    m = subject.config.model
+    gen = torch.Generator().manual_seed(seed)
+    store = _filled_store(subject, gen, start + t)
+    store.set_length(start)
+    q = torch.randn(t, m.n_heads, m.head_dim, generator=gen)
+    _check(subject, q, _Opaque(store), 0, start, 1 / math.sqrt(m.head_dim), oracles.causal_mask(start, t), None)
+
+
+def test_declared_members(subject) -> None:
+    """Optional members, where present, have the declared types; a declared layout is known."""
+    chunk = optional(subject.create(), "attention", "prefill_chunk")
+    assert isinstance(chunk, int) and chunk >= 0, f"prefill_chunk must be a token count >= 0, got {chunk!r}"
+    reads = subject.impl.reads_kv_layouts
+    assert reads is None or (isinstance(reads, tuple) and all(isinstance(x, str) and x for x in reads))

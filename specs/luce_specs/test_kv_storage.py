@@ -1,13 +1,15 @@
 """Spec of the ``kv_storage`` role, for every KV dtype pair an implementation accepts: round-trip
-error within the dtype's bound, write/read/set_length/snapshot/restore invariants, and memory
-accounting (bytes_per_token and nbytes)."""
+error within the dtype's bound, write/read/set_length/snapshot/restore invariants, memory
+accounting (bytes_per_token and nbytes), and each optional member the store has (write_at,
+move, read_range, write_rotary, the layout view ``tensors``) against what the contract says."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from luce_core.plugin_api import KV_DTYPES, KVSpec, RunConfig
+from luce_core.plugin_api import DENSE_V1, KV_DTYPES, KVSpec, RunConfig, optional
 from luce_specs.hyp import spec_settings
 from luce_specs.oracles import KV_BYTES_PER_VALUE, kv_error_bound
 
@@ -148,3 +150,138 @@ def test_memory_accounting(subject, geo, capacity: int, extra: int) -> None:
     # fixed overhead (rotation matrices, ...) is allowed; per-position memory is bytes_per_token
     assert large.nbytes - small.nbytes == bpt * extra
     assert small.nbytes >= bpt * capacity
+
+
+# ----------------------------------------------------------------------------- optional members
+# Each is tested where the store has it (``optional`` gives None otherwise): a member that is
+# present must do what luce_core.contract.roles.KVStore says, since the core then relies on it.
+
+def _member(store, name: str):
+    member = optional(store, "kv_store", name)
+    if member is None:
+        pytest.skip(f"the store has no {name} (optional)")
+    return member
+
+
+def _filled(subject, gen: torch.Generator, n_kv: int, hd: int, capacity: int, n: int):
+    store = subject.create().allocate(_spec(subject, n_kv, hd, capacity))
+    for layer in range(N_LAYERS):
+        store.write(layer, 0, *_kv(gen, n, n_kv, hd, subject.device))
+    store.set_length(n)
+    return store
+
+
+@spec_settings(8)
+@given(geo=geometry, start=st.integers(0, 12), t=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_write_at_equals_write(subject, geo, start: int, t: int, seed: int) -> None:
+    n_kv, hd = geo
+    gen = torch.Generator().manual_seed(seed)
+    a = subject.create().allocate(_spec(subject, n_kv, hd, start + t + 1))
+    b = subject.create().allocate(_spec(subject, n_kv, hd, start + t + 1))
+    write_at = _member(b, "write_at")
+    k, v = _kv(gen, t, n_kv, hd, subject.device)
+    a.write(1, start, k, v)
+    write_at(1, torch.arange(start, start + t, device=subject.device), k, v)
+    _assert_same(_reads(a, start + t), _reads(b, start + t))
+
+
+@spec_settings(8)
+@given(geo=geometry, n=st.integers(2, 12), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_move_copies_rows(subject, geo, n: int, data, seed: int) -> None:
+    n_kv, hd = geo
+    store = _filled(subject, torch.Generator().manual_seed(seed), n_kv, hd, 2 * n + 1, n)
+    move = _member(store, "move")
+    src = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n))
+    dst = data.draw(st.integers(0, n))
+    before = _reads(store, n)
+    move(torch.tensor(src, dtype=torch.int64), dst)
+    after = _reads(store, dst + len(src))
+    for (k0, v0), (k1, v1) in zip(before, after):  # exact: the stored bytes are copied
+        assert torch.equal(k1[dst:], k0[src]) and torch.equal(v1[dst:], v0[src])
+        assert torch.equal(k1[:dst], k0[:dst]) and torch.equal(v1[:dst], v0[:dst])
+
+
+@spec_settings(8)
+@given(geo=geometry, n=st.integers(1, 12), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_read_range_equals_read_tail(subject, geo, n: int, data, seed: int) -> None:
+    n_kv, hd = geo
+    store = _filled(subject, torch.Generator().manual_seed(seed), n_kv, hd, n + 1, n)
+    read_range = _member(store, "read_range")
+    end = data.draw(st.integers(0, n))
+    start = data.draw(st.integers(0, end))
+    for layer in range(N_LAYERS):
+        k, v = store.read(layer, end)
+        rk, rv = read_range(layer, start, end)
+        assert torch.equal(rk, k[start:]) and torch.equal(rv, v[start:])
+
+
+def _decoded(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    from luce_core.formats.kv_blocks import DEQUANTIZE
+
+    return (DEQUANTIZE[fmt](t) if fmt in QUANTIZED else t).to(torch.float32)
+
+
+@spec_settings(8)
+@given(geo=geometry, n=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_layout_view_holds_what_read_returns(subject, geo, n: int, seed: int) -> None:
+    """A store whose descriptor names a layout hands it out as ``tensors`` (dense-v1: the
+    module docstring of luce_core.contract.kv_layout), holding exactly what read() returns."""
+    n_kv, hd = geo
+    gen = torch.Generator().manual_seed(seed)
+    store = _filled(subject, gen, n_kv, hd, n + 2, n)
+    view = optional(store, "kv_store", "tensors")
+    layout = subject.impl.kv_layout
+    if not layout:
+        assert view is None, "a store whose descriptor names no kv_layout must not hand out tensors"
+        pytest.skip("opaque store: no layout to check")
+    assert layout == DENSE_V1, f"layout {layout!r} has no spec here"
+    assert view is not None and view.layout == layout
+    c = subject.config
+    assert (view.k_format, view.v_format) == (c.kv_k, c.kv_v)
+    assert view.k.shape[:3] == view.v.shape[:3] == (N_LAYERS, n + 2, n_kv)
+    for layer in range(N_LAYERS):
+        k, v = store.read(layer, n)
+        assert torch.equal(_decoded(view.k[layer, :n], view.k_format).to(k.device), k.float())
+        assert torch.equal(_decoded(view.v[layer, :n], view.v_format).to(v.device), v.float())
+    # the rotation the view names is the one rotate_query applies
+    q = torch.randn(3, n_kv, hd, generator=gen).to(subject.device)
+    if view.rotated:
+        from luce_core.formats.hadamard import fwht
+
+        g = view.rotation_group
+        assert view.signs is not None and tuple(view.signs.shape) == (hd,) and hd % g == 0
+        want = fwht((q * view.signs.to(q.device)).reshape(3, n_kv, hd // g, g)).reshape(3, n_kv, hd)
+        torch.testing.assert_close(store.rotate_query(q), want, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(store.rotate_query(q), q)
+
+
+@spec_settings(8)
+@given(geo=geometry, start=st.integers(0, 12), t=st.integers(1, 8), tensor_slots=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_write_rotary_is_rope_then_write(subject, geo, start: int, t: int, tensor_slots: bool, seed: int) -> None:
+    """Where write_rotary serves a call, q comes back rotated (in place) and the store holds the
+    rotated k and v, as the reference RoPE followed by write would leave them."""
+    from luce_core.plugin_api import TORCH_LAYER_OPS, rope_tables
+
+    n_kv, hd = geo
+    gen = torch.Generator().manual_seed(seed)
+    store = subject.create().allocate(_spec(subject, n_kv, hd, start + t + 1))
+    write_rotary = _member(store, "write_rotary")
+    dev = subject.device
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    cos, sin = rope_tables(inv, start + t + 1, dev)
+    q = torch.randn(t, 2 * n_kv, hd, generator=gen).to(dev)
+    k, v = _kv(gen, t, n_kv, hd, dev)
+    pos = torch.arange(start, start + t, device=dev)
+    want_q, want_k = TORCH_LAYER_OPS.rope_qk(q.clone(), k.clone(), cos, sin, pos, "normal")
+    slots = pos if tensor_slots else start
+    got_q = q.clone()
+    if not write_rotary(1, slots, got_q, k.clone(), v, cos, sin, pos, "normal"):
+        pytest.skip("write_rotary declined this call (allowed)")
+    torch.testing.assert_close(got_q, want_q, atol=1e-4, rtol=1e-4)
+    rk, rv = store.read(1, start + t)
+    # within the dtype's rounding of the reference, plus RoPE arithmetic in another order
+    err = (rk[start:].cpu().double() - store.rotate_query(want_k).cpu().double()).abs()
+    assert float((err - kv_error_bound(subject.config.kv_k, store.rotate_query(want_k).cpu()) - 1e-4).max()) <= 0
+    _assert_within(subject.config.kv_v, rv[start:], v)

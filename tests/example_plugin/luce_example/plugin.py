@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from luce_core.plugin_api import Caps, Impl, RunConfig, hookimpl
+from luce_core.plugin_api import CONTRACT_VERSION, Caps, Impl, RunConfig, hookimpl
 from luce_core.formats.blocks import SUPPORTED
 
 ENABLE = "LUCE_EXAMPLE_ENABLE"
@@ -28,4 +28,5 @@ def _requires(caps: Caps, config: RunConfig) -> list[str]:
 def provide_linear() -> list[Impl]:
     # priority 100 beats the torch reference (0): once enabled, it is the default choice
     return [Impl("linear", "example-f32", "luce_example.linear:ExampleLinear", priority=100,
-                 requires=_requires, summary="dequantize to float32 once, then a float32 matmul")]
+                 requires=_requires, summary="dequantize to float32 once, then a float32 matmul",
+                 contract=CONTRACT_VERSION)]  # the contract version it was built against
