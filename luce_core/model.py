@@ -16,7 +16,7 @@ from luce_core.layer_ops import rms_norm  # noqa: F401  (re-exported for drafter
 from luce_core.contract.errors import ModelFileError
 from luce_core.contract.roles import Attention, KVStore, Linear
 from luce_core.contract.types import LoadedModel, ModelConfig, QTensor
-from luce_core.tree import TreeMask
+from luce_core.speculative.tree import TreeMask
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from luce_core.contract.errors import ConfigError, ModelFileError
+from luce_core.contract.drafting import DrafterOptions, Target
+from luce_core.generate import generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target, make_drafter
+from luce_core.speculative.stepper import SpeculativeStepper
+from luce_core.speculative.wiring import make_drafter, stepper_for
 from luce_drafters import testing
 from luce_drafters.dflash import (DFlashConfig, DFlashDrafter, DFlashModel, build_model, default_capture,
                                   load_drafter, save_drafter)
@@ -74,7 +77,7 @@ def test_files_round_trip(tmp_path, ext):
         load_drafter(tmp_path / "missing.safetensors")
 
 
-def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, SpeculativeDecoder, list[int]]:
+def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, SpeculativeStepper, list[int]]:
     """A random drafter bound to the tiny target after a 12-token speculative generation (which
     fills the feature mirror step by step); returns it, its decoder and the committed tokens +
     the pending one."""
@@ -82,8 +85,8 @@ def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, Speculat
     dm.reset_parameters(seed)
     d = DFlashDrafter()
     d.bind_model(Target(llm.plan.model, llm.tokenizer, 128, llm.plan), cfg, dm)
-    dec = SpeculativeDecoder(llm.session, d, budget=3)
-    list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
+    dec = stepper_for(llm.plan, llm.session, d, budget=3)
+    list(generate(dec, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
     return d, dec, dec._mirror_tokens + [llm.session.tokens[-1]]
 
 
@@ -174,9 +177,9 @@ def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
     runs = []
     for target, drafter in ((tiny["path"], src), (wide, tmp_path / "dw.safetensors")):
         llm = testing.load(target, ctx=128, kv_k="f32", kv_v="f32")
-        dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
-                                 budget=3)
-        out = list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
+        dec = stepper_for(llm.plan, llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
+                          budget=3)
+        out = list(generate(dec, [5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
         seq = dec._mirror_tokens + [llm.session.tokens[-1]]
         runs.append((out, dec.stats.accepted, dec.drafter.block_logits(seq, dec.mirror).clone()))
     (out_a, acc_a, logits_a), (out_b, acc_b, logits_b) = runs

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
+from luce_core.contract.drafting import DrafterOptions
+from luce_core.generate import PlainStepper, generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import DrafterOptions, SpeculativeDecoder, make_drafter
+from luce_core.speculative.wiring import make_drafter, stepper_for
 from luce_drafters import testing
 from luce_tools.train_drafter.batched_gen import BatchedGreedy
 from luce_drafters.dflash import DFlashConfig, DFlashModel, default_capture, load_drafter
@@ -41,7 +43,7 @@ def test_batched_greedy_is_the_targets_greedy_decoding(tiny):
     stopped = 0
     for r, (p, c) in enumerate(zip(prompts, conts)):
         llm.session.truncate(0)
-        ref = list(llm.session.generate(p, 40, Sampler(SamplingParams()), tok.eos_ids))
+        ref = list(generate(PlainStepper(llm.session), p, 40, Sampler(SamplingParams()), tok.eos_ids))
         if c and c[-1] in tok.eos_ids:  # a stop token ends the row and is kept; luce does not yield it
             stopped += 1
             assert c[:-1] == ref
@@ -123,10 +125,10 @@ def test_train_drafter_learns_and_reports(tiny, tmp_path, capsys):
     llm = tiny["llm"]
     ids = llm.encode("Explain the water cycle in simple terms.")
     llm.session.truncate(0)
-    ref = list(llm.session.generate(ids, 16, Sampler(SamplingParams())))
+    ref = list(generate(PlainStepper(llm.session), ids, 16, Sampler(SamplingParams())))
     opts = DrafterOptions(draft_model=str(out))
-    dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, opts), budget=3, options=opts)
-    assert list(dec.generate(ids, 16, Sampler(SamplingParams()))) == ref
+    dec = stepper_for(llm.plan, llm.session, make_drafter("dflash", llm.plan, opts), budget=3, options=opts)
+    assert list(generate(dec, ids, 16, Sampler(SamplingParams()))) == ref
     llm.session.truncate(0)
 
 
