@@ -4,19 +4,23 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import attrs
 
 from luce_core.caps import probe
 from luce_core.config import DEFAULT_BUDGET, RunConfig
 from luce_core.detok import StreamDecoder
-from luce_core.engine import Session, Stats
+from luce_core.generate import PlainStepper, Stats, Stepper, generate
+from luce_core.session import Session
 from luce_core.contract.errors import ConfigError
 from luce_core.contract.impl import ROLES
 from luce_core.contract.roles import optional
 from luce_core.plan import Plan, build
 from luce_core.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from luce_core.speculative.stepper import SpeculativeStepper
 
 _CONFIG_FIELDS = {f.name for f in attrs.fields(RunConfig)} - {"model_path", "overrides", "model", "weight_types"}
 
@@ -65,14 +69,18 @@ class LLM:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
     def speculative(self, drafter: str, *, budget: int = DEFAULT_BUDGET, tree: bool = False,
-                    draft_model: str | None = None):
-        """The speculative decoder for ``drafter`` (kept between calls, so a draft model stays loaded)."""
-        from luce_core.speculative import DrafterOptions, decoder_for
+                    draft_model: str | None = None) -> "SpeculativeStepper":
+        """The speculative stepper for ``drafter`` (kept between calls, so a draft model stays loaded)."""
+        from luce_core.contract.drafting import DrafterOptions
+        from luce_core.speculative.stepper import check_budget
+        from luce_core.speculative.wiring import make_drafter, stepper_for
 
         key = (drafter, budget, tree, draft_model)
         if self._spec_key != key:
-            self._spec = decoder_for(self.plan, self.session, drafter, budget=budget, tree=tree,
-                                     options=DrafterOptions(draft_model=draft_model))
+            check_budget(budget)  # before a draft model's weights load
+            options = DrafterOptions(draft_model=draft_model)
+            self._spec = stepper_for(self.plan, self.session, make_drafter(drafter, self.plan, options),
+                                     budget=budget, tree=tree, options=options)
             self._spec_key = key
         return self._spec
 
@@ -87,24 +95,22 @@ class LLM:
 
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stops = frozenset(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
-        if max_tokens < 0:
-            raise ConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         self.last_stats = Stats()
         sampler = Sampler(SamplingParams(**sampling))
         drafter = drafter or forced_name("drafter", self.plan.config)
+        stepper: Stepper
         if drafter is None:
-            self.last_spec_stats = None
-            with self._prefill_bar(len(ids)) as bar:
-                tokens = self.session.generate(ids, max_tokens, sampler, stops, self.last_stats,
-                                               progress=bar.update if bar else None)
-                first = next(tokens, None)  # the prefill happens here, under the progress bar
-            if first is not None:
-                yield first
-                yield from tokens
-            return
-        dec = self.speculative(drafter, budget=draft_budget, tree=draft_tree, draft_model=draft_model)
-        self.last_spec_stats = dec.reset_stats()
-        yield from dec.generate(ids, max_tokens, sampler, stops, self.last_stats)
+            stepper, self.last_spec_stats = PlainStepper(self.session), None
+        else:
+            stepper = self.speculative(drafter, budget=draft_budget, tree=draft_tree, draft_model=draft_model)
+            self.last_spec_stats = stepper.reset_stats()
+        with self._prefill_bar(len(ids)) as bar:
+            tokens = generate(stepper, ids, max_tokens, sampler, stops, self.last_stats,
+                              progress=bar.update if bar else None)
+            first = next(tokens, None)  # the prefill happens here, under the progress bar
+        if first is not None:
+            yield first
+            yield from tokens
 
     @contextlib.contextmanager
     def _prefill_bar(self, n: int):

@@ -17,7 +17,7 @@ import torch
 
 from luce_core.model import ForwardOut, Transformer
 from luce_core.contract.roles import KVStore
-from luce_core.tree import DraftTree, TreeMask
+from luce_core.speculative.tree import DraftTree, TreeMask
 
 MIN_WINDOW = 256
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from luce_core.contract.errors import ConfigError, ModelFileError
 from luce_core.contract.roles import Attention, KVStore, Linear, optional
 from luce_core.contract.types import LoadedModel, ModelConfig, QTensor
 from luce_core.lockstep import LockstepAttention, LockstepKV
-from luce_core.tree import TreeMask
+from luce_core.speculative.tree import TreeMask
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 

@@ -36,7 +36,8 @@ _LAZY: dict[str, str] = {
     # running a model (drafters with a model of their own, tools)
     "Plan": "luce_core.plan", "build": "luce_core.plan",
     "Transformer": "luce_core.model", "ForwardOut": "luce_core.model",
-    "Session": "luce_core.engine", "Stats": "luce_core.engine", "common_prefix": "luce_core.engine",
+    "Session": "luce_core.session", "common_prefix": "luce_core.session", "sync": "luce_core.session",
+    "generate": "luce_core.generate", "PlainStepper": "luce_core.generate", "Stats": "luce_core.generate",
     "TorchLayerOps": "luce_core.layer_ops", "TORCH_LAYER_OPS": "luce_core.layer_ops", "rms_norm": "luce_core.layer_ops",
     "rope_tables": "luce_core.rope", "apply_rope": "luce_core.rope", "inv_frequencies": "luce_core.rope",
     "capture_graph": "luce_core.graphs",
@@ -44,11 +45,12 @@ _LAZY: dict[str, str] = {
     # sampling and speculative decoding
     "SamplingParams": "luce_core.sampling", "Sampler": "luce_core.sampling",
     "probabilities": "luce_core.sampling", "apply_repetition_penalty": "luce_core.sampling",
-    "target_choice": "luce_core.speculative", "target_distribution": "luce_core.speculative", "SpecStats": "luce_core.speculative",
-    "SpeculativeDecoder": "luce_core.speculative", "make_drafter": "luce_core.speculative",
+    "target_choice": "luce_core.speculative.accept", "target_distribution": "luce_core.speculative.accept",
+    "SpecStats": "luce_core.speculative.stats", "SpeculativeStepper": "luce_core.speculative.stepper",
+    "make_drafter": "luce_core.speculative.wiring", "stepper_for": "luce_core.speculative.wiring",
     "FeatureMirror": "luce_core.feature_mirror",
-    "DraftTree": "luce_core.tree", "TreeMask": "luce_core.tree", "trie_tree": "luce_core.tree",
-    "chain_tree": "luce_core.tree",
+    "DraftTree": "luce_core.speculative.tree", "TreeMask": "luce_core.speculative.tree",
+    "trie_tree": "luce_core.speculative.tree", "chain_tree": "luce_core.speculative.tree",
 }
 
 

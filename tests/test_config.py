@@ -61,7 +61,7 @@ def test_prefill_chunk_automatic_takes_the_attention_preference(tmp_path, monkey
     """prefill_chunk 0 (the default) is resolved by the Session from the attention
     implementation's ``prefill_chunk`` (luce_cuda's: 4096); a set value wins."""
     import luce
-    from luce_core.engine import Session
+    from luce_core.session import Session
     from drafting_fixtures import write_tiny
     from luce_torch.attention import TorchAttention
 

@@ -203,7 +203,7 @@ def test_kernel_fwht_mirror(d):
 
 def _random_tree(seed: int, budget: int):
     """A DDTree from random draft log-probs: branches at several depths, the chain first."""
-    from luce_core.tree import build_ddtree, topk_logprobs
+    from luce_core.speculative.tree import build_ddtree, topk_logprobs
 
     g = torch.Generator().manual_seed(seed)
     lp = torch.log_softmax(torch.randn(6, 50, generator=g) * 3, dim=-1)
@@ -216,7 +216,7 @@ def test_tree_mask_lays_each_node_s_path_out_in_order(seed, budget, start, pad):
     """A tree's TreeMask (what the _tree kernels read): node j reads its path's slots in depth
     order and sees start + depth + 1 positions; a bool mask converts to the same table; a mask
     hiding part of the prefix from a row is refused (the kernels show every row the prefix)."""
-    from luce_core.tree import TreeMask
+    from luce_core.speculative.tree import TreeMask
 
     tree = _random_tree(seed, budget)
     tree = tree.padded(tree.size + pad)

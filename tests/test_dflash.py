@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from luce_core.contract.errors import ConfigError, ModelFileError
+from luce_core.contract.drafting import DrafterOptions, Target
+from luce_core.generate import generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import DrafterOptions, SpeculativeDecoder, Target, make_drafter
+from luce_core.speculative.stepper import SpeculativeStepper
+from luce_core.speculative.wiring import make_drafter, stepper_for
 import drafting_fixtures as fixtures
 from luce_drafters.dflash.config import DFlashConfig, default_capture
 from luce_drafters.dflash.files import load_drafter, save_drafter
@@ -68,7 +71,7 @@ def test_files_round_trip(tmp_path, ext):
         assert torch.equal(state[k].float(), v), k
     save_drafter(tmp_path / f"h.{ext}", cfg, m, dtype="f16")
     _, half = load_drafter(tmp_path / f"h.{ext}")
-    torch.testing.assert_close(build_model(cfg, half).fc.weight, m.fc.weight, atol=1e-4, rtol=1e-3)
+    torch.fixtures.assert_close(build_model(cfg, half).fc.weight, m.fc.weight, atol=1e-4, rtol=1e-3)
     (tmp_path / "junk.bin").write_bytes(b"not a drafter at all")
     with pytest.raises(ModelFileError):
         load_drafter(tmp_path / "junk.bin")
@@ -76,7 +79,7 @@ def test_files_round_trip(tmp_path, ext):
         load_drafter(tmp_path / "missing.safetensors")
 
 
-def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, SpeculativeDecoder, list[int]]:
+def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, SpeculativeStepper, list[int]]:
     """A random drafter bound to the tiny target after a 12-token speculative generation (which
     fills the feature mirror step by step); returns it, its decoder and the committed tokens +
     the pending one."""
@@ -84,8 +87,8 @@ def _drafted(llm, cfg: DFlashConfig, seed: int) -> tuple[DFlashDrafter, Speculat
     dm.reset_parameters(seed)
     d = DFlashDrafter()
     d.bind_model(Target(llm.plan.model, llm.tokenizer, 128, llm.plan), cfg, dm)
-    dec = SpeculativeDecoder(llm.session, d, budget=3)
-    list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
+    dec = stepper_for(llm.plan, llm.session, d, budget=3)
+    list(generate(dec, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 12, Sampler(SamplingParams())))
     return d, dec, dec._mirror_tokens + [llm.session.tokens[-1]]
 
 
@@ -101,7 +104,7 @@ def test_inference_path_equals_training_path(tiny):
     # the mirror holds what a plain full forward captures
     llm.session.truncate(0)
     full = model.forward(torch.tensor(seq[:L]), 0, llm.session.kv, capture=cfg.capture).features
-    torch.testing.assert_close(feats, full, atol=1e-5, rtol=1e-5)
+    torch.fixtures.assert_close(feats, full, atol=1e-5, rtol=1e-5)
     data = Sequences(torch.tensor(seq)[None], torch.cat([feats, torch.zeros_like(feats[:1])])[None],
                      torch.tensor([L + 1]), torch.tensor([1]))
     head = Head(model)
@@ -113,7 +116,7 @@ def test_inference_path_equals_training_path(tiny):
     for j, n in enumerate(ns):
         d.truncate(n - 2)  # keep a partly filled cache: incremental update from row n-2
         inf = d.block_logits(seq[: n + 1], dec.mirror)
-        torch.testing.assert_close(inf, tr[j], atol=1e-4, rtol=1e-4)
+        torch.fixtures.assert_close(inf, tr[j], atol=1e-4, rtol=1e-4)
     llm.session.truncate(0)
 
 
@@ -139,9 +142,9 @@ def test_static_graph_step_equals_eager_step(tiny):
         g.n.fill_(n)
         g.first.fill_(seq[n])
         got = g.body(cfg.block - 1)
-        torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(g.body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
-        torch.testing.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
+        torch.fixtures.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+        torch.fixtures.assert_close(g.body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
+        torch.fixtures.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
     assert g.fits(10, 14) and not g.fits(10, 10 + cfg.block + 1) and not g.fits(126, 127)
     llm.session.truncate(0)
 
@@ -177,13 +180,13 @@ def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
     runs = []
     for target, drafter in ((tiny["path"], src), (wide, tmp_path / "dw.safetensors")):
         llm = fixtures.load(target, ctx=128, kv_k="f32", kv_v="f32")
-        dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
-                                 budget=3)
-        out = list(dec.generate([5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
+        dec = stepper_for(llm.plan, llm.session, make_drafter("dflash", llm.plan, DrafterOptions(draft_model=str(drafter))),
+                          budget=3)
+        out = list(generate(dec, [5, 6, 7, 8, 9, 10, 11, 12], 16, Sampler(SamplingParams())))
         seq = dec._mirror_tokens + [llm.session.tokens[-1]]
         runs.append((out, dec.stats.accepted, dec.drafter.block_logits(seq, dec.mirror).clone()))
     (out_a, acc_a, logits_a), (out_b, acc_b, logits_b) = runs
     assert out_a == out_b and acc_a == acc_b
-    torch.testing.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
+    torch.fixtures.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
     other = fixtures.write_tiny(tmp_path / "other.gguf", n_layers=2)
     assert widen_main([src, "--target", other, "--out", str(tmp_path / "x.safetensors")]) == 2

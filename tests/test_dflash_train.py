@@ -8,13 +8,11 @@ import json
 import pytest
 import torch
 
-from luce_core.contract.errors import ConfigError
+from luce_core.contract.drafting import DrafterOptions
+from luce_core.generate import PlainStepper, generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import DrafterOptions, SpeculativeDecoder, make_drafter
+from luce_core.speculative.wiring import make_drafter, stepper_for
 import drafting_fixtures as fixtures
-from luce_drafters.dflash.config import DFlashConfig, default_capture
-from luce_drafters.dflash.files import load_drafter
-from luce_drafters.dflash.model import DFlashModel
 from luce_tools.train_drafter.batched_gen import BatchedGreedy
 from luce_tools.train_drafter.train import main as train_main
 from luce_tools.train_drafter.prompts import SYSTEMS, builtin_prompts, split, with_variants
@@ -45,7 +43,7 @@ def _check_batched_greedy(llm) -> int:
     stopped = 0
     for r, (p, c) in enumerate(zip(prompts, conts)):
         llm.session.truncate(0)
-        ref = list(llm.session.generate(p, 40, Sampler(SamplingParams()), tok.eos_ids))
+        ref = list(generate(PlainStepper(llm.session), p, 40, Sampler(SamplingParams()), tok.eos_ids))
         if c and c[-1] in tok.eos_ids:  # a stop token ends the row and is kept; luce does not yield it
             stopped += 1
             assert c[:-1] == ref
@@ -57,7 +55,7 @@ def _check_batched_greedy(llm) -> int:
         seq = p + c
         llm.session.truncate(0)
         full = model.forward(torch.tensor(seq[:-1]), 0, llm.session.kv, capture=capture).features
-        torch.testing.assert_close(b.feats[r, :len(seq) - 1], full, atol=1e-5, rtol=1e-5)
+        torch.fixtures.assert_close(b.feats[r, :len(seq) - 1], full, atol=1e-5, rtol=1e-5)
         assert not b.feats[r, len(seq) - 1:].any()
     llm.session.truncate(0)
     return stopped
@@ -102,7 +100,7 @@ def test_packed_blocks_equal_blocks_one_at_a_time():
     packed = m.denoise_blocks(first, anchors, kv, mask)
     for k in range(3):
         one = m.denoise(first[:, k], anchors[:, k], kv, mask[:, k])
-        torch.testing.assert_close(packed[:, k], one, atol=1e-5, rtol=1e-5)
+        torch.fixtures.assert_close(packed[:, k], one, atol=1e-5, rtol=1e-5)
     # and the context mask matters (the comparison above is not vacuous)
     assert not torch.allclose(m.denoise(first[:, 0], anchors[:, 0], kv), packed[:, 0], atol=1e-4)
 
@@ -145,10 +143,10 @@ def test_train_drafter_learns_and_reports(tiny, tmp_path, capsys):
     llm = tiny["llm"]
     ids = llm.encode("Explain the water cycle in simple terms.")
     llm.session.truncate(0)
-    ref = list(llm.session.generate(ids, 16, Sampler(SamplingParams())))
+    ref = list(generate(PlainStepper(llm.session), ids, 16, Sampler(SamplingParams())))
     opts = DrafterOptions(draft_model=str(out))
-    dec = SpeculativeDecoder(llm.session, make_drafter("dflash", llm.plan, opts), budget=3, options=opts)
-    assert list(dec.generate(ids, 16, Sampler(SamplingParams()))) == ref
+    dec = stepper_for(llm.plan, llm.session, make_drafter("dflash", llm.plan, opts), budget=3, options=opts)
+    assert list(generate(dec, ids, 16, Sampler(SamplingParams()))) == ref
     llm.session.truncate(0)
 
 

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from luce_core import plugin_host
 from luce_core.contract.errors import ConfigError
+from luce_core.contract.drafting import DrafterOptions, DraftRequest
+from luce_core.generate import PlainStepper, generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import DrafterOptions, DraftRequest, SpeculativeDecoder, make_drafter
+from luce_core.speculative.wiring import make_drafter, stepper_for
 import drafting_fixtures as fixtures
 from luce_drafters.draft_model import check_same_tokenizer
 from luce_drafters.prompt_lookup import PromptLookupDrafter
@@ -135,16 +137,16 @@ PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
 @pytest.mark.slow
 def test_smollm2_speculative_greedy_equals_plain_greedy(smol, tmp_path):
     ids = smol.encode(PROMPT)
-    ref = list(smol.session.generate(ids, 16, Sampler(SamplingParams())))
+    ref = list(generate(PlainStepper(smol.session), ids, 16, Sampler(SamplingParams())))
     dflash = fixtures.random_dflash(smol.plan.model, tmp_path / "d.safetensors", block=4, window=32)
     # (drafter, tree, budget, weights, tokens): the untrained DFlash drafter accepts nothing, so
     # it runs fewer tokens; it checks that captured real-model features flow through a tree verify
     runs = [("prompt-lookup", False, 6, None, 16), ("prompt-lookup", True, 8, None, 16), ("dflash", True, 6, dflash, 6)]
     for name, tree, budget, path, n in runs:
         opts = DrafterOptions(draft_model=path, tree_topk=2)
-        dec = SpeculativeDecoder(smol.session, make_drafter(name, smol.plan, opts), budget=budget, tree=tree,
-                                 options=opts)
-        out = list(dec.generate(ids, n, Sampler(SamplingParams())))
+        dec = stepper_for(smol.plan, smol.session, make_drafter(name, smol.plan, opts), budget=budget, tree=tree,
+                          options=opts)
+        out = list(generate(dec, ids, n, Sampler(SamplingParams())))
         assert out == ref[:n], (name, tree, smol.tokenizer.decode(out), smol.tokenizer.decode(ref))
         if name == "prompt-lookup":  # text that repeats itself: lookup drafts get accepted
             assert dec.stats.acceptance_length > 1.4, dec.stats.as_dict()
@@ -182,10 +184,10 @@ def test_smollm2_speculative_greedy_property(smol, smol_drafts, words, drafter, 
     """Random prompts, drafters, budgets, block sizes, chain or tree: the real model's speculative
     greedy output is its plain greedy output."""
     ids = smol.encode(" ".join(words))
-    ref = list(smol.session.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
-    dec = SpeculativeDecoder(smol.session, smol_drafts[drafter], budget=budget, tree=tree, static_shapes=static,
-                             options=DrafterOptions(tree_topk=3))
-    out = list(dec.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    ref = list(generate(PlainStepper(smol.session), ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    dec = stepper_for(smol.plan, smol.session, smol_drafts[drafter], budget=budget, tree=tree, static_shapes=static,
+                      options=DrafterOptions(tree_topk=3))
+    out = list(generate(dec, ids, max_tokens, Sampler(SamplingParams()), frozenset()))
     assert out == ref, (drafter, budget, tree, smol.tokenizer.decode(out), smol.tokenizer.decode(ref))
     if drafter == ("draft-model", "self"):  # its own drafts hold
         assert dec.stats.accepted > 0, dec.stats.as_dict()

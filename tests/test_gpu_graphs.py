@@ -119,7 +119,7 @@ def test_graphed_dflash_is_lossless_and_matches_eager_drafting(smollm2_path, tmp
     d.use_graphs = True
     d.truncate(n - 3)
     graphed = d.block_logits(toks, dec.mirror).clone()
-    torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
+    torch.fixtures.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kv, graphed", [(("f16", "f16"), True), (("bf16", "bf16"), True), (("q8_0", "q4_0"), True),
@@ -130,19 +130,21 @@ def test_tree_verify_is_lossless_in_bf16(smollm2_path, kv, graphed) -> None:
     leaves the depth-first chain, so its K/V move (byte copy) before the next step."""
     import warnings
 
+    from luce_core.contract.drafting import DrafterOptions
+    from luce_core.generate import PlainStepper, generate
     from luce_core.sampling import Sampler, SamplingParams
-    from luce_core.speculative import DrafterOptions, SpeculativeDecoder
+    from luce_core.speculative.stepper import SpeculativeStepper
     from drafting_fixtures import SecondBest
 
     llm = luce.load(smollm2_path, device="cuda", ctx=1024, kv_k=kv[0], kv_v=kv[1], progress=False)
     assert llm.session.model.dtype == torch.bfloat16
     prompt = llm.encode("Write a short story about a robot who learns to paint.")
-    ref = list(llm.session.generate(prompt, 80, Sampler(SamplingParams())))
-    dec = SpeculativeDecoder(llm.session, SecondBest(ref, len(prompt), llm.plan.model.cfg.vocab, depth=4),
+    ref = list(generate(PlainStepper(llm.session), prompt, 80, Sampler(SamplingParams())))
+    dec = SpeculativeStepper(llm.session, SecondBest(ref, len(prompt), llm.plan.model.cfg.vocab, depth=4),
                              budget=14, tree=True, static_shapes=graphed, options=DrafterOptions(tree_topk=2))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="luce_cuda attention")  # a fallback fails the test
-        out = list(dec.generate(prompt, 80, Sampler(SamplingParams())))
+        out = list(generate(dec, prompt, 80, Sampler(SamplingParams())))
     assert out == ref
     s = dec.stats
     assert s.accepted > 2 * s.steps and s.moved_steps >= s.steps - 1 and s.reforward_steps == 0
@@ -210,7 +212,7 @@ def test_greedy_chain_graph_equals_graphed_steps(smollm2_path) -> None:
         if i < 7:
             logits = s.step(ref[-1])
     assert ids == ref
-    torch.testing.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)
+    torch.fixtures.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)
 
 
 WORDS = ("the", "cat", "sat", "on", "mat", "a", "red", "ball", "def", "return", "x", "=", "1", "+", "(", ")", ":",
@@ -221,7 +223,8 @@ WORDS = ("the", "cat", "sat", "on", "mat", "a", "red", "ball", "def", "return", 
 def cuda_spec(smollm2_path, tmp_path_factory):
     """SmolLM2 on CUDA (bf16, graphs) and drafters that accept much (itself as draft model),
     from n-grams (prompt lookup) or little (untrained DFlash, blocks 4 and 8)."""
-    from luce_core.speculative import DrafterOptions, make_drafter
+    from luce_core.contract.drafting import DrafterOptions
+    from luce_core.speculative.wiring import make_drafter
     from drafting_fixtures import random_dflash
 
     llm = luce.load(smollm2_path, device="cuda", ctx=1024, progress=False)
@@ -240,18 +243,20 @@ def cuda_spec(smollm2_path, tmp_path_factory):
 def test_cuda_speculative_greedy_property(cuda_spec, words, chat, drafter, budget, tree, max_tokens) -> None:
     """Random prompts, drafters, budgets, block sizes, chain or tree, on the CUDA backend in bf16
     with graphed verifies: the speculative output is plain greedy decoding's, token for token."""
+    from luce_core.contract.drafting import DrafterOptions
+    from luce_core.generate import PlainStepper, generate
     from luce_core.sampling import Sampler, SamplingParams
-    from luce_core.speculative import DrafterOptions, SpeculativeDecoder
+    from luce_core.speculative.wiring import stepper_for
 
     llm, drafters = cuda_spec
     text = " ".join(words)
     ids = llm.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
     llm.session.truncate(0)  # each from an empty cache (see test_ddtree_is_lossless_in_bf16)
-    ref = list(llm.session.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    ref = list(generate(PlainStepper(llm.session), ids, max_tokens, Sampler(SamplingParams()), frozenset()))
     llm.session.truncate(0)
-    dec = SpeculativeDecoder(llm.session, drafters[drafter], budget=budget, tree=tree,
-                             options=DrafterOptions(tree_topk=3))
-    out = list(dec.generate(ids, max_tokens, Sampler(SamplingParams()), frozenset()))
+    dec = stepper_for(llm.plan, llm.session, drafters[drafter], budget=budget, tree=tree,
+                      options=DrafterOptions(tree_topk=3))
+    out = list(generate(dec, ids, max_tokens, Sampler(SamplingParams()), frozenset()))
     assert out == ref, (drafter, budget, tree, llm.tokenizer.decode(out), llm.tokenizer.decode(ref))
     if drafter == ("draft-model", "self"):
         assert dec.stats.accepted > 0

@@ -12,13 +12,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from luce_core.engine import Stats
 from luce_core.contract.errors import ConfigError, ContextOverflowError, SelectionError
+from luce_core.contract.drafting import DrafterOptions, DraftRequest, Proposal
+from luce_core.generate import PlainStepper, Stats, generate
 from luce_core.sampling import Sampler, SamplingParams
-from luce_core.speculative import (DrafterOptions, DraftRequest, Proposal, SpeculativeDecoder, SpecStats, accept_chain,
-                                   accept_tree, make_drafter, residual, sample_among, speculative_sample,
-                                   target_distribution)
-from luce_core.tree import DraftTree, build_ddtree, chain_tree, trie_tree
+from luce_core.speculative.accept import (accept_chain, accept_tree, residual, sample_among, speculative_sample,
+                                          target_distribution)
+from luce_core.speculative.stats import SpecStats
+from luce_core.speculative.stepper import SpeculativeStepper
+from luce_core.speculative.tree import DraftTree, build_ddtree, chain_tree, trie_tree
+from luce_core.speculative.wiring import make_drafter, stepper_for
 import drafting_fixtures as fixtures
 
 FEW = settings(max_examples=25, deadline=None)
@@ -69,7 +72,7 @@ def test_ddtree_best_first_takes_the_heaviest_nodes(seed, L, K, budget):
     for node in range(1, tree.size):
         path = tree.path_to(node)[1:]
         got.append(sum(lp[tree.depths[n] - 1, list(ids[tree.depths[n] - 1]).index(tree.tokens[n])] for n in path))
-    np.testing.assert_allclose(sorted(got, reverse=True), all_w[: len(got)], rtol=0, atol=1e-12)
+    np.fixtures.assert_allclose(sorted(got, reverse=True), all_w[: len(got)], rtol=0, atol=1e-12)
 
 
 @FEW
@@ -128,7 +131,7 @@ def test_tree_verify_logits_equal_each_paths_causal_logits(tiny):
     for node in range(tree.n_real):
         path = [tree.tokens[i] for i in tree.path_to(node)]
         ref = model.forward(torch.tensor(prefix[:-1] + path), 0, kv).logits[-1]
-        torch.testing.assert_close(out.logits[node], ref, atol=2e-4, rtol=1e-4)
+        torch.fixtures.assert_close(out.logits[node], ref, atol=2e-4, rtol=1e-4)
     llm.session.truncate(0)  # the forwards above bypassed the session
 
 
@@ -227,12 +230,12 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.choice(alphabet) for _ in range(n)]
 
 
-def _decoder(tiny, name: str, budget: int, tree: bool, static: bool, block: int = 4, **kw) -> SpeculativeDecoder:
+def _decoder(tiny, name: str, budget: int, tree: bool, static: bool, block: int = 4) -> SpeculativeStepper:
     llm = tiny["llm"]
     path = tiny["draft"] if name == "draft-model" else tiny["dflash"][block] if name == "dflash" else None
     opts = DrafterOptions(draft_model=path, tree_topk=3)
     d = make_drafter(name, llm.plan, opts)
-    return SpeculativeDecoder(llm.session, d, budget=budget, tree=tree, static_shapes=static, options=opts, **kw)
+    return stepper_for(llm.plan, llm.session, d, budget=budget, tree=tree, static_shapes=static, options=opts)
 
 
 @settings(max_examples=40, deadline=None)
@@ -245,9 +248,9 @@ def test_greedy_output_equals_the_target_alone(tiny, seed, name, budget, tree, s
     prompt = _prompt(random.Random(seed), n_prompt)
     params = SamplingParams(repetition_penalty=penalty)
     ref_stats, spec_stats = Stats(), Stats()
-    ref = list(llm.session.generate(prompt, max_tokens, Sampler(params), frozenset(), ref_stats))
+    ref = list(generate(PlainStepper(llm.session), prompt, max_tokens, Sampler(params), frozenset(), ref_stats))
     dec = _decoder(tiny, name, budget, tree, static, block)
-    out = list(dec.generate(prompt, max_tokens, Sampler(params), frozenset(), spec_stats))
+    out = list(generate(dec, prompt, max_tokens, Sampler(params), frozenset(), spec_stats))
     assert out == ref
     assert spec_stats.finish_reason == ref_stats.finish_reason
     assert spec_stats.generated_tokens == len(out)
@@ -255,26 +258,27 @@ def test_greedy_output_equals_the_target_alone(tiny, seed, name, budget, tree, s
     # the first token comes from the prefill's logits, as in plain decoding; steps emit the rest
     assert s.emitted == s.accepted + s.steps and s.emitted >= len(out) - 1
     # the session really holds what it says (a later plain generation reuses it correctly)
-    again = list(llm.session.generate(prompt, max_tokens, Sampler(params)))
+    again = list(generate(PlainStepper(llm.session), prompt, max_tokens, Sampler(params)))
     assert again == ref
 
 
 def test_stop_and_context_limits_match_plain_decoding(tiny):
     llm = tiny["llm"]
     prompt = _prompt(random.Random(5), 10)
-    ref = list(llm.session.generate(prompt, 20, Sampler(SamplingParams())))
+    ref = list(generate(PlainStepper(llm.session), prompt, 20, Sampler(SamplingParams())))
     stop = frozenset({ref[7]})
     for tree in (False, True):
         for max_tokens in (20, 500):  # 500 runs into the context (96)
             a, b = Stats(), Stats()
-            want = list(llm.session.generate(prompt, max_tokens, Sampler(SamplingParams()), stop, a))
+            want = list(generate(PlainStepper(llm.session), prompt, max_tokens, Sampler(SamplingParams()), stop, a))
             dec = _decoder(tiny, "draft-model", 5, tree, False)
-            got = list(dec.generate(prompt, max_tokens, Sampler(SamplingParams()), stop, b))
+            got = list(generate(dec, prompt, max_tokens, Sampler(SamplingParams()), stop, b))
             assert got == want and b.finish_reason == a.finish_reason == "stop"
             a, b = Stats(), Stats()
-            want = list(llm.session.generate(prompt, max_tokens, Sampler(SamplingParams()), frozenset(), a))
+            want = list(generate(PlainStepper(llm.session), prompt, max_tokens, Sampler(SamplingParams()),
+                                 frozenset(), a))
             dec = _decoder(tiny, "draft-model", 5, tree, True)
-            got = list(dec.generate(prompt, max_tokens, Sampler(SamplingParams()), frozenset(), b))
+            got = list(generate(dec, prompt, max_tokens, Sampler(SamplingParams()), frozenset(), b))
             assert got == want and b.finish_reason == a.finish_reason
     assert a.finish_reason == "context" and len(got) == 96 - len(prompt)
 
@@ -288,11 +292,11 @@ def test_off_chain_acceptance_moves_kv_exactly(tiny, kv, store_moves):
     if not store_moves:  # a store without move(): read/write round trip or re-run
         llm.session.kv.move = None
     prompt = _prompt(random.Random(11), 8)
-    ref = list(llm.session.generate(prompt, 24, Sampler(SamplingParams())))
+    ref = list(generate(PlainStepper(llm.session), prompt, 24, Sampler(SamplingParams())))
     # depth 3, two candidates per depth, budget 14: the whole tree, so the true path is in it
-    dec = SpeculativeDecoder(llm.session, fixtures.SecondBest(ref, len(prompt), 300), budget=14, tree=True,
+    dec = SpeculativeStepper(llm.session, fixtures.SecondBest(ref, len(prompt), 300), budget=14, tree=True,
                              options=DrafterOptions(tree_topk=2))
-    out = list(dec.generate(prompt, 24, Sampler(SamplingParams())))
+    out = list(generate(dec, prompt, 24, Sampler(SamplingParams())))
     assert out == ref
     s = dec.stats
     assert s.accepted > s.steps  # paths of length >= 2 were accepted ...
@@ -354,12 +358,12 @@ def test_first_token_distribution_matches_the_target_at_temperature(tiny, kind):
         dec = _decoder(tiny, "prompt-lookup", 3, False, False)
     elif kind == "prompt-lookup-tree":
         opts = DrafterOptions(ngram_max=1)
-        dec = SpeculativeDecoder(llm.session, make_drafter("prompt-lookup", llm.plan, opts), budget=6, tree=True,
+        dec = SpeculativeStepper(llm.session, make_drafter("prompt-lookup", llm.plan, opts), budget=6, tree=True,
                                  options=opts)
     else:
         q = torch.zeros(2, 300)
         q[:, np.argsort(-p)[:3]] = torch.tensor([0.2, 0.5, 0.3])
-        dec = SpeculativeDecoder(llm.session, FixedChain(q), budget=2)
+        dec = SpeculativeStepper(llm.session, FixedChain(q), budget=2)
     n = 600
     counts = np.zeros(300)
     for i in range(n):
@@ -383,22 +387,21 @@ def test_bad_budgets_and_forced_drafters_are_clear_errors(tiny):
     d = make_drafter("prompt-lookup", llm.plan)
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ConfigError, match="budget"):
-            SpeculativeDecoder(llm.session, d, budget=bad)
-    from luce_core.speculative import decoder_for
+            SpeculativeStepper(llm.session, d, budget=bad)
     with pytest.raises(ConfigError, match="budget"):  # before the draft model (none given here) is looked for
-        decoder_for(llm.plan, llm.session, "draft-model", budget=0)
+        llm.speculative("draft-model", budget=0)
     with pytest.raises(ConfigError, match="trees"):
-        SpeculativeDecoder(llm.session, FixedChain(torch.ones(1, 300) / 300), budget=2, tree=True)
+        SpeculativeStepper(llm.session, FixedChain(torch.ones(1, 300) / 300), budget=2, tree=True)
     with pytest.raises(SelectionError, match="no-such-drafter"):
         make_drafter("no-such-drafter", llm.plan)
     for name in ("draft-model", "dflash"):
         with pytest.raises(ConfigError, match="--draft-model"):
             make_drafter(name, llm.plan)
-    dec = SpeculativeDecoder(llm.session, d, budget=2)
+    dec = SpeculativeStepper(llm.session, d, budget=2)
     with pytest.raises(ContextOverflowError):
-        list(dec.generate([], 4, Sampler(SamplingParams())))
+        list(generate(dec, [], 4, Sampler(SamplingParams())))
     with pytest.raises(ContextOverflowError):
-        list(dec.generate([5] * 96, 4, Sampler(SamplingParams())))
+        list(generate(dec, [5] * 96, 4, Sampler(SamplingParams())))
     with pytest.raises(ConfigError):
         DrafterOptions(ngram_min=3, ngram_max=2)
 
@@ -428,7 +431,7 @@ def test_draft_model_device_chain_equals_stepwise_drafting(tiny, tree):
     """The draft model's greedy chain (ids kept on the device, Session.greedy) proposes what
     drafting one host-side argmax at a time proposes, with the same log-probs for trees, and
     leaves its session holding the same tokens."""
-    from luce_core.engine import Session
+    from luce_core.session import Session
 
     llm = tiny["llm"]
     d = make_drafter("draft-model", llm.plan, DrafterOptions(draft_model=tiny["draft"]))
@@ -450,7 +453,7 @@ def test_draft_model_device_chain_equals_stepwise_drafting(tiny, tree):
                 logits = ref.step(drafts[-1])
         assert list(prop.tokens) == drafts and got_tokens == ref.tokens == prompt + drafts[:-1]
         if tree:
-            torch.testing.assert_close(prop.logprobs, torch.stack(lps), rtol=0, atol=1e-5)
+            torch.fixtures.assert_close(prop.logprobs, torch.stack(lps), rtol=0, atol=1e-5)
         else:
             assert prop.logprobs is None and prop.probs is None
 
@@ -459,7 +462,7 @@ def test_stats_are_consistent_and_json_ready(tiny):
     llm = tiny["llm"]
     prompt = [9, 10, 11, 9, 10, 11, 9, 10]
     dec = _decoder(tiny, "draft-model", 4, False, False)
-    out = list(dec.generate(prompt, 25, Sampler(SamplingParams())))
+    out = list(generate(dec, prompt, 25, Sampler(SamplingParams())))
     s = dec.stats
     d = json.loads(json.dumps(s.as_dict()))
     assert d["steps"] == s.steps > 0 and d["emitted"] == s.accepted + s.steps >= len(out) - 1  # 1st: prefill
@@ -471,16 +474,27 @@ def test_stats_are_consistent_and_json_ready(tiny):
     assert empty.acceptance_length == 0.0 and empty.as_dict()["draft_fraction"] == 0.0
 
 
-def test_decoder_for_builds_the_mirror_through_the_plan(tiny):
-    """The wiring the API/CLI use: drafter by name, feature mirror from the plan's kv_storage."""
-    from luce_core.speculative import decoder_for
-
+def test_stepper_for_builds_the_mirror_through_the_plan(tiny, monkeypatch):
+    """The wiring the API/CLI use: the feature mirror comes from the plan's kv_storage; a stepper
+    for a drafter that reads features, given no mirror, is refused."""
     llm = tiny["llm"]
+    chosen, made = llm.plan.chosen["kv_storage"], []
+
+    class Recording:  # the plan's kv_storage implementation, counting the storages it creates
+        def create(self, caps, config):
+            made.append(chosen.create(caps, config))
+            return made[-1]
+
+    monkeypatch.setitem(llm.plan.chosen, "kv_storage", Recording())
     prompt = _prompt(random.Random(2), 9)
-    ref = list(llm.session.generate(prompt, 20, Sampler(SamplingParams())))
-    dec = decoder_for(llm.plan, llm.session, "dflash", budget=3, tree=True,
-                      options=DrafterOptions(draft_model=tiny["dflash"][4]))
+    ref = list(generate(PlainStepper(llm.session), prompt, 20, Sampler(SamplingParams())))
+    opts = DrafterOptions(draft_model=tiny["dflash"][4])
+    d = make_drafter("dflash", llm.plan, opts)
+    with pytest.raises(ConfigError, match="feature mirror"):
+        SpeculativeStepper(llm.session, d, budget=3)
+    dec = stepper_for(llm.plan, llm.session, d, budget=3, tree=True, options=opts)
     assert dec.mirror is not None and dec.mirror.dtype == llm.plan.config.feature_dtype
     assert dec.mirror.width == len(dec.capture) * llm.plan.model.cfg.hidden
-    assert list(dec.generate(prompt, 20, Sampler(SamplingParams()))) == ref
+    assert len(made) == 1  # the mirror's store came from the plan's kv_storage
+    assert list(generate(dec, prompt, 20, Sampler(SamplingParams()))) == ref
     assert dec.mirror.length == len(llm.session.tokens)  # one feature row per committed token

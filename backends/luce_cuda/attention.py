@@ -13,7 +13,7 @@ is looked up once per store, not per call.
 * causal T > 1 without positions: flash-prefill (FP16 tensor cores) over f16/bf16 caches; over
   other formats, up to DECODE_MAX_T tokens take flash-decode, more take flash-prefill on an f16
   copy of rows [0, start+T) (dequantized by torch).
-* a tree mask (``luce_core.tree.TreeMask``, or a bool mask showing every row the whole prefix
+* a tree mask (``luce_core.speculative.tree.TreeMask``, or a bool mask showing every row the whole prefix
   [0, start), converted with one host read): the flash-decode kernels ``_tree``, which read each
   node's path as consecutive logical positions, so a node's rows round exactly as a one-token
   decode step after accepting that path would: DDTree verification stays lossless here.

@@ -252,7 +252,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int 
     q * signs, then a normalized Walsh-Hadamard transform over aligned groups of rot_group.
 
     ``tail`` (int32 CUDA [T, W], with ``positions`` and ``tail_start``, an int32 CUDA [1]; tree
-    verification, see ``luce_core.tree.TreeMask``) remaps token t's positions p >= s =
+    verification, see ``luce_core.speculative.tree.TreeMask``) remaps token t's positions p >= s =
     tail_start[0] to the rows ``tail[t, p - s]``: the token attends to its own sequence of rows,
     rounded exactly as a one-token decode over that sequence laid out in order. Entries past
     positions[t] - s are never read; W must exceed every positions[t] - s."""

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from luce_core.feature_mirror import FeatureMirror
     from luce_core.model import Transformer
     from luce_core.sampling import SamplingParams
-    from luce_core.tree import DraftTree
+    from luce_core.speculative.tree import DraftTree
 
 
 @attrs.frozen(eq=False)

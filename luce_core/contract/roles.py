@@ -119,7 +119,7 @@ class Attention(Protocol):
         """Queries q [T, n_heads, head_dim] at positions [start, start+T) attend over kv
         positions [0, start+T) of ``layer`` (GQA: n_heads is a multiple of n_kv_heads).
         Causal unless ``mask`` (bool [T, start+T], True = may attend, or a
-        ``luce_core.tree.TreeMask``) is given, e.g. a tree. ``positions`` (int64 device tensor
+        ``luce_core.speculative.tree.TreeMask``) is given, e.g. a tree. ``positions`` (int64 device tensor
         [T], no mask) instead lets query t see slots [0, positions[t]]: the static-shape form a
         CUDA-graph replay uses, so an implementation must not read it on the host.
         Returns [T, n_heads, head_dim]."""

@@ -1,5 +1,5 @@
 """Spec of the ``attention`` role: causal GQA attention and explicit (tree) masks, as bool masks
-and as ``luce_core.tree.TreeMask``, over a KV store written by the torch reference store, against
+and as ``luce_core.speculative.tree.TreeMask``, over a KV store written by the torch reference store, against
 softmax(q k^T * scale + mask) v in float64; an implementation that declares it reads any store
 (``Impl.reads_kv_layouts=None``) also over a store offering only the protocol's required members."""
 from __future__ import annotations

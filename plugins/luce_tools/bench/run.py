@@ -46,17 +46,13 @@ def _device_name(caps: Any, on_gpu: bool) -> str:
     return caps.gpu_name if on_gpu else f"cpu: {caps.cpu_name}"
 
 
-def _sync(llm) -> None:
-    import torch
-    if llm.plan.device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed(llm, fn) -> float:
-    _sync(llm)
+    from luce_core.plugin_api import sync
+
+    sync(llm.plan.model.device)
     t0 = time.perf_counter()
     fn()
-    _sync(llm)
+    sync(llm.plan.model.device)
     return time.perf_counter() - t0
 
 

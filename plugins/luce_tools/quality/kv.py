@@ -84,15 +84,14 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
 
 
 def needle(llm: Any, filler_ids: list[int], k: str, v: str, rotation: bool) -> dict[str, Any]:
-    from luce_core.plugin_api import Session
-    from luce_core.plugin_api import Sampler, SamplingParams
+    from luce_core.plugin_api import PlainStepper, Sampler, SamplingParams, Session, generate
 
     tok = llm.tokenizer
     half = len(filler_ids) // 2
     ids = filler_ids[:half] + tok.encode(NEEDLE, add_bos=False) + filler_ids[half:] + tok.encode(QUESTION, add_bos=False)
     kv = _store(llm, k, v, rotation, len(ids) + 16)
     s = Session(llm.plan.model, kv, len(ids) + 16)
-    answer = tok.decode(list(s.generate(ids, 8, Sampler(SamplingParams()))))
+    answer = tok.decode(list(generate(PlainStepper(s), ids, 8, Sampler(SamplingParams()))))
     return {"context_tokens": len(ids), "answer": answer, "found": "73914" in answer}
 
 

@@ -647,7 +647,7 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]], batched: 
     """Acceptance length (chain, tree) of the saved drafter on ``prompts``; per mode how many
     speculative outputs equalled plain greedy decoding; how many batched generations did."""
     from luce_core.plugin_api import Sampler, SamplingParams
-    from luce_core.plugin_api import DrafterOptions, SpeculativeDecoder, Target
+    from luce_core.plugin_api import DrafterOptions, PlainStepper, Target, generate, stepper_for
     from luce_drafters.dflash.runtime import DFlashDrafter
 
     res: dict[str, Any] = dict(al=[0.0, 0.0], rate_at=[], prompts=0, matched=[0, 0], gen_matched=0)
@@ -658,7 +658,7 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]], batched: 
     for tree, budget in ((False, cfg.block - 1), (True, cfg.tree_budget or 2 * (cfg.block - 1))):
         d = DFlashDrafter()
         d.bind(Target(llm.plan.model, llm.tokenizer, llm.plan.ctx, llm.plan), opts)
-        decs.append(SpeculativeDecoder(llm.session, d, budget=budget, tree=tree, options=opts))
+        decs.append(stepper_for(llm.plan, llm.session, d, budget=budget, tree=tree, options=opts))
     stops = llm.tokenizer.eos_ids
     per_prompt = None
     for i, ids in enumerate(prompts):
@@ -669,14 +669,14 @@ def evaluate(llm: Any, cfg: TrainConfig, prompts: Sequence[list[int]], batched: 
         # every run from an empty cache: a reused prefix re-runs fewer rows, and in bf16 a few-row
         # forward need not round like the long prefill it replaces
         llm.session.truncate(0)
-        ref = list(llm.session.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
+        ref = list(generate(PlainStepper(llm.session), ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
         if i < len(batched):  # compare the tokens both produced
             mine = [t for t in batched[i] if t not in stops]
             n = min(len(mine), len(ref))
             res["gen_matched"] += mine[:n] == ref[:n]
         for m, dec in enumerate(decs):
             llm.session.truncate(0)
-            out = list(dec.generate(ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
+            out = list(generate(dec, ids, cfg.eval_tokens, Sampler(SamplingParams()), stops))
             res["matched"][m] += out == ref
         res["prompts"] = i + 1
         per_prompt = time.perf_counter() - t0

@@ -1,42 +1,16 @@
-"""Generation over one KV store: prefix reuse, chunked prefill, the decode loop, stats."""
+"""One sequence over one KV store: prefix reuse, chunked prefill, decode steps, greedy chains.
+
+The generation loop that drives a session (stop ids, max_tokens, the context limit, stats) is
+``luce_core.generate``."""
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import attrs
 import torch
 
 from luce_core.contract.errors import ContextOverflowError, DeviceMemoryError
 from luce_core.model import ForwardOut, Transformer
 from luce_core.contract.roles import KVStore, optional
-from luce_core.sampling import Sampler
-
-
-@attrs.define
-class Stats:
-    prompt_tokens: int = 0
-    reused_tokens: int = 0  # prompt prefix already in the KV store
-    prefill_s: float = 0.0
-    generated_tokens: int = 0
-    decode_s: float = 0.0
-    finish_reason: str = ""  # stop | length | context
-
-    @property
-    def prefill_tps(self) -> float:
-        done = self.prompt_tokens - self.reused_tokens
-        return done / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        # the first generated token comes from the prefill logits: decode steps = generated - 1
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        d = attrs.asdict(self)
-        d.update(prefill_tps=round(self.prefill_tps, 2), decode_tps=round(self.decode_tps, 2))
-        return d
 
 
 def check_prompt_fits(n: int, ctx: int, ctx_train: int) -> None:
@@ -59,7 +33,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (before reading a clock or a result)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -161,34 +136,3 @@ class Session:
         self.tokens += out[:k - 1]
         self.kv.set_length(len(self.tokens))
         return out[:k], rows
-
-    def generate(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler,
-                 stop_ids: frozenset[int] = frozenset(), stats: Stats | None = None,
-                 progress: Callable[[int], None] | None = None) -> Iterator[int]:
-        """Yield up to ``max_tokens`` sampled ids (a stop id ends generation, unyielded)."""
-        stats = stats if stats is not None else Stats()
-        stats.prompt_tokens = len(prompt)
-        t0 = time.perf_counter()
-        logits, stats.reused_tokens = self.prefill(prompt, progress)
-        _sync(self.model.device)
-        stats.prefill_s = time.perf_counter() - t0
-        history = list(prompt)
-        t0 = time.perf_counter()
-        stats.finish_reason = "length"
-        for n in range(max_tokens):
-            tok = sampler(logits, history)
-            if tok in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            history.append(tok)
-            stats.generated_tokens += 1
-            yield tok
-            if n + 1 == max_tokens:
-                break
-            if len(self.tokens) + 1 >= self.ctx:
-                stats.finish_reason = "context"
-                break
-            logits = self.step(tok)
-            stats.decode_s = time.perf_counter() - t0
-        _sync(self.model.device)
-        stats.decode_s = time.perf_counter() - t0
