@@ -71,7 +71,7 @@ def test_files_round_trip(tmp_path, ext):
         assert torch.equal(state[k].float(), v), k
     save_drafter(tmp_path / f"h.{ext}", cfg, m, dtype="f16")
     _, half = load_drafter(tmp_path / f"h.{ext}")
-    torch.fixtures.assert_close(build_model(cfg, half).fc.weight, m.fc.weight, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(build_model(cfg, half).fc.weight, m.fc.weight, atol=1e-4, rtol=1e-3)
     (tmp_path / "junk.bin").write_bytes(b"not a drafter at all")
     with pytest.raises(ModelFileError):
         load_drafter(tmp_path / "junk.bin")
@@ -104,7 +104,7 @@ def test_inference_path_equals_training_path(tiny):
     # the mirror holds what a plain full forward captures
     llm.session.truncate(0)
     full = model.forward(torch.tensor(seq[:L]), 0, llm.session.kv, capture=cfg.capture).features
-    torch.fixtures.assert_close(feats, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, full, atol=1e-5, rtol=1e-5)
     data = Sequences(torch.tensor(seq)[None], torch.cat([feats, torch.zeros_like(feats[:1])])[None],
                      torch.tensor([L + 1]), torch.tensor([1]))
     head = Head(model)
@@ -116,7 +116,7 @@ def test_inference_path_equals_training_path(tiny):
     for j, n in enumerate(ns):
         d.truncate(n - 2)  # keep a partly filled cache: incremental update from row n-2
         inf = d.block_logits(seq[: n + 1], dec.mirror)
-        torch.fixtures.assert_close(inf, tr[j], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(inf, tr[j], atol=1e-4, rtol=1e-4)
     llm.session.truncate(0)
 
 
@@ -142,9 +142,9 @@ def test_static_graph_step_equals_eager_step(tiny):
         g.n.fill_(n)
         g.first.fill_(seq[n])
         got = g.body(cfg.block - 1)
-        torch.fixtures.assert_close(got, eager, atol=1e-4, rtol=1e-4)
-        torch.fixtures.assert_close(g.body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
-        torch.fixtures.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g.body(2), eager[:2], atol=1e-4, rtol=1e-4)  # only the rows offered
+        torch.testing.assert_close(d.k_cache[:, :n], ref_k, atol=1e-5, rtol=1e-5)
     assert g.fits(10, 14) and not g.fits(10, 10 + cfg.block + 1) and not g.fits(126, 127)
     llm.session.truncate(0)
 
@@ -187,6 +187,6 @@ def test_widened_drafter_drafts_the_same_for_the_widened_target(tiny, tmp_path):
         runs.append((out, dec.stats.accepted, dec.drafter.block_logits(seq, dec.mirror).clone()))
     (out_a, acc_a, logits_a), (out_b, acc_b, logits_b) = runs
     assert out_a == out_b and acc_a == acc_b
-    torch.fixtures.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_b, logits_a, atol=2e-5, rtol=1e-5)
     other = fixtures.write_tiny(tmp_path / "other.gguf", n_layers=2)
     assert widen_main([src, "--target", other, "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -55,7 +55,7 @@ def _check_batched_greedy(llm) -> int:
         seq = p + c
         llm.session.truncate(0)
         full = model.forward(torch.tensor(seq[:-1]), 0, llm.session.kv, capture=capture).features
-        torch.fixtures.assert_close(b.feats[r, :len(seq) - 1], full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.feats[r, :len(seq) - 1], full, atol=1e-5, rtol=1e-5)
         assert not b.feats[r, len(seq) - 1:].any()
     llm.session.truncate(0)
     return stopped
@@ -100,7 +100,7 @@ def test_packed_blocks_equal_blocks_one_at_a_time():
     packed = m.denoise_blocks(first, anchors, kv, mask)
     for k in range(3):
         one = m.denoise(first[:, k], anchors[:, k], kv, mask[:, k])
-        torch.fixtures.assert_close(packed[:, k], one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, k], one, atol=1e-5, rtol=1e-5)
     # and the context mask matters (the comparison above is not vacuous)
     assert not torch.allclose(m.denoise(first[:, 0], anchors[:, 0], kv), packed[:, 0], atol=1e-4)
 

@@ -119,7 +119,7 @@ def test_graphed_dflash_is_lossless_and_matches_eager_drafting(smollm2_path, tmp
     d.use_graphs = True
     d.truncate(n - 3)
     graphed = d.block_logits(toks, dec.mirror).clone()
-    torch.fixtures.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(graphed, eager, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kv, graphed", [(("f16", "f16"), True), (("bf16", "bf16"), True), (("q8_0", "q4_0"), True),
@@ -212,7 +212,7 @@ def test_greedy_chain_graph_equals_graphed_steps(smollm2_path) -> None:
         if i < 7:
             logits = s.step(ref[-1])
     assert ids == ref
-    torch.fixtures.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)
+    torch.testing.assert_close(rows, torch.stack(ref_rows), rtol=0, atol=0.05)
 
 
 WORDS = ("the", "cat", "sat", "on", "mat", "a", "red", "ball", "def", "return", "x", "=", "1", "+", "(", ")", ":",

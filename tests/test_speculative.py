@@ -72,7 +72,7 @@ def test_ddtree_best_first_takes_the_heaviest_nodes(seed, L, K, budget):
     for node in range(1, tree.size):
         path = tree.path_to(node)[1:]
         got.append(sum(lp[tree.depths[n] - 1, list(ids[tree.depths[n] - 1]).index(tree.tokens[n])] for n in path))
-    np.fixtures.assert_allclose(sorted(got, reverse=True), all_w[: len(got)], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sorted(got, reverse=True), all_w[: len(got)], rtol=0, atol=1e-12)
 
 
 @FEW
@@ -131,7 +131,7 @@ def test_tree_verify_logits_equal_each_paths_causal_logits(tiny):
     for node in range(tree.n_real):
         path = [tree.tokens[i] for i in tree.path_to(node)]
         ref = model.forward(torch.tensor(prefix[:-1] + path), 0, kv).logits[-1]
-        torch.fixtures.assert_close(out.logits[node], ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(out.logits[node], ref, atol=2e-4, rtol=1e-4)
     llm.session.truncate(0)  # the forwards above bypassed the session
 
 
@@ -453,7 +453,7 @@ def test_draft_model_device_chain_equals_stepwise_drafting(tiny, tree):
                 logits = ref.step(drafts[-1])
         assert list(prop.tokens) == drafts and got_tokens == ref.tokens == prompt + drafts[:-1]
         if tree:
-            torch.fixtures.assert_close(prop.logprobs, torch.stack(lps), rtol=0, atol=1e-5)
+            torch.testing.assert_close(prop.logprobs, torch.stack(lps), rtol=0, atol=1e-5)
         else:
             assert prop.logprobs is None and prop.probs is None
 
