@@ -13,6 +13,10 @@ from luce_core.generate import PlainStepper, generate
 from luce_core.sampling import Sampler, SamplingParams
 from luce_core.speculative.wiring import make_drafter, stepper_for
 import drafting_fixtures as fixtures
+from luce_core.contract.errors import ConfigError
+from luce_drafters.dflash.config import DFlashConfig, default_capture
+from luce_drafters.dflash.files import load_drafter
+from luce_drafters.dflash.model import DFlashModel
 from luce_tools.train_drafter.batched_gen import BatchedGreedy
 from luce_tools.train_drafter.train import main as train_main
 from luce_tools.train_drafter.prompts import SYSTEMS, builtin_prompts, split, with_variants

@@ -459,7 +459,6 @@ def test_draft_model_device_chain_equals_stepwise_drafting(tiny, tree):
 
 
 def test_stats_are_consistent_and_json_ready(tiny):
-    llm = tiny["llm"]
     prompt = [9, 10, 11, 9, 10, 11, 9, 10]
     dec = _decoder(tiny, "draft-model", 4, False, False)
     out = list(generate(dec, prompt, 25, Sampler(SamplingParams())))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from luce_core.plugin_api import KernelError, LuceError
+from luce_core.plugin_api import KernelError
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 # Bump when the meaning of a cache entry changes (key layout, options policy).
