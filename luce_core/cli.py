@@ -1,4 +1,5 @@
-"""The ``luce`` command: generate, doctor, plugins, specs, bench."""
+"""The ``luce`` command: generate, doctor and plugins; plugins add the others (bench, specs,
+train-drafter, ...) through the ``register_commands`` hook."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,12 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from luce_core.config import DEFAULT_BUDGET, DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS, budget_arg
-from luce_core.contract.errors import LuceError
+from luce_core.config import (DEFAULT_BUDGET, DEFAULT_KV, FEATURE_DTYPES, KV_DTYPES, WEIGHT_FORMATS, RunConfig,
+                              budget_arg)
+from luce_core.contract.errors import ConfigError, LuceError
 from luce_core.contract.impl import ROLES
+from luce_core.plugin_host import host
+from luce_core.selection import forced_name
 
 
 def _role_flags(p: argparse.ArgumentParser) -> None:
@@ -18,7 +22,9 @@ def _role_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{role.replace('_', '-')}", dest=f"role_{role}", metavar="NAME")
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
+def run_flags(p: argparse.ArgumentParser) -> None:
+    """Add the flags that load and run a model (``luce generate``'s): a command that loads one
+    (``luce bench``) takes them too and turns them into ``luce.load`` options with run_overrides."""
     p.add_argument("--model", "-m", help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | f32 | f16 | bf16")
@@ -38,7 +44,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     _role_flags(p)
 
 
-def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+def run_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """``luce.load`` keyword options from the arguments of run_flags."""
     kw: dict[str, Any] = dict(device=a.device, dtype=a.dtype, ctx=a.ctx, kv_k=a.kv_k, kv_v=a.kv_v,
                               feature_dtype=a.feature_dtype, progress=not a.no_progress,
                               cuda_graphs=not a.no_cuda_graphs, prefill_chunk=a.prefill_chunk)
@@ -46,15 +53,18 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
         kw["weights"] = a.weights
     if a.no_kv_rotation:  # otherwise RunConfig's default applies (on, unless LUCE_KV_ROTATION=0)
         kw["kv_rotation"] = False
-    kw.update({role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")})
-    return kw
+    roles = {role: getattr(a, f"role_{role}") for role in ROLES if getattr(a, f"role_{role}")}
+    if forced_name("chunk_selector", RunConfig(overrides=roles)):  # the flag, else LUCE_CHUNK_SELECTOR
+        raise ConfigError("the chunk_selector role is not wired into generation yet; drop --chunk-selector",
+                          remedy="run without --chunk-selector and with LUCE_CHUNK_SELECTOR unset")
+    return {**kw, **roles}
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import luce
+    from luce_core.api import load
 
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    llm = luce.load(a.model, caps=a.caps, **_overrides(a))
+    llm = load(a.model, caps=a.caps, **run_overrides(a))
     sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                     repetition_penalty=a.repeat_penalty, seed=a.seed)
     # the draft options go along also when LUCE_DRAFTER (not --drafter) names the drafter
@@ -83,14 +93,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from luce_core.doctor import report
 
-    print(report(a.model, caps=a.caps, overrides=_overrides(a), as_json=a.json))
+    print(report(a.model, caps=a.caps, overrides=run_overrides(a), as_json=a.json))
     return 0
 
 
 def cmd_plugins(a: argparse.Namespace) -> int:
-    from luce_core.plugin_host import host
-
     h = host()
+    commands = h.register_commands(argparse.ArgumentParser(prog="luce").add_subparsers())  # command -> plugin
     for name in h.plugin_names():
         dist = h.distributions.get(name, "registered in-process")
         print(f"{name}  ({dist})")
@@ -98,27 +107,11 @@ def cmd_plugins(a: argparse.Namespace) -> int:
             for impl in h.impls(role):
                 if impl.plugin == name:
                     print(f"    {role:<15} {impl.name:<16} priority {impl.priority:<4} {impl.summary}")
+        for command in sorted(c for c, owner in commands.items() if owner == name):
+            print(f"    {'command':<15} luce {command}")
     for name, err in sorted(h.load_errors.items()):
         print(f"{name}  FAILED TO IMPORT: {err}")
     return 0
-
-
-def cmd_specs(a: argparse.Namespace) -> int:
-    from luce_specs.runner import main as run_specs
-
-    return run_specs((["--plugin", a.plugin] if a.plugin else []) + a.extra)
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    from luce_tools.bench.run import main as bench_main
-
-    return bench_main(a)
-
-
-def cmd_train_drafter(a: argparse.Namespace) -> int:
-    from luce_tools.train_drafter.train import main as train_main
-
-    return train_main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,42 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-model", metavar="PATH",
                    help="speculative: the draft GGUF (--drafter draft-model) or drafter file (--drafter dflash)")
     g.add_argument("--draft-tree", action="store_true", help="speculative: verify a draft tree (DDTree), not a chain")
-    _run_flags(g)
+    run_flags(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("doctor", help="probed capabilities and, per role, every candidate with its reasons")
     d.add_argument("--json", action="store_true")
-    _run_flags(d)
+    run_flags(d)
     d.set_defaults(func=cmd_doctor)
 
-    pl = sub.add_parser("plugins", help="installed plugins and their implementations")
+    pl = sub.add_parser("plugins", help="installed plugins, their implementations and commands")
     pl.set_defaults(func=cmd_plugins)
 
-    s = sub.add_parser("specs", help="run the conformance specs (optionally on one plugin's implementations)")
-    s.add_argument("--plugin", help="only implementations from this plugin (entry-point name)")
-    s.set_defaults(func=cmd_specs)
-
-    t = sub.add_parser("train-drafter", help="distill a DFlash drafter from a target's own greedy generations")
-    from luce_tools.train_drafter.train import add_arguments as add_train_args
-    add_train_args(t)
-    t.set_defaults(func=cmd_train_drafter)
-
-    b = sub.add_parser("bench", help="benchmark prefill/decode; JSON out")
-    from luce_tools.bench.args import add_bench_args
-    add_bench_args(b)
-    _run_flags(b)
-    b.set_defaults(func=cmd_bench)
+    host().register_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "specs":  # only `luce specs` passes unknown options on (to pytest)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        parser = build_parser()
+    except LuceError as e:  # two plugins add one command
+        print(f"luce: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     if getattr(args, "draft_tree", False) and not (args.role_drafter or os.environ.get("LUCE_DRAFTER")):
         parser.error("--draft-tree verifies a drafter's trees: name one with --drafter NAME (or LUCE_DRAFTER)")
-    args.extra = [x for x in extra if x != "--"]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -33,6 +33,8 @@ _LAZY: dict[str, str] = {
     "DEFAULT_BUDGET": "luce_core.config", "budget_arg": "luce_core.config",
     "cache_dir": "luce_core.default_model", "default_model_path": "luce_core.default_model",
     "host": "luce_core.plugin_host", "forced_name": "luce_core.selection",
+    # commands that load a model take `luce generate`'s flags (register_commands)
+    "run_flags": "luce_core.cli", "run_overrides": "luce_core.cli",
     # running a model (drafters with a model of their own, tools)
     "Plan": "luce_core.plan", "build": "luce_core.plan",
     "Transformer": "luce_core.model", "ForwardOut": "luce_core.model",

@@ -9,6 +9,7 @@ Environment:
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import warnings
@@ -104,6 +105,40 @@ class PluginHost:
                         remedy="disable one of them with LUCE_DISABLE_PLUGINS")
                 found[impl.name] = attrs.evolve(impl, plugin=hi.plugin_name)
         return sorted(found.values(), key=lambda i: i.name)
+
+    def register_commands(self, subparsers: argparse._SubParsersAction) -> dict[str, str]:
+        """Let every plugin add its ``luce`` subcommands (after the core's own); returns command
+        -> plugin name ("luce" for the core's). A plugin whose hook raises is skipped with a
+        warning, its half-added commands removed, as a plugin that fails to import is; two
+        commands of one name are a PluginError."""
+        owner = {name: "luce" for name in subparsers.choices}
+        for hi in self.pm.hook.register_commands.get_hookimpls():
+            before = dict(subparsers.choices)
+            broken: Exception | None = None
+            try:
+                hi.function(subparsers=subparsers)
+            except Exception as e:  # a broken plugin must not take `luce` down
+                broken = e
+            # a second command of one name: Python 3.11's argparse refuses it, 3.10's replaces the first
+            if isinstance(broken, argparse.ArgumentError) and "conflicting subparser" in str(broken):
+                taken: str | None = str(broken).rpartition(": ")[2]
+            else:
+                taken = next((n for n, parser in before.items() if subparsers.choices.get(n) is not parser), None)
+            if taken is not None:
+                raise PluginError(f"plugin {hi.plugin_name!r} adds the command {taken!r}, which "
+                                  f"{owner.get(taken, 'another plugin')!r} adds too",
+                                  remedy="disable one of them with LUCE_DISABLE_PLUGINS")
+            added = set(subparsers.choices) - set(before)
+            if broken is not None:
+                for name in added:
+                    del subparsers.choices[name]
+                # the help listing keeps its own list (argparse has no public way to remove a command)
+                subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest not in added]
+                warnings.warn(f"luce: plugin {hi.plugin_name!r} failed to add its commands ({broken}); "
+                              "they are skipped", stacklevel=2)
+                continue
+            owner.update(dict.fromkeys(added, hi.plugin_name))
+        return owner
 
 
 _host: PluginHost | None = None

@@ -70,6 +70,21 @@ def test_bench_tree_mode(tiny, tmp_path) -> None:
         assert spec[name]["identical_outputs"] == "4/4" and spec[name]["steps"] > 0
 
 
+def test_bench_takes_the_drafter_without_touching_the_environment(tiny, tmp_path, monkeypatch) -> None:
+    """LUCE_DRAFTER names the drafter as --drafter does, and --drafter auto (no drafter) overrides
+    it; the bench reads the variable and leaves it set."""
+    from luce_core import cli
+
+    monkeypatch.setenv("LUCE_DRAFTER", "prompt-lookup")
+    out = tmp_path / "e.json"
+    args = ["bench", "--model", str(tiny), "--pp", "8", "--tg", "2", "--reps", "1", "--ctx", "256", "--out", str(out)]
+    assert cli.main([*args, "--spec-tokens", "2"]) == 0
+    assert json.loads(out.read_text())["speculative"]["drafter"] == "prompt-lookup"
+    assert os.environ["LUCE_DRAFTER"] == "prompt-lookup"
+    assert cli.main([*args, "--drafter", "auto"]) == 0
+    assert json.loads(out.read_text())["speculative"] is None
+
+
 def test_bench_kv_sweep(tiny, tmp_path) -> None:
     out = tmp_path / "kv.json"
     proc = subprocess.run([sys.executable, "-m", "luce_core.cli", "bench", "--model", str(tiny), "--tg", "4",

@@ -23,7 +23,9 @@ from luce_core.contract.impl import ROLES
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"torch": "luce_torch.plugin", "cuda": "luce_cuda.plugin", "gguf": "luce_gguf.plugin",
-               "drafters": "luce_drafters.plugin", "chunk_selectors": "luce_chunks.plugin"}
+               "drafters": "luce_drafters.plugin", "chunk_selectors": "luce_chunks.plugin",
+               # `luce` subcommands only (register_commands)
+               "tools": "luce_tools.plugin", "specs": "luce_specs.commands"}
 
 
 def _entry_point_names() -> set[str]:

@@ -110,7 +110,7 @@ def test_low_bit_source_is_repacked_with_one_notice(synth) -> None:
 
 
 def test_generate_with_nvfp4_weights_is_close_to_native(synth, one_torch_thread) -> None:
-    from luce_tools.quality.kv import _store, all_logprobs, compare
+    from luce_tools.quality.kv import all_logprobs, compare, kv_store
     from luce_tools.quality.weights import measure
 
     path = synth("F16")
@@ -120,8 +120,8 @@ def test_generate_with_nvfp4_weights_is_close_to_native(synth, one_torch_thread)
     assert "NVFP4" in nvfp4.plan.config.weight_types and "NVFP4" not in native.plan.config.weight_types
     assert len(list(nvfp4.generate_ids([5, 6, 7], 6, stop_ids=()))) == 6
     ids = [int(i) for i in torch.randint(3, 320, (96,), generator=torch.Generator().manual_seed(1))]
-    ref = all_logprobs(native.plan.model, ids, _store(native, "f32", "f32", False, len(ids)))
-    got = all_logprobs(nvfp4.plan.model, ids, _store(nvfp4, "f32", "f32", False, len(ids)))
+    ref = all_logprobs(native.plan.model, ids, kv_store(native, "f32", "f32", False, len(ids)))
+    got = all_logprobs(nvfp4.plan.model, ids, kv_store(nvfp4, "f32", "f32", False, len(ids)))
     r = compare(ref, got)
     # the tool measures the same thing luce.load(weights="nvfp4") runs, and NVFP4 costs about
     # what another 4-bit format does, far more than Q8_0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from luce_core.plugin_api import ConfigError
 from luce_gguf.loader import load_gguf
+from luce_tools.models.args import SYNTH_PRESETS
 from luce_tools.models.quants import dequantize_rows
-from luce_tools.models.synth import PRESETS, llama_permute, llama_unpermute, main, tiny_vocab, write_synthetic_gguf
+from luce_tools.models.synth import llama_permute, llama_unpermute, main, tiny_vocab, write_synthetic_gguf
 
 SHAPE = dict(hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn=128, vocab=300)
 
@@ -152,7 +154,7 @@ def test_tokenizer_from_real_model(tmp_path, smollm2_path):
     text = "<|im_start|>user\nHello, wörld 123!<|im_end|>"
     assert m.tokenizer.encode(text) == real.encode(text)
     assert m.tokenizer.chat_template == real.chat_template and m.tokenizer.eos_ids == real.eos_ids
-    with pytest.raises(ValueError, match="49152 tokens"):
+    with pytest.raises(ConfigError, match="49152 tokens"):
         write_synthetic_gguf(tmp_path / "x.gguf", **SHAPE, tokenizer_from=str(smollm2_path))
 
 
@@ -167,7 +169,7 @@ def test_tiny_vocab_tokenizer(tmp_path):
     assert tok.decode(ids) == text
     assert ids[0] == 1 and ids[-1] == 2 and 2 in tok.eos_ids
     assert len(tok.encode(" the")) < len(" the".encode())  # merges apply
-    with pytest.raises(ValueError, match="at least 259"):
+    with pytest.raises(ConfigError, match="at least 259"):
         tiny_vocab(100)
 
 
@@ -180,10 +182,14 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     c = load_gguf(out).config
     assert (c.arch, c.hidden, c.n_layers, c.ffn, c.vocab, c.tied_embeddings) == ("qwen3", 64, 1, 96, 280, False)
-    assert "wrote" in capsys.readouterr().err
-    assert PRESETS["llama-1.2b"] == dict(arch="llama", hidden=2048, n_layers=16, ffn=8192, n_heads=32,
+    assert capsys.readouterr().err.startswith(f"wrote {out} (")
+    assert SYNTH_PRESETS["llama-1.2b"] == dict(arch="llama", hidden=2048, n_layers=16, ffn=8192, n_heads=32,
                                          n_kv_heads=8, head_dim=64, vocab=49152)
-    with pytest.raises(SystemExit):
-        main([str(out), "--hidden", "64"])  # neither a preset nor a full shape
+    assert main([str(out), "--hidden", "64"]) == 2  # neither a preset nor a full shape
+    assert capsys.readouterr().err.startswith("luce: error: the model shape lacks --layers, --heads, --ffn")
     assert main([str(out), "--hidden", "48", "--layers", "1", "--heads", "4", "--ffn", "64",
                  "--qtype", "Q4_0", "--quiet"]) == 2  # 48 is not whole 32-blocks: an error, no traceback
+    assert "not whole Q8_0 blocks" in capsys.readouterr().err
+    assert main([str(out), "--hidden", "64", "--layers", "1", "--heads", "4", "--ffn", "64",
+                 "--arch", "gpt9", "--quiet"]) == 2
+    assert "arch must be one of llama, qwen2, qwen3" in capsys.readouterr().err

@@ -64,6 +64,8 @@ def test_cli_errors_name_the_cause(tmp_path, capsys):
     assert main([str(src), str(tmp_path / "o.gguf"), "--layers", "0-3", "--quiet"]) == 2
     assert "0..2" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.gguf"), str(tmp_path / "o.gguf"), "--layers", "0"]) == 2
+    assert capsys.readouterr().err.startswith("luce: error: model file not found")
     assert main([str(src), str(tmp_path / "o.gguf"), "--layers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == f"wrote {tmp_path / 'o.gguf'} (1 layers, {(tmp_path / 'o.gguf').stat().st_size / 1e6:.1f} MB)\n"
     assert luce.load(tmp_path / "o.gguf", **F32).config.n_layers == 1
 

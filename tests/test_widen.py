@@ -85,7 +85,10 @@ def test_nvfp4_is_refused_and_the_cli_says_why(tmp_path, capsys):
         widen_gguf(src, tmp_path / "w.gguf", hidden=256, ffn=256, n_heads=4, n_kv_heads=2)
     assert main([str(src), str(tmp_path / "w.gguf"), "--hidden", "256", "--ffn", "256", "--heads", "4",
                  "--kv-heads", "2", "--quiet"]) == 2
-    assert "NVFP4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("luce: error: ") and "NVFP4" in err
+    assert main([str(src), str(tmp_path / "w.gguf"), "--hidden", "256", "--quiet"]) == 2  # no full shape
+    assert "give --preset or --ffn, --heads, --kv-heads" in capsys.readouterr().err
 
 
 def test_widening_can_restore_matrices_in_another_type(tmp_path):

@@ -9,6 +9,7 @@ are listed at the end; arguments it does not know go to pytest unchanged.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -38,11 +39,21 @@ def pytest_args(argv: list[str]) -> list[str]:
     return out + rest
 
 
-def main(argv: list[str] | None = None) -> int:
-    import pytest
+def _missing() -> list[str]:
+    """What the specs run on and is not installed (luce's ``test`` extra brings both)."""
+    return [name for name in ("pytest", "hypothesis") if importlib.util.find_spec(name) is None]
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, _ = _parse(argv)
+    missing = _missing()
+    if missing:
+        print(f"luce specs: the specs run on pytest and hypothesis; not installed: {', '.join(missing)}\n"
+              "  remedy: pip install 'luce[test]'", file=sys.stderr)
+        return 2
+    import pytest
+
     if args.max_examples is not None:
         if args.max_examples < 1:
             print("luce specs: --max-examples must be at least 1", file=sys.stderr)

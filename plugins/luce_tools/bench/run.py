@@ -7,6 +7,7 @@ side by side (ratios, not lone absolute times). ``--check-baseline FILE`` turns 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from luce_core.plugin_api import ConfigError, forced_name
+from luce_core.plugin_api import ConfigError, RunConfig, forced_name, run_overrides
+from luce_tools import harness
 
 
 def _commit() -> str:
@@ -205,7 +207,7 @@ def smoke(llm) -> str:
     return "".join(llm.generate("The capital of France is", 12))
 
 
-def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+def run(a: argparse.Namespace, overrides: dict[str, Any], drafter: str | None) -> dict[str, Any]:
     import torch
 
     import luce
@@ -226,18 +228,8 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for n in pps:
         results[f"pp{n}"] = bench_prefill(llm, n, a.reps)
-    graphs_ratio = None
     if a.tg:
         results[f"tg{a.tg}"] = bench_decode(llm, a.tg, a.reps)
-        if llm.session.graphs is not None:  # the same decode eagerly, for the graphs-on/off ratio
-            graphs, llm.session.graphs = llm.session.graphs, None
-            results[f"tg{a.tg}_eager"] = bench_decode(llm, a.tg, a.reps)
-            llm.session.graphs = graphs
-            graphs_ratio = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
-    # --drafter, else LUCE_DRAFTER (the role's usual rule); the variable then leaves the
-    # environment so that the plain-decoding baseline (generate_ids reads it) stays plain
-    drafter = a.role_drafter or forced_name("drafter", llm.plan.config)
-    os.environ.pop("LUCE_DRAFTER", None)
     spec = (bench_speculative(llm, drafter, a.draft_budget, a.spec_tokens, a.draft_model, a.draft_tree)
             if drafter else None)
     caps = llm.plan.caps
@@ -253,17 +245,26 @@ def run(a: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
             anchor["luce_over_llamacpp"] = llamacpp.ratios(results, anchor["results"])
         except ConfigError as e:  # keep luce's own results: they are written, and the run fails after
             anchor = {"error": str(e)}
-    return {
+    graphed = llm.session.graphs is not None
+    result = {
         **_header(_device_name(caps, llm.plan.device.startswith("cuda"))),
         "model": os.path.basename(llm.plan.loaded.path), "compute_dtype": llm.plan.dtype,
         "selected": llm.selected(), "ctx": llm.plan.ctx, "prefill_chunk": llm.session.prefill_chunk,
         "kv": {"k": cfg.kv_k, "v": cfg.kv_v, "rotation": cfg.kv_rotation,
                "bytes_per_token": kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, cfg.kv_k, cfg.kv_v),
                "allocated_bytes": llm.plan.kv.nbytes},
-        "cuda_graphs": llm.session.graphs is not None, "graphs_ratio": graphs_ratio,
+        "cuda_graphs": graphed, "graphs_ratio": None,
         "results": results, "speculative": spec, "peak_memory_bytes": int(peak), "smoke": smoke(llm),
         "llamacpp": anchor,
     }
+    if graphed and a.tg:  # the same decode eagerly, for the graphs-on/off ratio: a second load, after the first is freed
+        del llm
+        gc.collect()  # the LLM's own reference cycles hold its device memory until collected
+        torch.cuda.empty_cache()
+        eager = luce.load(a.model, caps=a.caps, **dict(overrides, cuda_graphs=False))
+        results[f"tg{a.tg}_eager"] = bench_decode(eager, a.tg, a.reps)
+        result["graphs_ratio"] = round(results[f"tg{a.tg}"]["tok_s"] / results[f"tg{a.tg}_eager"]["tok_s"], 3)
+    return result
 
 
 def check_baseline(result: dict[str, Any], path: str) -> list[str]:
@@ -299,11 +300,15 @@ def check_baseline(result: dict[str, Any], path: str) -> list[str]:
 
 
 def main(a: argparse.Namespace) -> int:
-    from luce_core.cli import _overrides
-
-    overrides = _overrides(a)
+    """``luce bench``."""
+    overrides = run_overrides(a)
     overrides["progress"] = False
-    overrides.pop("drafter", None)  # plain decoding is the baseline: the drafter runs only in bench_speculative
+    # --drafter, else LUCE_DRAFTER (the role's own rule); the drafter runs only in bench_speculative.
+    # The model loads with drafter "auto", which stands for no drafter and overrides LUCE_DRAFTER,
+    # so that plain decoding, the baseline, stays plain.
+    asked = overrides.pop("drafter", None)
+    drafter = forced_name("drafter", RunConfig(overrides={"drafter": asked} if asked else {}))
+    overrides["drafter"] = "auto"
     if a.kv_sweep:
         import torch
 
@@ -312,12 +317,8 @@ def main(a: argparse.Namespace) -> int:
         sweep = bench_kv_sweep(a, overrides)
         result = {**_header(_device_name(probe(), torch.cuda.is_available())), "kv_sweep": sweep}
     else:
-        result = run(a, overrides)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+        result = run(a, overrides, drafter)
+    harness.emit_json(result, a.out)
     anchor = result.get("llamacpp") or {}
     if "error" in anchor:
         print(f"luce bench: {anchor['error']}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Quick bandwidth figures for the decode GEMV (and the prefill GEMM), on a CUDA machine.
 
-    python -m luce_tools.cuda.bench_gemv
+    luce cuda gemv   (or python -m luce_tools.cuda.bench_gemv)
 
 GEMV time is measured on CUDA-graph replays of 32 launches that rotate over enough copies of
 the weight to defeat L2, with CUDA events; GB/s counts weight bytes (packed quants + scales)
@@ -8,15 +8,17 @@ plus x and y. The reference ceiling is a 1 GiB device-to-device copy (bytes read
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import numpy as np
 import torch
 
-from luce_core.formats.dtypes import DTYPE_NAMES
-
 from luce_core.formats.blocks import BLOCKS
+from luce_core.formats.dtypes import DTYPE_NAMES
 from luce_core.plugin_api import QTensor
+from luce_tools import harness
+from luce_tools.cuda.args import add_gemv_arguments
 
 
 def _events_ms(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -89,7 +91,8 @@ def gemm_tflops(qtype: str, m: int, n: int, k: int, dtype=torch.bfloat16) -> tup
     return fl / ours / 1e9, fl / cublas / 1e9
 
 
-def main() -> None:
+def run(a: argparse.Namespace) -> None:
+    """``luce cuda gemv``."""
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs")
     cp = copy_gbps()
@@ -111,5 +114,9 @@ def main() -> None:
             print(f"{qtype:<8}{f'{m}x8192x2048':>20}{ours:>14.1f}{ref:>14.1f}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return harness.main(argv, "luce_tools.cuda.bench_gemv", add_gemv_arguments, run)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

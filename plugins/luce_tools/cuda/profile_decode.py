@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes, on a CUDA machine.
 
-    python -m luce_tools.cuda.profile_decode MODEL.gguf [--depth 512] [--steps 10] [--rows 1]
+    luce cuda profile MODEL.gguf [--depth 512] [--steps 10] [--rows 1]   (or python -m luce_tools.cuda.profile_decode)
 
 Prints the kernels of one eager decode step (``--rows`` R > 1: a speculative verify step of R
 tokens) at context ``depth`` (time per step, launches per
@@ -17,17 +17,12 @@ import collections
 
 import torch
 
+from luce_tools import harness
+from luce_tools.cuda.args import add_profile_arguments
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m luce_tools.cuda.profile_decode", description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--depth", type=int, default=512, help="context tokens before the profiled steps")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--rows", type=int, default=1, help="tokens per step: 1 decode, 2..32 a speculative verify")
-    a = ap.parse_args(argv)
-    if not 1 <= a.rows <= 32:
-        ap.error("--rows must be 1..32")
+
+def run(a: argparse.Namespace) -> None:
+    """``luce cuda profile``."""
     import luce
     from torch.profiler import ProfilerActivity, profile
 
@@ -85,5 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"graphed step: {begin.elapsed_time(end) * 10:.1f} us")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return harness.main(argv, "luce_tools.cuda.profile_decode", add_profile_arguments, run)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,35 +2,28 @@
 
 ``write_synthetic_gguf`` writes the file (streaming: one tensor in memory at a time) and returns
 the weights the file really holds, dequantized to float32 and named as in Hugging Face
-transformers, so the same model can be built there as an oracle. CLI::
+transformers, so the same model can be built there as an oracle. CLI (also
+``python -m luce_tools.models.synth``)::
 
-    python -m luce_tools.models.synth OUT.gguf --preset llama-1.2b --qtype Q4_0 --tokenizer-from SMOLLM2.gguf
+    luce model synth OUT.gguf --preset llama-1.2b --qtype Q4_0 --tokenizer-from SMOLLM2.gguf
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
-from luce_core.plugin_api import LuceError
 from luce_core.formats.blocks import BLOCKS
+from luce_core.plugin_api import ConfigError
 from luce_gguf.arch import ARCHS
-from luce_tools.models.quants import dequantize_rows, quantize_rows
 from luce_gguf.tokenizer import CONTROL, NORMAL, byte_to_unicode
+from luce_tools import harness
+from luce_tools.models.args import FILE_TYPES, SYNTH_PRESETS, add_synth_arguments, preset_shape
+from luce_tools.models.quants import dequantize_rows, quantize_rows
 from luce_tools.models.writer import StreamWriter
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The benchmark model of DESIGN.md: Llama-3.2-1B-like body with SmolLM2's vocabulary.
-    "llama-1.2b": dict(arch="llama", hidden=2048, n_layers=16, ffn=8192, n_heads=32, n_kv_heads=8,
-                       head_dim=64, vocab=49152),
-}
-
-FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
-              "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K",
-              "NVFP4": "MOSTLY_NVFP4"}
 # Matrix (and embedding) entries are N(0, 0.02), as trained models of this size roughly have: a
 # unit-RMS input of width d gives outputs of RMS 0.02*sqrt(d) (~0.9 at 2048), and RMSNorm keeps
 # matrix inputs at unit RMS at any depth. Other tests calibrate their tolerances on this scale.
@@ -61,13 +54,13 @@ def tiny_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     tokens = [*SPECIAL_TOKENS, *(b2u[b] for b in range(256))]
     types = [CONTROL] * len(SPECIAL_TOKENS) + [NORMAL] * 256
     if size < len(tokens):
-        raise ValueError(f"a byte-level vocabulary needs at least {len(tokens)} tokens, got vocab={size}")
+        raise ConfigError(f"a byte-level vocabulary needs at least {len(tokens)} tokens, got vocab={size}")
     space, letters = b2u[ord(" ")], "etaoinshrdlcumwfgypbvkjxqz"
     candidates = [(space, c) for c in letters] + [(a, b) for a in letters for b in letters] \
         + [(space + a, b) for a in letters for b in letters]
     need = size - len(tokens)
     if need > len(candidates):
-        raise ValueError(f"the generated vocabulary holds at most {len(tokens) + len(candidates)} tokens; "
+        raise ConfigError(f"the generated vocabulary holds at most {len(tokens) + len(candidates)} tokens; "
                          "pass tokenizer_from=<a GGUF> for a larger one")
     merges = [f"{a} {b}" for a, b in candidates[:need]]
     tokens += [a + b for a, b in candidates[:need]]
@@ -98,7 +91,7 @@ def _tokenizer_kv(out: StreamWriter, tokenizer_from: str | None, vocab: int | No
             out.copy_key(src, key)
     n = len(src.get("tokenizer.ggml.tokens"))
     if vocab is not None and vocab != n:
-        raise ValueError(f"vocab={vocab} but {tokenizer_from} has {n} tokens; pass vocab=None to use its size")
+        raise ConfigError(f"vocab={vocab} but {tokenizer_from} has {n} tokens; pass vocab=None to use its size")
     return n
 
 
@@ -126,10 +119,10 @@ def write_synthetic_gguf(path: str | os.PathLike[str], *, arch: str = "llama", h
     With ``return_weights=False`` nothing is kept (the CLI writes multi-GB models this way).
     """
     if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     head_dim = head_dim or hidden // n_heads
     if n_heads % n_kv_heads or head_dim % 2:
-        raise ValueError("n_heads must be a multiple of n_kv_heads and head_dim even")
+        raise ConfigError("n_heads must be a multiple of n_kv_heads and head_dim even")
     if embed_qtype is None:
         embed_qtype = qtype if qtype in ("F32", "F16", "BF16", "Q8_0") else "Q8_0"
     spec = ARCHS[arch]
@@ -163,9 +156,9 @@ def write_synthetic_gguf(path: str | os.PathLike[str], *, arch: str = "llama", h
         """Plan one tensor; ``make`` draws its HF-order values, ``n_rope_heads`` permutes llama Q/K."""
         index = next(counter)
         if qt not in BLOCKS:
-            raise ValueError(f"qtype {qt!r} is not one of {', '.join(FILE_TYPES)}")
+            raise ConfigError(f"qtype {qt!r} is not one of {', '.join(FILE_TYPES)}")
         if shape[-1] % BLOCKS[qt][0]:
-            raise ValueError(f"{gguf_name}: rows of {shape[-1]} elements are not whole {qt} blocks "
+            raise ConfigError(f"{gguf_name}: rows of {shape[-1]} elements are not whole {qt} blocks "
                              f"of {BLOCKS[qt][0]}; choose sizes that are multiples of it")
 
         def draw() -> np.ndarray:
@@ -235,52 +228,23 @@ def write_synthetic_gguf(path: str | os.PathLike[str], *, arch: str = "llama", h
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m luce_tools.models.synth",
-                                 description="Write a GGUF with random weights (llama / qwen2 / qwen3).")
-    ap.add_argument("out", help="output .gguf path")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="model shape preset")
-    ap.add_argument("--arch", choices=sorted(ARCHS))
-    ap.add_argument("--hidden", type=int)
-    ap.add_argument("--layers", type=int, dest="n_layers")
-    ap.add_argument("--heads", type=int, dest="n_heads")
-    ap.add_argument("--kv-heads", type=int, dest="n_kv_heads")
-    ap.add_argument("--head-dim", type=int)
-    ap.add_argument("--ffn", type=int)
-    ap.add_argument("--vocab", type=int)
-    ap.add_argument("--qtype", default="F32", choices=sorted(FILE_TYPES))
-    ap.add_argument("--embed-qtype", choices=sorted(FILE_TYPES))
-    ap.add_argument("--untied", action="store_true", help="write a separate output.weight")
-    ap.add_argument("--tokenizer-from", help="copy tokenizer metadata from this GGUF (vocab = its size)")
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--rope-base", type=float, default=10000.0)
-    ap.add_argument("--outlier-channels", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-
-    shape: dict[str, Any] = dict(PRESETS[a.preset]) if a.preset else {}
-    for key in ("arch", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab"):
-        if getattr(a, key) is not None:
-            shape[key] = getattr(a, key)
+def run(a: argparse.Namespace) -> None:
+    """``luce model synth``."""
+    shape = preset_shape(a, SYNTH_PRESETS, ("arch", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                            "ffn", "vocab"), required=("hidden", "n_layers", "n_heads", "ffn"))
     if a.tokenizer_from and a.vocab is None:
         shape["vocab"] = None  # the tokenizer's size decides
-    missing = [k for k in ("hidden", "n_layers", "n_heads", "ffn") if k not in shape]
-    if missing:
-        ap.error(f"give --preset or all of: {', '.join('--' + m.replace('n_', '').replace('_', '-') for m in missing)}")
     shape.setdefault("n_kv_heads", shape["n_heads"])
-    try:
-        write_synthetic_gguf(a.out, qtype=a.qtype, embed_qtype=a.embed_qtype, tied=not a.untied,
-                             tokenizer_from=a.tokenizer_from, ctx=a.ctx, rope_base=a.rope_base,
-                             outlier_channels=a.outlier_channels, seed=a.seed, return_weights=False,
-                             progress=not a.quiet, **shape)
-    except (ValueError, OSError, LuceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    write_synthetic_gguf(a.out, qtype=a.qtype, embed_qtype=a.embed_qtype, tied=not a.untied,
+                         tokenizer_from=a.tokenizer_from, ctx=a.ctx, rope_base=a.rope_base,
+                         outlier_channels=a.outlier_channels, seed=a.seed, return_weights=False,
+                         progress=not a.quiet, **shape)
+    harness.wrote(a.out, f"{os.path.getsize(a.out) / 1e9:.2f} GB")
 
-    print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e9:.2f} GB)", file=sys.stderr)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return harness.main(argv, "luce_tools.models.synth", add_synth_arguments, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

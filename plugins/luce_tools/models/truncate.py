@@ -4,22 +4,23 @@ A draft model must share the target's tokenizer. SmolLM2-135M is the smallest of
 nothing smaller drafts for it; its own first layers (plus its final norm and head) can. The
 result computes exactly what the original computes with the other layers' residual updates
 left out, and is written with the original's tokenizer, metadata and tensors (raw blocks, bits
-unchanged), layers renumbered. CLI::
+unchanged), layers renumbered. CLI (also ``python -m luce_tools.models.truncate``)::
 
-    python -m luce_tools.models.truncate SmolLM2-135M-Instruct.Q4_1.gguf smollm2-draft-8.gguf --layers 0-7
+    luce model truncate SmolLM2-135M-Instruct.Q4_1.gguf smollm2-draft-8.gguf --layers 0-7
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import sys
 
 import numpy as np
 
-from luce_core.plugin_api import ConfigError, LuceError
+from luce_core.plugin_api import ConfigError
 from luce_gguf.arch import model_config
 from luce_gguf.reader import open_gguf
+from luce_tools import harness
+from luce_tools.models.args import add_truncate_arguments
 from luce_tools.models.writer import StreamWriter
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -69,23 +70,15 @@ def truncate_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], laye
     return layers
 
 
+def run(a: argparse.Namespace) -> None:
+    """``luce model truncate``."""
+    layers = truncate_gguf(a.src, a.out, a.layers, progress=not a.quiet)
+    harness.wrote(a.out, f"{len(layers)} layers, {os.path.getsize(a.out) / 1e6:.1f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m luce_tools.models.truncate",
-                                 description="Keep some layers of a GGUF model (a self-draft model that shares "
-                                             "its tokenizer, for --drafter draft-model).")
-    ap.add_argument("src", help="the GGUF to cut")
-    ap.add_argument("out", help="output .gguf path")
-    ap.add_argument("--layers", required=True, help="layers to keep, e.g. 0-7 or 0-5,28,29")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    try:
-        layers = truncate_gguf(a.src, a.out, a.layers, progress=not a.quiet)
-    except (OSError, LuceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.out} ({len(layers)} layers, {os.path.getsize(a.out) / 1e6:.1f} MB)", file=sys.stderr)
-    return 0
+    return harness.main(argv, "luce_tools.models.truncate", add_truncate_arguments, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

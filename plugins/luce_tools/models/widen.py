@@ -17,34 +17,31 @@ the tokens stay the trained model's:
 Quantized rows are moved as raw blocks (an all-zero block decodes to 0 in every type allowed
 here), so the original weights keep their exact bits. The outputs equal the original model's up
 to floating-point summation order (qwen3's per-head Q/K norms share the file's one epsilon, so
-they see the scaled one: a difference of ~1e-4 of the logits' spread). CLI::
+they see the scaled one: a difference of ~1e-4 of the logits' spread). CLI (also
+``python -m luce_tools.models.widen``)::
 
-    python -m luce_tools.models.widen SmolLM2-135M-Instruct.Q4_1.gguf smollm2-wide-1.2b.gguf --preset smollm2-1.2b
+    luce model widen SmolLM2-135M-Instruct.Q4_1.gguf smollm2-wide-1.2b.gguf --preset smollm2-1.2b
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
-from luce_core.plugin_api import ConfigError, LuceError, UnsupportedModelError
 from luce_core.formats.blocks import BLOCKS
+from luce_core.plugin_api import ConfigError, UnsupportedModelError
 from luce_gguf.arch import expected_tensors, model_config
-from luce_tools.models.quants import dequantize_rows, quantize_rows
 from luce_gguf.reader import open_gguf
+from luce_tools import harness
+from luce_tools.models.args import WIDEN_PRESETS, add_widen_arguments, preset_shape
+from luce_tools.models.quants import dequantize_rows, quantize_rows
 from luce_tools.models.writer import StreamWriter
 
 # Block types whose all-zero bytes decode to zeros and that carry no per-tensor scale.
 ZERO_SAFE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-
-PRESETS: dict[str, dict[str, int]] = {
-    # SmolLM2-135M's 30 layers at a 1.2B shape: 30 x 35.7 M + a 49152 x 2048 tied embedding = 1.17 B.
-    "smollm2-1.2b": dict(hidden=2048, ffn=4096, n_heads=32, n_kv_heads=8),
-}
 
 
 def _maps(cfg: Any, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
@@ -192,37 +189,16 @@ def parameter_count(path: str | os.PathLike[str]) -> int:
     return int(sum(np.prod(f.logical_shape(n)) for n in f.tensors))
 
 
+def run(a: argparse.Namespace) -> None:
+    """``luce model widen``."""
+    shape = preset_shape(a, WIDEN_PRESETS, ("hidden", "ffn", "n_heads", "n_kv_heads"))
+    widen_gguf(a.src, a.out, qtype=a.qtype, progress=not a.quiet, **shape)
+    harness.wrote(a.out, f"{os.path.getsize(a.out) / 1e9:.2f} GB, {parameter_count(a.out) / 1e9:.2f} B parameters")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m luce_tools.models.widen",
-                                 description="Pad a GGUF model to a larger shape that computes the same tokens "
-                                             "(a benchmark target that behaves like a trained model).")
-    ap.add_argument("src", help="the GGUF to widen")
-    ap.add_argument("out", help="output .gguf path")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="target shape preset")
-    ap.add_argument("--hidden", type=int)
-    ap.add_argument("--ffn", type=int)
-    ap.add_argument("--heads", type=int, dest="n_heads")
-    ap.add_argument("--kv-heads", type=int, dest="n_kv_heads")
-    ap.add_argument("--qtype", choices=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"),
-                    help="re-store every matrix in this type (default: keep each tensor's own)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    shape = dict(PRESETS[a.preset]) if a.preset else {}
-    for key in ("hidden", "ffn", "n_heads", "n_kv_heads"):
-        if getattr(a, key) is not None:
-            shape[key] = getattr(a, key)
-    missing = [k for k in ("hidden", "ffn", "n_heads", "n_kv_heads") if k not in shape]
-    if missing:
-        ap.error("give --preset or all of --hidden --ffn --heads --kv-heads")
-    try:
-        widen_gguf(a.src, a.out, qtype=a.qtype, progress=not a.quiet, **shape)
-    except (OSError, LuceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e9:.2f} GB, {parameter_count(a.out) / 1e9:.2f} B parameters)",
-          file=sys.stderr)
-    return 0
+    return harness.main(argv, "luce_tools.models.widen", add_widen_arguments, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

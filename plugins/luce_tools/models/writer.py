@@ -13,6 +13,7 @@ import attrs
 import numpy as np
 
 from luce_core.formats.blocks import row_bytes
+from luce_tools import harness
 from luce_tools.models.quants import quantize_rows
 
 
@@ -86,7 +87,6 @@ class StreamWriter:
 
     def write(self, progress: bool = False, desc: str = "writing") -> None:
         import gguf
-        from tqdm import tqdm
 
         w = gguf.GGUFWriter(self.path, self.arch)
         for key, (value, vtype, sub_type) in self.kv.items():
@@ -100,7 +100,7 @@ class StreamWriter:
             w.write_header_to_file(Path(tmp))
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            with tqdm(total=self.total_bytes(), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            with harness.progress(self.total_bytes(), desc, progress, unit="B", unit_scale=True) as bar:
                 for t in self.tensors:
                     data = np.ascontiguousarray(t.produce()).view(np.uint8)
                     if data.nbytes != t.nbytes:

@@ -1,6 +1,6 @@
 """Quality of quantized KV caches, measured against an f16 cache on the same model and text.
 
-    python -m luce_tools.quality.kv [--model GGUF] [--tokens 2048] [--out FILE.json]
+    luce quality kv [--model GGUF] [--tokens 2048] [--out FILE.json]   (or python -m luce_tools.quality.kv)
 
 For each K/V dtype pair, with and without Hadamard K rotation, the model runs the same token
 sequence (chunked prefill, so every query reads K/V back from the store) and every position's
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 from typing import Any, Sequence
 
 import torch
+
+from luce_core.plugin_api import ConfigError, KVSpec
+from luce_tools import harness
+from luce_tools.quality.args import add_kv_arguments
 
 CONFIGS: tuple[tuple[str, str, bool], ...] = (
     ("q8_0", "q8_0", False), ("q8_0", "q8_0", True),
@@ -36,28 +39,16 @@ def reference_text() -> str:
 REFERENCE_NAME = f"Python {sys.version.split()[0]} argparse.py source"
 
 
-def reference_ids(llm: Any, n: int) -> list[int] | None:
-    """The first n token ids of reference_text(), or None (with a message) when it is shorter."""
+def reference_ids(llm: Any, n: int) -> list[int]:
+    """The first n token ids of reference_text()."""
     ids = llm.encode(reference_text())
     if len(ids) < n:
-        print(f"the reference text has only {len(ids)} tokens", file=sys.stderr)
-        return None
+        raise ConfigError(f"the reference text has only {len(ids)} tokens", remedy=f"pass --tokens {len(ids)} or fewer")
     return ids[:n]
 
 
-def emit(result: dict[str, Any], out: str | None) -> int:
-    """Print a quality report as JSON (and write it to ``out``); the CLI exit status."""
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
-def _store(llm: Any, k: str, v: str, rotation: bool, capacity: int) -> Any:
-    from luce_core.plugin_api import KVSpec
-
+def kv_store(llm: Any, k: str, v: str, rotation: bool, capacity: int) -> Any:
+    """A KV store of ``llm``'s own kv_storage implementation, with the given dtypes and capacity."""
     impl = llm.plan.chosen["kv_storage"]
     cfg = llm.config
     spec = KVSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, capacity=capacity,
@@ -89,7 +80,7 @@ def needle(llm: Any, filler_ids: list[int], k: str, v: str, rotation: bool) -> d
     tok = llm.tokenizer
     half = len(filler_ids) // 2
     ids = filler_ids[:half] + tok.encode(NEEDLE, add_bos=False) + filler_ids[half:] + tok.encode(QUESTION, add_bos=False)
-    kv = _store(llm, k, v, rotation, len(ids) + 16)
+    kv = kv_store(llm, k, v, rotation, len(ids) + 16)
     s = Session(llm.plan.model, kv, len(ids) + 16)
     answer = tok.decode(list(generate(PlainStepper(s), ids, 8, Sampler(SamplingParams()))))
     return {"context_tokens": len(ids), "answer": answer, "found": "73914" in answer}
@@ -97,10 +88,10 @@ def needle(llm: Any, filler_ids: list[int], k: str, v: str, rotation: bool) -> d
 
 def measure(llm: Any, ids: list[int], configs: Sequence[tuple[str, str, bool]] = CONFIGS,
             needle_filler: list[int] | None = None) -> dict[str, Any]:
-    ref = all_logprobs(llm.plan.model, ids, _store(llm, "f16", "f16", False, len(ids)))
+    ref = all_logprobs(llm.plan.model, ids, kv_store(llm, "f16", "f16", False, len(ids)))
     rows = []
     for k, v, rot in configs:
-        got = all_logprobs(llm.plan.model, ids, _store(llm, k, v, rot, len(ids)))
+        got = all_logprobs(llm.plan.model, ids, kv_store(llm, k, v, rot, len(ids)))
         rows.append({"k": k, "v": v, "rotation": rot, **compare(ref, got)})
     out: dict[str, Any] = {"tokens": len(ids), "reference": "f16/f16", "configs": rows}
     if needle_filler is not None:
@@ -110,23 +101,19 @@ def measure(llm: Any, ids: list[int], configs: Sequence[tuple[str, str, bool]] =
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(a: argparse.Namespace) -> None:
+    """``luce quality kv``."""
     import luce
 
-    p = argparse.ArgumentParser(prog="python -m luce_tools.quality.kv", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="GGUF (default: the embedded SmolLM2)")
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-needle", action="store_true")
-    p.add_argument("--out")
-    a = p.parse_args(argv)
     llm = luce.load(a.model, device=a.device, ctx=a.tokens + 64, progress=False)
     ids = reference_ids(llm, a.tokens)
-    if ids is None:
-        return 2
-    return emit({"model": llm.plan.loaded.path, "text": REFERENCE_NAME,
-                 **measure(llm, ids, needle_filler=None if a.no_needle else ids[1: a.tokens - 64])}, a.out)
+    harness.emit_json({"model": llm.plan.loaded.path, "text": REFERENCE_NAME,
+                       **measure(llm, ids, needle_filler=None if a.no_needle else ids[1: a.tokens - 64])}, a.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.main(argv, "luce_tools.quality.kv", add_kv_arguments, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

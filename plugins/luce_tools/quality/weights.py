@@ -1,6 +1,6 @@
 """Quality of NVFP4-repacked weights (``--weights nvfp4``), measured against the source weights.
 
-    python -m luce_tools.quality.weights [--model GGUF] [--tokens 1024] [--out FILE.json]
+    luce quality weights [--model GGUF] [--tokens 1024] [--out FILE.json]   (or python -m luce_tools.quality.weights)
 
 The model runs the same token sequence with its stored weights and with its matmul weights
 repacked to NVFP4 (luce_core.formats.repack), on the reference torch linear (so only the weights differ,
@@ -8,20 +8,21 @@ not the kernels) and an f32 KV cache; every position's next-token distribution i
 mean KL(source || nvfp4), top-1 agreement, and each run's mean negative log-likelihood of the
 text. Measured: NVFP4 for every matmul with the LM head (what ``--weights nvfp4`` runs), NVFP4
 for the body alone (head kept in its source type), and for scale the same repack to Q4_0 (another
-4-bit format) and Q8_0 (the cost of re-quantizing at all). The text is kv_quality's (this
+4-bit format) and Q8_0 (the cost of re-quantizing at all). The text is luce_tools.quality.kv's (this
 Python's argparse.py source), the default model the embedded SmolLM2.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any, Sequence
 
 import torch
 
-from luce_tools.quality.kv import REFERENCE_NAME, _store, all_logprobs, compare, emit, reference_ids
 from luce_core.plugin_api import LoadedModel
+from luce_tools import harness
+from luce_tools.quality.args import add_weights_arguments
+from luce_tools.quality.kv import REFERENCE_NAME, all_logprobs, compare, kv_store, reference_ids
 
 # (name, target type, LM head repacked too)
 VARIANTS: tuple[tuple[str, str, bool], ...] = (("nvfp4", "NVFP4", True), ("nvfp4-body", "NVFP4", False),
@@ -56,13 +57,13 @@ def measure(llm: Any, ids: list[int], variants: Sequence[tuple[str, str, bool]] 
     from luce_core.formats.repack import repack
 
     src = llm.plan.loaded
-    ref = all_logprobs(llm.plan.model, ids, _store(llm, "f32", "f32", False, len(ids)))
+    ref = all_logprobs(llm.plan.model, ids, kv_store(llm, "f32", "f32", False, len(ids)))
     rows = []
     for name, qtype, head in variants:
         t0 = time.perf_counter()
         repacked = repack(src, qtype, lm_head=head)
         seconds = time.perf_counter() - t0
-        got = all_logprobs(_model(llm, repacked), ids, _store(llm, "f32", "f32", False, len(ids)))
+        got = all_logprobs(_model(llm, repacked), ids, kv_store(llm, "f32", "f32", False, len(ids)))
         rows.append({"weights": name, "lm_head": qtype if head else "source", **compare(ref, got),
                      "nll": round(nll(got, ids), 4), "matmul_bytes": matmul_bytes(repacked),
                      "repack_seconds": round(seconds, 2), "repacked_from": repacked.metadata["repacked"]["from"]})
@@ -70,29 +71,26 @@ def measure(llm: Any, ids: list[int], variants: Sequence[tuple[str, str, bool]] 
             "reference_nll": round(nll(ref, ids), 4), "reference_matmul_bytes": matmul_bytes(src), "configs": rows}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(a: argparse.Namespace) -> None:
+    """``luce quality weights``."""
     import warnings
 
     import luce
 
-    p = argparse.ArgumentParser(prog="python -m luce_tools.quality.weights", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="GGUF (default: the embedded SmolLM2)")
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out")
-    a = p.parse_args(argv)
     llm = luce.load(a.model, device=a.device, dtype="f32", weights="native", linear="torch",
                     ctx=a.tokens + 16, progress=False)
     ids = reference_ids(llm, a.tokens)
-    if ids is None:
-        return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = {"model": llm.plan.loaded.path, "text": REFERENCE_NAME,
                   "device": llm.plan.device, "selected": llm.selected(), **measure(llm, ids)}
     result["notes"] = sorted({str(w.message) for w in caught if str(w.message).startswith("luce:")})
-    return emit(result, a.out)
+    harness.emit_json(result, a.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.main(argv, "luce_tools.quality.weights", add_weights_arguments, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,10 +18,11 @@ import sys
 import attrs
 import torch
 
-from luce_core.plugin_api import ConfigError, LuceError
+from luce_core.plugin_api import ConfigError
 from luce_drafters.dflash.config import DFlashConfig
 from luce_drafters.dflash.files import load_drafter, save_drafter
 from luce_drafters.dflash.model import build_model
+from luce_tools import harness
 
 
 def widen_drafter(cfg: DFlashConfig, state: dict[str, torch.Tensor], hidden: int) -> tuple[DFlashConfig, dict]:
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", required=True, help="the widened target GGUF")
     ap.add_argument("--out", required=True, help="output drafter file")
     a = ap.parse_args(argv)
-    try:
+
+    def work() -> None:
         from luce_gguf.arch import model_config
         from luce_gguf.reader import open_gguf
 
@@ -63,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, state = widen_drafter(cfg, state, tcfg.hidden)
         save_drafter(a.out, cfg, build_model(cfg, state), dtype="f16" if state["fc.weight"].dtype == torch.float16
                      else "f32")
-    except (OSError, LuceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.out} (target hidden {cfg.target_hidden})", file=sys.stderr)
-    return 0
+        harness.wrote(a.out, f"target hidden {cfg.target_hidden}")
+
+    return harness.run(work)
 
 
 if __name__ == "__main__":
