@@ -21,16 +21,9 @@ OUTSIDE_CORE = ("backends", "plugins", "specs",
 TOOLS = ("plugins/luce_tools",)  # may import the facade `luce`
 SURFACE = ("luce_core.plugin_api", "luce_core.formats")
 
-# Known violations that other work of issue #22 removes; the lead empties this set after merging
-# it. A violation not listed here fails; so does an entry that is no longer a violation.
-ALLOWED: set[tuple[str, str]] = {
-    # the speculative feature mirror's default store comes from the reference backend
-    ("luce_core/speculative.py", "luce_torch.kv"),
-    # the drafters' test helper loads models through the facade
-    ("plugins/luce_drafters/testing.py", "luce"),
-    # the drafter-training data generator rebuilds the model's forward (RoPE tables) itself
-    ("plugins/luce_tools/train_drafter/batched_gen.py", "luce_core.rope"),
-}
+# Deliberate exceptions, if one is ever needed: a violation not listed here fails, and so does
+# an entry that is no longer a violation.
+ALLOWED: set[tuple[str, str]] = set()  # (file, module) exceptions, each with a comment saying why
 
 
 def _imports(path: Path) -> Iterator[tuple[int, str]]:
