@@ -12,7 +12,7 @@ from luce_core import plugin_host, selection
 from luce_core.caps import Caps
 from luce_core.config import RunConfig
 from luce_core.contract.errors import (ConfigError, DeviceMemoryError, KernelError, LuceError, ModelFileError,
-                                       PluginError)
+                                       PluginError, SelectionError)
 from luce_core.contract.impl import Impl
 from luce_core.contract.roles import optional
 from luce_core.contract.types import KVSpec, LoadedModel
@@ -112,7 +112,15 @@ def build(config: RunConfig, caps: Caps) -> Plan:
         raise ModelFileError(f"model file not found: {config.model_path}",
                              remedy="check the path, or leave out --model to use the embedded default model")
     ch = Chooser(caps, config)
-    _, loader = ch.create("loader")
+    try:
+        _, loader = ch.create("loader")
+    except SelectionError:  # a loader's reasons are its claim on the file: no loader reads it
+        if selection.forced_name("loader", config) is not None:
+            raise
+        why = "; ".join(f"{c.impl.name}: {', '.join(c.reasons)}"
+                        for c in selection.explain("loader", ch.impls("loader"), caps, config))
+        raise ModelFileError(f"{config.model_path} is not a model file luce can read ({why})",
+                             remedy="pass a GGUF model file (--model PATH.gguf)") from None
     loaded: LoadedModel = loader.load(config.model_path, config)
     if config.weights == "nvfp4":  # before selection: linear implementations see the NVFP4 types
         from luce_core.formats.repack import repack_nvfp4

@@ -47,7 +47,12 @@ def test_plugin_claims_only_gguf(smollm2_path, tmp_path):
     assert impl.reasons(caps, RunConfig(model_path=str(smollm2_path))) == []
     text = tmp_path / "model.bin"
     text.write_bytes(b"PK\x03\x04 not a gguf")
-    assert impl.reasons(caps, RunConfig(model_path=str(text))) == ["not a GGUF file (magic b'PK\\x03\\x04')"]
+    assert impl.reasons(caps, RunConfig(model_path=str(text))) == \
+        ["not a GGUF file (it starts with b'PK\\x03\\x04', a GGUF with b'GGUF')"]
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert impl.reasons(caps, RunConfig(model_path=str(empty))) == ["the file is empty (0 bytes)"]
+    assert impl.reasons(caps, RunConfig(model_path=str(tmp_path))) == [f"a directory, not a model file: {tmp_path}"]
     missing = tmp_path / "absent.gguf"
     assert impl.reasons(caps, RunConfig(model_path=str(missing))) == [f"file not found: {missing}"]
     assert impl.reasons(caps, RunConfig(model_path="")) == ["no model path given"]
@@ -168,8 +173,8 @@ def test_wrong_magic(small, tmp_path):
     _raises(ModelFileError, bad, "not a GGUF file", "b'GGML'")
 
 
-@pytest.mark.parametrize("keep,where", [(0.6, "tensor blk.0."), (0.02, "tensor token_embd.weight"),
-                                        (0.001, "header")])
+@pytest.mark.parametrize("keep,where", [(0.6, "tensor 'blk.0."), (0.02, "tensor 'token_embd.weight'"),
+                                        (0.001, "more than the rest of the file can hold")])
 def test_truncated_synthetic(small, tmp_path, keep, where):
     bad = tmp_path / "cut.gguf"
     data = small.read_bytes()
@@ -181,7 +186,7 @@ def test_truncated_real_file(smollm2_path, tmp_path):
     bad = tmp_path / "smollm2-cut.gguf"
     with open(smollm2_path, "rb") as src:
         bad.write_bytes(src.read(1 << 20))  # ends inside the vocabulary
-    _raises(ModelFileError, bad, "truncated", "header")
+    _raises(ModelFileError, bad, "truncated", "tokenizer.ggml.merges")
 
 
 def test_garbage_after_magic(tmp_path):
@@ -269,3 +274,30 @@ def test_nvfp4_scale_is_folded(small, tmp_path):
     rewrite_gguf(path, twoscale, tensors={"blk.0.ffn_up.weight.scale": (np.ones(2, np.float32), "F32")})
     _raises(ModelFileError, twoscale, "blk.0.ffn_up.weight.scale", "one F32 value")
     assert gguf.GGMLQuantizationType.NVFP4  # the gguf version luce pins knows the type
+
+
+# ----------------------------------------------------------------------------- CLI: the wrong file
+def _generate(model: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "luce_core.cli", "generate", "--model", model, "-n", "1", "hi"],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["not-gguf", "empty", "directory", "truncated"])
+def test_cli_names_the_file_and_the_cause(small, tmp_path, kind):
+    """A wrong file is a file error naming it (remedy: the right file), never "no loader
+    implementation can run here" with `luce doctor` as the remedy, and never a traceback."""
+    target = tmp_path / "model.gguf"
+    if kind == "not-gguf":
+        target.write_bytes(b"PK\x03\x04" + bytes(200))
+    elif kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        target.write_bytes(small.read_bytes()[:50_000])
+    proc = _generate(str(target))
+    err = proc.stderr
+    assert proc.returncode != 0 and str(target) in err, err
+    assert "Traceback" not in err and "luce doctor" not in err and "can run here" not in err, err
+    cause = {"not-gguf": "not a GGUF file", "empty": "empty", "directory": "directory", "truncated": "truncated"}
+    assert cause[kind] in err and "remedy" in err, err

@@ -4,11 +4,14 @@ Shapes here are logical row-major (``(out_features, in_features)``), i.e. GGUF's
 """
 from __future__ import annotations
 
+import re
+
 import attrs
-import numpy as np
 
 from luce_core.plugin_api import ModelConfig, ModelFileError, UnsupportedModelError
-from luce_gguf.reader import GGUFFile
+from luce_gguf.reader import GGUFFile, echo
+
+_BLOCK = re.compile(r"blk\.(\d{1,9})\.")
 
 
 @attrs.frozen
@@ -30,87 +33,78 @@ ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
 def architecture(f: GGUFFile) -> str:
-    arch = f.get("general.architecture")
+    arch = f.get_str("general.architecture")
     if arch not in ARCHS:
         raise UnsupportedModelError(
-            f"{f.path}: architecture {arch!r} is not supported",
+            f"{f.path}: architecture {echo(arch)} is not supported",
             remedy=f"supported architectures: {', '.join(SUPPORTED_ARCHS)}")
     return arch
 
 
-def _positive_int(f: GGUFFile, key: str, default: int | None = None) -> int:
-    value = f.get(key) if default is None else f.get(key, default)
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ModelFileError(f"{f.path}: metadata {key}={value!r} is not an integer",
-                             remedy="the file is corrupt; re-convert it") from None
-    if n <= 0:
-        raise ModelFileError(f"{f.path}: metadata {key}={n} must be positive", remedy="the file is corrupt")
-    return n
-
-
-def _f32(value: object) -> float:
-    """A FLOAT32 metadata value as the decimal the converter wrote (9.9999997e-06 -> 1e-05)."""
-    return float(str(np.float32(value)))
+def _corrupt(f: GGUFFile, what: str) -> ModelFileError:
+    return ModelFileError(f"{f.path}: {what}", remedy="the file is corrupt or mis-converted; re-convert it")
 
 
 def model_config(f: GGUFFile) -> ModelConfig:
-    """The ModelConfig described by the file's metadata (tensors are checked by validate())."""
+    """The ModelConfig described by the file's metadata, every value type- and range-checked
+    (tensors are checked by validate())."""
     arch = architecture(f)
     spec = ARCHS[arch]
     p = f"{arch}."
-    hidden = _positive_int(f, p + "embedding_length")
-    n_heads = _positive_int(f, p + "attention.head_count")
-    n_kv = _positive_int(f, p + "attention.head_count_kv", n_heads)
+    hidden = f.get_int(p + "embedding_length")
+    n_heads = f.get_int(p + "attention.head_count")
+    n_kv = f.get_int(p + "attention.head_count_kv", n_heads)
     if n_heads % n_kv:
-        raise ModelFileError(f"{f.path}: {n_heads} attention heads are not a multiple of {n_kv} KV heads",
-                             remedy="the file is corrupt")
-    head_dim = _positive_int(f, p + "attention.key_length", hidden // n_heads if hidden % n_heads == 0 else 0)
-    value_dim = _positive_int(f, p + "attention.value_length", head_dim)
+        raise _corrupt(f, f"{n_heads} attention heads (head_count) are not a multiple of {n_kv} KV heads "
+                          "(head_count_kv)")
+    if not f.has(p + "attention.key_length") and hidden % n_heads:
+        raise _corrupt(f, f"embedding_length {hidden} is not a multiple of head_count {n_heads} "
+                          "(and attention.key_length is not given)")
+    head_dim = f.get_int(p + "attention.key_length", hidden // n_heads)
+    value_dim = f.get_int(p + "attention.value_length", head_dim)
     if value_dim != head_dim:
         raise UnsupportedModelError(f"{f.path}: value head size {value_dim} differs from key head size {head_dim}",
                                     remedy="luce supports equal K/V head sizes only")
-    rope_dim = _positive_int(f, p + "rope.dimension_count", head_dim)
+    rope_dim = f.get_int(p + "rope.dimension_count", head_dim)
     if rope_dim > head_dim or rope_dim % 2:
-        raise ModelFileError(f"{f.path}: rope.dimension_count={rope_dim} does not fit head size {head_dim}",
-                             remedy="the file is corrupt")
+        raise _corrupt(f, f"rope.dimension_count={rope_dim} does not fit head size {head_dim}")
 
     scaling, factor = "none", 1.0
-    kind = f.get(p + "rope.scaling.type", None)
+    kind = f.get_str(p + "rope.scaling.type", None)
     if kind is not None and kind not in ROPE_SCALINGS:
-        raise UnsupportedModelError(f"{f.path}: RoPE scaling {kind!r} is not supported",
+        raise UnsupportedModelError(f"{f.path}: RoPE scaling {echo(kind)} is not supported",
                                     remedy=f"supported: {', '.join(ROPE_SCALINGS)} and llama3 (rope_freqs)")
     if kind in ("linear", "yarn"):
         scaling = kind
-        factor = _f32(f.get(p + "rope.scaling.factor", 1.0))
+        factor = f.get_float(p + "rope.scaling.factor", 1.0)
     elif f.has(p + "rope.scale_linear"):  # older converters
-        scaling, factor = "linear", _f32(f.get(p + "rope.scale_linear"))
+        scaling, factor = "linear", f.get_float(p + "rope.scale_linear")
     if "rope_freqs.weight" in f.tensors:  # llama 3.1+: per-frequency factors stored as a tensor
         scaling = "llama3"
     if scaling == "linear" and factor == 1.0:
         scaling = "none"
+    rms_eps = f.get_float(p + "attention.layer_norm_rms_epsilon", 1e-6)
+    if rms_eps >= 1:
+        raise _corrupt(f, f"attention.layer_norm_rms_epsilon={rms_eps} is not a small positive number")
 
-    # The embedding's rows are the logits' width; the token list may be shorter (padding rows).
-    if "token_embd.weight" in f.tensors:
-        vocab = f.logical_shape("token_embd.weight")[0]
-    else:
-        vocab = len(f.get("tokenizer.ggml.tokens", []))
-    if vocab <= 0:
-        raise ModelFileError(f"{f.path}: vocabulary size unknown (no token list, no token_embd.weight)",
-                             remedy="the file is incomplete")
+    # The embedding's rows are the logits' width (required by validate()); the token list may be
+    # shorter (padding rows).
+    if "token_embd.weight" not in f.tensors:
+        raise _corrupt(f, f"tensor token_embd.weight is missing ({arch})")
+    vocab = f.logical_shape("token_embd.weight")[0]
+    name = f.get("general.name", "")
     return ModelConfig(
         arch=arch,
-        n_layers=_positive_int(f, p + "block_count"),
+        n_layers=f.get_int(p + "block_count"),
         hidden=hidden,
-        ffn=_positive_int(f, p + "feed_forward_length"),
+        ffn=f.get_int(p + "feed_forward_length"),
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
         vocab=int(vocab),
-        ctx_train=_positive_int(f, p + "context_length", 2048),
-        rms_eps=_f32(f.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_base=_f32(f.get(p + "rope.freq_base", 10000.0)),
+        ctx_train=f.get_int(p + "context_length", 2048),
+        rms_eps=rms_eps,
+        rope_base=f.get_float(p + "rope.freq_base", 10000.0),
         rope_dim=rope_dim,
         rope_style=spec.rope_style,
         rope_scaling=scaling,
@@ -118,8 +112,19 @@ def model_config(f: GGUFFile) -> ModelConfig:
         qkv_bias=spec.qkv_bias,
         qk_norm=spec.qk_norm,
         tied_embeddings="output.weight" not in f.tensors,
-        name=str(f.get("general.name", "")),
+        name=name[:200] if isinstance(name, str) else "",
     )
+
+
+def check_layers(f: GGUFFile, n_layers: int) -> None:
+    """block_count against the layers the tensor table holds (one pass over the names), so a
+    corrupt block_count fails before any per-layer work."""
+    present = {int(m.group(1)) for m in map(_BLOCK.match, f.tensors) if m}
+    # distinct ints: n of them from 0 to n-1 are exactly range(n) (never built: n may be 10^9)
+    if len(present) != n_layers or (present and (min(present), max(present)) != (0, n_layers - 1)):
+        held = f"{len(present)} layer(s), blk.{min(present)} to blk.{max(present)}" if present else "no layers"
+        raise ModelFileError(f"{f.path}: metadata block_count={n_layers}, but the tensor table holds {held}",
+                             remedy="the file is corrupt or incomplete; re-convert or re-download it")
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -163,6 +168,7 @@ def validate(f: GGUFFile, cfg: ModelConfig) -> list[str]:
     Raises ModelFileError naming the file and tensor (missing/misshapen) or
     UnsupportedModelError (a tensor type luce cannot read).
     """
+    check_layers(f, cfg.n_layers)
     present = []
     for name, (shape, required) in expected_tensors(cfg).items():
         if name not in f.tensors:

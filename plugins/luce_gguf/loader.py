@@ -109,6 +109,7 @@ class GGUFLoader:
             return load_gguf(path)
         except (LuceError, MemoryError):
             raise
-        except Exception as e:  # anything unforeseen in a damaged file still names the file
-            raise ModelFileError(f"{os.fspath(path)}: cannot load the model ({type(e).__name__}: {e})",
-                                 remedy="the file may be corrupt; re-download or re-convert it") from e
+        except Exception as e:  # a damage the checks missed: still names the file (cause chained)
+            raise ModelFileError(f"{os.fspath(path)}: cannot load the model: the file is inconsistent in a way "
+                                 "luce does not check for",
+                                 remedy="re-download or re-convert it; if it loads elsewhere, report it to luce") from e

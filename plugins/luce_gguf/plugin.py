@@ -14,6 +14,8 @@ def gguf_claim_reasons(path: str) -> list[str]:
         return ["no model path given"]
     if not os.path.exists(path):
         return [f"file not found: {path}"]
+    if os.path.isdir(path):
+        return [f"a directory, not a model file: {path}"]
     if not os.path.isfile(path):
         return [f"not a regular file: {path}"]
     try:
@@ -21,8 +23,10 @@ def gguf_claim_reasons(path: str) -> list[str]:
             magic = f.read(4)
     except OSError as e:
         return [f"cannot read {path}: {e.strerror or e}"]
+    if not magic:
+        return ["the file is empty (0 bytes)"]
     if magic != GGUF_MAGIC:
-        return [f"not a GGUF file (magic {magic!r})"]
+        return [f"not a GGUF file (it starts with {magic!r}, a GGUF with {GGUF_MAGIC!r})"]
     return []
 
 

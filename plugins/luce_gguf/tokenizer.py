@@ -12,9 +12,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from luce_core.plugin_api import ModelFileError, UnsupportedModelError
 from luce_gguf.chat import ChatTemplate
+from luce_gguf.reader import echo
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list[str]: "an array of strings",
+               list[int]: "an array of integers"}
 
 # Pre-tokenizer split patterns (Oniguruma syntax, as HF tokenizers uses).
 # Llama 3: contractions case-insensitively, letters with one leading non-letter, digits in runs of
@@ -81,22 +85,35 @@ class GGUFTokenizer:
         """``get(key, default)`` reads GGUF metadata (``GGUFFile.get`` or ``dict.get``)."""
         from tokenizers import AddedToken, Tokenizer, decoders, models
 
-        model = get("tokenizer.ggml.model", None)
+        def typed(key: str, kind: type, default: Any = None) -> Any:
+            """get(key), type-checked: lists item by item (a scalar where a list belongs, say)."""
+            value = get(key, None)
+            if value is None:
+                return default
+            item = kind.__args__[0] if hasattr(kind, "__args__") else None
+            ok = isinstance(value, list) and all(type(v) is item for v in value) if item else (
+                isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+            if not ok:
+                raise ModelFileError(f"{origin}: metadata {key} is not {_KIND_NAMES[kind]}",
+                                     remedy="the file is corrupt or mis-converted; re-convert it")
+            return value
+
+        model = typed("tokenizer.ggml.model", str)
         if model != "gpt2":
             raise UnsupportedModelError(
-                f"{origin}: tokenizer model {model!r} is not supported",
+                f"{origin}: tokenizer model {echo(model)} is not supported",
                 remedy="luce reads byte-level BPE tokenizers (tokenizer.ggml.model = 'gpt2': Llama 3, Qwen, "
                        "SmolLM, ...); SentencePiece ('llama') vocabularies are not supported yet")
-        tokens: list[str] = list(get("tokenizer.ggml.tokens", None) or [])
-        merges: list[str] = list(get("tokenizer.ggml.merges", None) or [])
+        tokens: list[str] = typed("tokenizer.ggml.tokens", list[str], [])
+        merges: list[str] = typed("tokenizer.ggml.merges", list[str], [])
         if not tokens:
             raise ModelFileError(f"{origin}: tokenizer.ggml.tokens is missing or empty",
                                  remedy="the GGUF has no vocabulary; re-convert it")
-        types: list[int] = list(get("tokenizer.ggml.token_type", None) or [NORMAL] * len(tokens))
+        types: list[int] = typed("tokenizer.ggml.token_type", list[int], None) or [NORMAL] * len(tokens)
         if len(types) != len(tokens):
             raise ModelFileError(f"{origin}: {len(types)} token types for {len(tokens)} tokens",
                                  remedy="the file is corrupt")
-        self.pre: str = get("tokenizer.ggml.pre", None) or "default"
+        self.pre: str = typed("tokenizer.ggml.pre", str) or "default"
         self.tokens = tokens
         self.vocab_size = len(tokens)
 
@@ -107,7 +124,7 @@ class GGUFTokenizer:
         for m in merges:
             left, sep, right = m.partition(" ")
             if not sep:
-                raise ModelFileError(f"{origin}: malformed BPE merge {m!r}", remedy="the file is corrupt")
+                raise ModelFileError(f"{origin}: malformed BPE merge {echo(m)}", remedy="the file is corrupt")
             pairs.append((left, right))
         family = PRE_FAMILIES.get(self.pre, "gpt2")
         # Llama 3 looks a whole pre-token up in the vocabulary before merging (ignore_merges).
@@ -122,13 +139,13 @@ class GGUFTokenizer:
         self._tok = tok
 
         def token_id(key: str) -> int | None:
-            v = get(key, None)
-            return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+            v = typed(key, int)
+            return v if v is not None and 0 <= v < len(tokens) else None
 
         self.bos_id: int | None = token_id("tokenizer.ggml.bos_token_id")
         eos = token_id("tokenizer.ggml.eos_token_id")
         default_bos = family == "llama3" and self.bos_id is not None
-        self.add_bos: bool = bool(get("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
+        self.add_bos: bool = typed("tokenizer.ggml.add_bos_token", bool, default_bos) and self.bos_id is not None
         ends = {eos, token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")}
         for text in ("<|im_end|>", "<|endoftext|>"):
             i = vocab.get(text)
@@ -138,7 +155,7 @@ class GGUFTokenizer:
         self.eos_id: int | None = eos
         self.bos_token = tokens[self.bos_id] if self.bos_id is not None else ""
         self.eos_token = tokens[eos] if eos is not None else ""
-        self.chat = ChatTemplate(get("tokenizer.chat_template", None), self.bos_token, self.eos_token, origin)
+        self.chat = ChatTemplate(typed("tokenizer.chat_template", str), self.bos_token, self.eos_token, origin)
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], origin: str = "model") -> "GGUFTokenizer":
