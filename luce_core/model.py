@@ -115,6 +115,14 @@ class Transformer:
         self.cos, self.sin = rope.rope_tables(rope.inv_frequencies(cfg, None if factors is None else factors.cpu()), max_positions, device)
         self.scale = cfg.head_dim ** -0.5
         self.ops: layer_ops.LayerOps = optional(linear, "linear", "layer_ops") or layer_ops.TORCH_LAYER_OPS
+        self._exact = (optional(linear, "linear", "exact_rows"), optional(attention, "attention", "exact_rows"))
+
+    def exact_rows(self, m: int) -> bool:
+        """Whether a forward of m rows given ``positions`` or a ``TreeMask`` rounds every row bit
+        for bit as the one-token decode step at that row's position (after its path) would: both
+        the linear and the attention implementation declare it (``exact_rows``, optional)."""
+        linear, attention = self._exact
+        return attention is not None and attention(m) and (m == 1 or (linear is not None and linear(m)))
 
     @property
     def config(self) -> ModelConfig:
@@ -127,17 +135,21 @@ class Transformer:
     def forward(self, tokens: torch.Tensor, start: int, kv: KVStore, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | TreeMask | None = None,
                 logits_rows: slice | torch.Tensor | None = None,
-                capture: Sequence[int] = ()) -> ForwardOut:
+                capture: Sequence[int] = (), verify: bool = False) -> ForwardOut:
         """Run ``tokens`` [T] occupying KV slots [start, start+T).
 
         positions (default start..start+T-1) drive RoPE, so tree verification can give siblings
         the same depth; mask (bool [T, start+T], or a ``TreeMask``) replaces the causal mask. logits_rows limits the
         LM head to some rows (prefill needs only the last). capture lists layer indices whose
         input hidden states (and, for index n_layers, the final pre-norm output) are returned.
+        ``verify`` (no mask): the rows are a speculative chain verify, so attention gets them as
+        positions (each query sees the slots up to its own, computed as a decode step would),
+        not as a causal prefill chunk.
         """
         T = tokens.shape[0]
         pos = torch.arange(start, start + T, device=self.device) if positions is None else positions.to(self.device)
-        return self._run(tokens.to(self.device), pos, kv, self.attention, start, start, mask, logits_rows, capture)
+        return self._run(tokens.to(self.device), pos, kv, self.attention, start, start, mask, logits_rows, capture,
+                         positions=pos if verify and mask is None else None)
 
     @torch.inference_mode()
     def decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, kv: KVStore, window: int,

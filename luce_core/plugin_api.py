@@ -42,7 +42,7 @@ _LAZY: dict[str, str] = {
     "generate": "luce_core.generate", "PlainStepper": "luce_core.generate", "Stats": "luce_core.generate",
     "TorchLayerOps": "luce_core.layer_ops", "TORCH_LAYER_OPS": "luce_core.layer_ops", "rms_norm": "luce_core.layer_ops",
     "rope_tables": "luce_core.rope", "apply_rope": "luce_core.rope", "inv_frequencies": "luce_core.rope",
-    "capture_graph": "luce_core.graphs",
+    "capture_graph": "luce_core.graphs", "rows_exact": "luce_core.row_exact",
     "KVLayout": "luce_core.formats.kv_snapshot", "KVSnapshot": "luce_core.formats.kv_snapshot",
     # sampling and speculative decoding
     "SamplingParams": "luce_core.sampling", "Sampler": "luce_core.sampling",

@@ -104,6 +104,22 @@ class Session:
                 on_chunk(s, chunk, out)
         return logits
 
+    def forward_rows(self, ids: Sequence[int], start: int, capture: Sequence[int] = ()) -> ForwardOut:
+        """Run ids at slots start.. one token at a time, each exactly as ``step`` runs a decode
+        step (a graph replay where graphs are on), without appending them; returns the stacked
+        logits (and captured features). Speculative verification takes this where the backend
+        does not declare multi-row forwards exact, so its rows round as plain decoding's."""
+        outs = []
+        for i, t in enumerate(ids):
+            if self.graphs is not None:
+                out = self.graphs.run([t], start + i, capture)  # static buffers: copy before the next replay
+                outs.append((out.logits.clone(), None if out.features is None else out.features.clone()))
+            else:
+                out = self.model.forward(self._tensor([t]), start + i, self.kv, capture=capture)
+                outs.append((out.logits, out.features))
+        feats = [f for _, f in outs if f is not None]
+        return ForwardOut(torch.cat([lg for lg, _ in outs]), torch.cat(feats) if feats else None)
+
     def step(self, token: int) -> torch.Tensor:
         """Append one token; returns the logits that follow it."""
         if self.graphs is not None:

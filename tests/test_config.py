@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from luce_core.cli import _overrides, build_parser
+from luce_core.cli import build_parser, run_overrides
 from luce_core.config import DEFAULT_KV, RunConfig
 from luce_core.contract.errors import ConfigError
 
@@ -16,9 +16,9 @@ def test_kv_rotation_env_sets_the_default(monkeypatch, env, expected) -> None:
         monkeypatch.setenv("LUCE_KV_ROTATION", env)
     assert RunConfig().kv_rotation is expected  # what luce.load() builds
     args, _ = build_parser().parse_known_args(["generate", "x"])
-    assert RunConfig(**_overrides(args)).kv_rotation is expected  # what the CLI builds
+    assert RunConfig(**run_overrides(args)).kv_rotation is expected  # what the CLI builds
     args, _ = build_parser().parse_known_args(["generate", "x", "--no-kv-rotation"])
-    assert RunConfig(**_overrides(args)).kv_rotation is False
+    assert RunConfig(**run_overrides(args)).kv_rotation is False
 
 
 def test_defaults_and_bad_values() -> None:
@@ -34,11 +34,11 @@ def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> 
     import torch
 
     import luce
-    from luce_core.cli import _overrides, build_parser
+    from luce_core.cli import build_parser, run_overrides
     from drafting_fixtures import write_tiny
 
     args, _ = build_parser().parse_known_args(["generate", "x", "--prefill-chunk", "7"])
-    assert RunConfig(**_overrides(args)).prefill_chunk == 7
+    assert RunConfig(**run_overrides(args)).prefill_chunk == 7
     with pytest.raises(ConfigError, match="prefill_chunk must be a positive integer"):
         RunConfig(prefill_chunk=-1)
     assert RunConfig().prefill_chunk == 0  # automatic: the attention implementation's choice

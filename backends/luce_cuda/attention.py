@@ -66,6 +66,12 @@ class CudaAttention:
     # H200 SmolLM2 pp4096 went from 26 271 tok/s (512-token chunks) to 210 664 (bench/results).
     prefill_chunk = 4096
 
+    def exact_rows(self, m: int) -> bool:
+        """Rows with positions or a tree mask take the flash-decode kernels, which run each row's
+        tiles, splits and merge as a one-token decode step does (tests/test_cuda_attention.py
+        checks it bit for bit); up to DECODE_MAX_T rows, like a causal chunk."""
+        return m <= DECODE_MAX_T
+
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
         self._ref = None
         self._warned: set[str] = set()

@@ -28,7 +28,7 @@ import attrs
 import numpy as np
 import torch
 
-from luce_core.plugin_api import Caps, ConfigError, QTensor, RunConfig
+from luce_core.plugin_api import Caps, ConfigError, QTensor, RunConfig, rows_exact
 from luce_cuda import ops, programs
 from luce_core.formats.dtypes import DTYPE_NAMES
 from luce_cuda.launch import device_index, get_kernel, launch
@@ -362,11 +362,20 @@ class CudaLinear:
         self.caps = caps
         self.mma = mma
         self.layer_ops = CudaLayerOps()
+        self._dense: list[DenseLinear] = []  # the cuBLAS weights prepared
+
+    def exact_rows(self, m: int) -> bool:
+        """Up to GEMV_MAX_ROWS rows the quantized GEMVs round every row as decode by design (see
+        QuantLinear.forward); cuBLAS weights are checked bit for bit on this GPU instead
+        (``luce_core.plugin_api.rows_exact``), since its kernel choice may depend on the row count."""
+        return m <= GEMV_MAX_ROWS and all(rows_exact(d.forward, d.weight, m) for d in self._dense)
 
     def prepare(self, w: QTensor, device: "torch.device", dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         device = torch.device(device)
         if w.qtype in DENSE:
-            return DenseLinear(_dense(w).to(device=device, dtype=dtype))
+            op = DenseLinear(_dense(w).to(device=device, dtype=dtype))
+            self._dense.append(op)
+            return op
         if w.qtype not in QUANTIZED:
             raise ConfigError(f"{w.name}: tensor type {w.qtype} has no CUDA kernel",
                               remedy="force the torch implementation: LUCE_LINEAR=torch")

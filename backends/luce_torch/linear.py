@@ -1,7 +1,10 @@
 """Reference ``linear`` role: dequantize each weight once per (device, dtype), then matmul.
 
 Simple and exact rather than fast: it holds the whole weight in the compute dtype, so it is the
-oracle the quantized kernels are compared against, and the fallback on any torch device.
+oracle the quantized kernels are compared against, and the fallback on any torch device. It
+declares no ``exact_rows``: CPU BLAS libraries round a row differently with the row count (MKL
+f32: GEMV for one row, GEMM for more) and even with the weight's address (``luce_core.row_exact``),
+so speculative decoding verifies row by row on it.
 """
 from __future__ import annotations
 

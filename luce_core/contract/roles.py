@@ -34,6 +34,12 @@ class Linear(Protocol):
         """The whole weight as a float tensor of ``w.shape`` (embeddings, norms)."""
 
     # optional
+    def exact_rows(self, m: int) -> bool:
+        """True when a matmul of ``m`` rows gives every row bit for bit what a one-row matmul of
+        that row gives, for every weight prepared so far: then a speculative verify of m rows
+        rounds exactly as the m decode steps it replaces. Default None: no such promise, and
+        speculative decoding verifies row by row (exact, slower)."""
+
     layer_ops: "LayerOps | None"
     """The rest of a layer around this role's matmuls (RMSNorm prologue, SwiGLU / residual
     epilogues, RoPE + KV store after the QKV projection), fused where the implementation can.
@@ -125,6 +131,13 @@ class Attention(Protocol):
         Returns [T, n_heads, head_dim]."""
 
     # optional
+    def exact_rows(self, m: int) -> bool:
+        """True when a forward of ``m`` rows given ``positions`` or a ``TreeMask`` gives every row
+        bit for bit what a one-row decode step at that row's position, after that row's path,
+        gives. For m == 1 with a TreeMask this is what row-by-row tree verification relies on.
+        Default None: no such promise; speculative decoding then verifies chains as one-token
+        decode steps and refuses draft trees."""
+
     prefill_chunk: int
     """Prompt tokens per prefill forward this implementation prefers when the user sets none.
     Default 0: the engine's ``DEFAULT_PREFILL_CHUNK``."""
@@ -140,10 +153,10 @@ class ChunkSelector(Protocol):
 
 # ----------------------------------------------------------------------------- optional members
 OPTIONAL: dict[str, dict[str, Any]] = {
-    "linear": {"layer_ops": None},
+    "linear": {"layer_ops": None, "exact_rows": None},
     "kv_store": {"write_at": None, "move": None, "read_range": None, "tensors": None, "write_rotary": None,
                  "rope_store_args": None},
-    "attention": {"prefill_chunk": 0},
+    "attention": {"prefill_chunk": 0, "exact_rows": None},
     "drafter": {"capture": (), "supports_tree": False, "truncate": None, "spec_options": None},
 }
 """Per role object, every optional member and the default the core uses when it is absent."""

@@ -22,6 +22,7 @@ class SpecStats:
     accepted_at: list[int] = attrs.field(factory=list)  # per draft depth: steps accepting one there
     moved_steps: int = 0  # tree steps whose accepted K/V had to move
     reforward_steps: int = 0  # ... of which by re-running the path (store not exactly copyable)
+    rowwise_steps: int = 0  # verifies run one token at a time (the backend's multi-row forward is not exact)
     draft_s: float = 0.0
     verify_s: float = 0.0
     accept_s: float = 0.0  # acceptance + rollback / K/V relocation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from luce_core.contract.drafting import Drafter, DrafterOptions, DraftRequest, Proposal
 from luce_core.contract.errors import ConfigError
 from luce_core.contract.roles import optional
+from luce_core.model import ForwardOut
 from luce_core.sampling import Sampler
 from luce_core.session import Session, common_prefix, sync
 from luce_core.speculative.accept import accept_chain, accept_tree
@@ -69,6 +71,11 @@ class SpeculativeStepper:
             raise ConfigError(f"drafter {drafter.name!r} reads target features, but no feature mirror was given",
                               remedy="build the stepper with luce_core.speculative.wiring.stepper_for, which "
                                      "allocates the mirror through the plan's kv_storage")
+        if tree and not model.exact_rows(1):
+            raise ConfigError("draft trees need an attention implementation that declares exact tree rows "
+                              "(Attention.exact_rows): without it the verify could round differently from "
+                              "plain decoding", remedy="drop --draft-tree (chains stay exact), or use the torch "
+                                                      "or cuda attention")
         self.mirror = mirror
         self._mirror_tokens: list[int] = []  # the tokens whose features the mirror holds
         self._exact_copy = exact_copy_store(session.kv)
@@ -142,6 +149,25 @@ class SpeculativeStepper:
             return self._tree_step(history, prop, budget, max_depth, sampler, t1)
         return self._chain_step(history, prop, budget, sampler, t1)
 
+    def _verify_chain(self, toks: list[int], n: int):
+        """The forward over a chain verify's tokens at slots n..: one batch where every row rounds
+        as decode (``Transformer.exact_rows``), else one decode step per token."""
+        s = self.session
+        if not s.model.exact_rows(len(toks)):
+            self._rowwise()
+            return s.forward_rows(toks, n, self.capture)
+        graphs = s.graphs if self.static else None
+        if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
+            return graphs.run(toks, n, self.capture)
+        return s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture, verify=True)
+
+    def _rowwise(self) -> None:
+        self.stats.rowwise_steps += 1
+        if self.stats.rowwise_steps == 1:
+            warnings.warn("luce: this backend does not declare its multi-row forwards exact (Linear/Attention."
+                          "exact_rows), so speculative verification runs one token at a time: the output is "
+                          "exactly plain decoding's, but it is not faster", stacklevel=4)
+
     def _chain_step(self, history: list[int], prop: Proposal, budget: int, sampler: Sampler, t1: float) -> list[int]:
         s = self.session
         n = len(s.tokens)
@@ -150,13 +176,8 @@ class SpeculativeStepper:
         toks = [history[-1], *drafts]
         if self.static:  # padding rows follow the drafts: ignored
             toks += [history[-1]] * (static_rows(len(toks), budget) - len(toks))
-        graphs = s.graphs if self.static else None
-        if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
-            out = graphs.run(toks, n, self.capture)
-            logits, feats = out.logits, out.features
-        else:
-            out = s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture)
-            logits, feats = out.logits, out.features
+        out = self._verify_chain(toks, n)
+        logits, feats = out.logits, out.features
         s.kv.set_length(n + len(toks))
         sync(s.model.device)
         t2 = time.perf_counter()
@@ -194,7 +215,14 @@ class SpeculativeStepper:
         t_build = time.perf_counter()
         self.stats.draft_s += t_build - t1
         graphs = s.graphs if self.static else None
-        if graphs is not None:  # a padded tree has static shapes: replay it as one CUDA graph
+        if not s.model.exact_rows(tree.size):  # node by node, each a one-row forward after its path
+            self._rowwise()
+            mask = tree.tree_mask(n, dev)
+            rows = [s.model.forward(self._tensor(tree.tokens[j:j + 1]), n + j, s.kv, positions=mask.positions[j:j + 1],
+                                    mask=mask.row(j), capture=self.capture) for j in range(tree.size)]
+            feats = [r.features for r in rows if r.features is not None]
+            out = ForwardOut(torch.cat([r.logits for r in rows]), torch.cat(feats) if feats else None)
+        elif graphs is not None:  # a padded tree has static shapes: replay it as one CUDA graph
             out = graphs.run_tree(tree, n, self.capture)
         else:
             mask = tree.tree_mask(n, dev)  # its positions (prefix + depth) are the RoPE positions too

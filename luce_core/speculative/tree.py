@@ -49,6 +49,10 @@ class TreeMask:
     table: torch.Tensor  # int32 [T, W]: absolute slots, W >= max depth + 1
     start: torch.Tensor  # int32 [1]: the first slot of the verify (the committed length)
 
+    def row(self, t: int) -> "TreeMask":
+        """Row t alone: the mask of a one-row forward of node t (its slot is start + t)."""
+        return TreeMask(positions=self.positions[t:t + 1], table=self.table[t:t + 1], start=self.start)
+
     def dense(self, end: int) -> torch.Tensor:
         """The same mask as bool [T, end] (end >= start + T), built on the tensors' device."""
         dev = self.table.device
