@@ -61,20 +61,38 @@ def run_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from luce_core.api import load
+    from luce_core.api import chat_ids, load
+    from luce_core.sampling import SamplingParams
+    from luce_core.session import check_prompt_fits
 
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    llm = load(a.model, caps=a.caps, **run_overrides(a))
+    # every argument is checked before the model loads
+    if a.system is not None and not a.chat:
+        raise ConfigError("--system is the system message of a chat: it needs --chat",
+                          remedy="add --chat, or drop --system")
+    if a.n < 0:
+        raise ConfigError(f"-n is the number of tokens to generate: it must be 0 or more, got {a.n}",
+                          remedy="pass -n 64, say")
     sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                     repetition_penalty=a.repeat_penalty, seed=a.seed)
+    SamplingParams(**sampling)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise ConfigError("the prompt is empty", remedy="give the prompt as an argument or on stdin")
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+    prompt_ids: list[list[int]] = []
+
+    def check_prompt(loaded: Any, ctx: int) -> None:
+        """Tokenize the prompt as soon as the file is parsed: one too long for the context fails
+        before the weights are prepared."""
+        ids = chat_ids(loaded.tokenizer, messages) if a.chat else loaded.tokenizer.encode(prompt)
+        check_prompt_fits(len(ids), ctx, loaded.config.ctx_train)
+        prompt_ids.append(ids)
+
+    llm = load(a.model, caps=a.caps, on_loaded=check_prompt, **run_overrides(a))
     # the draft options go along also when LUCE_DRAFTER (not --drafter) names the drafter
     sampling.update(drafter=a.role_drafter, draft_budget=a.draft_budget, draft_tree=a.draft_tree,
                     draft_model=a.draft_model)
-    if a.chat:
-        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-        pieces = llm.chat(messages, a.n, **sampling)
-    else:
-        pieces = llm.generate(prompt, a.n, **sampling)
+    pieces = llm.generate(prompt_ids[0], a.n, **sampling)
     first = next(pieces, "")  # runs the prefill: a prompt error surfaces before anything is echoed
     if not a.chat and not a.no_echo:
         sys.stdout.write(prompt)

@@ -62,7 +62,9 @@ def _positive(inst: Any, attribute: attrs.Attribute, value: int) -> None:
 
 def _auto_or_positive(inst: Any, attribute: attrs.Attribute, value: int) -> None:
     if not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a positive integer (or 0: automatic), got {value!r}")
+        raise ConfigError(f"{attribute.name} must be a positive integer (or 0: automatic), got {value!r}",
+                          remedy=f"leave --{attribute.name.replace('_', '-')} out for the automatic value, "
+                                 f"or pass a positive integer")
 
 
 @attrs.frozen
@@ -70,7 +72,7 @@ class RunConfig:
     model_path: str = ""
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = attrs.field(default="auto", validator=_choice(COMPUTE_DTYPES))
-    ctx: int = 0  # context length; 0 = min(model's trained context, 4096)
+    ctx: int = attrs.field(default=0, validator=_auto_or_positive)  # context length; 0 = min(trained, 4096)
     kv_k: str = attrs.field(default=DEFAULT_KV[0], validator=_choice(KV_DTYPES))
     kv_v: str = attrs.field(default=DEFAULT_KV[1], validator=_choice(KV_DTYPES))
     kv_rotation: bool = attrs.field(factory=_rotation_default)  # Hadamard-rotate quantized K (ignored for float K)

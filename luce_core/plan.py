@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -15,7 +15,8 @@ from luce_core.contract.errors import (ConfigError, DeviceMemoryError, KernelErr
                                        PluginError, SelectionError)
 from luce_core.contract.impl import Impl
 from luce_core.contract.roles import optional
-from luce_core.contract.types import KVSpec, LoadedModel
+from luce_core.contract.types import KVSpec, LoadedModel, ModelConfig
+from luce_core.formats.blocks import kv_bytes_per_token
 
 REFERENCE_PLUGIN = "torch"
 
@@ -102,7 +103,46 @@ def _progress_wrapper(enabled: bool, desc: str):
     return wrap
 
 
-def build(config: RunConfig, caps: Caps) -> Plan:
+def free_memory(device: str) -> int | None:
+    """Bytes that can be allocated on ``device`` now: free GPU memory, or the kernel's
+    MemAvailable estimate of RAM (None where the platform does not say)."""
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_free_memory(kv_need: int, ctx: int, m: ModelConfig, device: str, config: RunConfig) -> None:
+    """Refuse a context whose KV cache and RoPE tables alone do not fit in the free memory, before
+    allocating either (a huge --ctx is a clear error, not an allocation traceback or a swap storm)."""
+    rope_need = 2 * ctx * ((m.rope_dim or m.head_dim) // 2) * 4  # cos and sin tables, float32 (Transformer)
+    need, free = kv_need + rope_need, free_memory(device)
+    if free is not None and need > free:
+        where = "GPU memory" if device.startswith("cuda") else "RAM"
+        raise DeviceMemoryError(
+            f"a context of {ctx} tokens needs {need} bytes ({_size(need)}: KV cache {config.kv_k}/{config.kv_v} "
+            f"and RoPE tables), but only {free} bytes ({_size(free)}) of {where} are free",
+            remedy="lower --ctx, or store the cache quantized (--kv-k q8_0 --kv-v q8_0, or q4_0)")
+
+
+def build(config: RunConfig, caps: Caps, on_loaded: Callable[[LoadedModel, int], None] | None = None) -> Plan:
+    """The plan of a run. ``on_loaded(loaded, ctx)`` is called once the model file is parsed and
+    the context length known, before any weight is prepared: a check that raises there (a prompt
+    too long for the context) costs no load time."""
     import torch
 
     from luce_core.model import Transformer
@@ -122,6 +162,11 @@ def build(config: RunConfig, caps: Caps) -> Plan:
         raise ModelFileError(f"{config.model_path} is not a model file luce can read ({why})",
                              remedy="pass a GGUF model file (--model PATH.gguf)") from None
     loaded: LoadedModel = loader.load(config.model_path, config)
+    ctx = config.ctx or min(loaded.config.ctx_train, 4096)
+    if ctx < 2:
+        raise ConfigError(f"context length {ctx} is too small", remedy="use --ctx 2 or more")
+    if on_loaded is not None:  # the file is parsed, no weight is prepared yet: cheap checks fail fast here
+        on_loaded(loaded, ctx)
     if config.weights == "nvfp4":  # before selection: linear implementations see the NVFP4 types
         from luce_core.formats.repack import repack_nvfp4
         loaded = repack_nvfp4(loaded, progress=config.progress)
@@ -130,9 +175,9 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     ch.config = config
     device = resolve_device(config, caps)
     dtype = resolve_dtype(config, caps, device)
-    ctx = config.ctx or min(loaded.config.ctx_train, 4096)
-    if ctx < 2:
-        raise ConfigError(f"context length {ctx} is too small", remedy="use --ctx 2 or more")
+    m = loaded.config
+    kv_need = kv_bytes_per_token(m.n_layers, m.n_kv_heads, m.head_dim, config.kv_k, config.kv_v) * ctx
+    check_free_memory(kv_need, ctx, m, device, config)
     tdev, tdtype = torch.device(device), TORCH_DTYPES[dtype]
 
     # the store first: which attention implementations can read it depends on its layout
@@ -168,11 +213,9 @@ def build(config: RunConfig, caps: Caps) -> Plan:
     try:
         kv = kv_storage.allocate(spec)
     except torch.cuda.OutOfMemoryError:
-        from luce_core.formats.blocks import kv_bytes_per_token
-        need = kv_bytes_per_token(spec.n_layers, spec.n_kv_heads, spec.head_dim, spec.k_dtype, spec.v_dtype) * ctx
         free = torch.cuda.mem_get_info(tdev)[0]
         raise DeviceMemoryError(
-            f"the KV cache needs {need / 2**30:.2f} GiB for a context of {ctx} tokens, but only "
+            f"the KV cache needs {kv_need / 2**30:.2f} GiB for a context of {ctx} tokens, but only "
             f"{free / 2**30:.2f} GiB of GPU memory is free",
             remedy="lower --ctx, or store the cache quantized (--kv-k q8_0 --kv-v q8_0, or q4_0)") from None
     kv_impl = ch.chosen["kv_storage"]

@@ -1,7 +1,10 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+import reprlib
+from typing import Any, Callable, Sequence
 
 import attrs
 import torch
@@ -9,26 +12,36 @@ import torch
 from luce_core.contract.errors import ConfigError
 
 
+def _limit(flag: str, want: str, ok: Callable[[Any], bool], remedy: str, *, integer: bool = False,
+           optional: bool = False):
+    """An attrs validator: a finite real (an integer with ``integer``; None with ``optional``) for
+    which ``ok`` holds. NaN passes or fails comparisons by accident, so it is refused by name."""
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and optional:
+            return
+        kind = numbers.Integral if integer else numbers.Real
+        if (isinstance(value, bool) or not isinstance(value, kind)
+                or not (isinstance(value, numbers.Integral) or math.isfinite(value)) or not ok(value)):
+            raise ConfigError(f"{attribute.name} ({flag}) must be {want}, got {reprlib.repr(value)}", remedy=remedy)
+    return check
+
+
 @attrs.frozen
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    temperature: float = attrs.field(default=0.0, validator=_limit(
+        "--temp", "a finite number >= 0", lambda v: v >= 0, "0 decodes greedily; 0.7 is a usual sampling temperature"))
+    top_k: int = attrs.field(default=0, validator=_limit(
+        "--top-k", "an integer >= 0", lambda v: v >= 0, "0 turns top-k off", integer=True))
+    top_p: float = attrs.field(default=1.0, validator=_limit(
+        "--top-p", "a number in (0, 1]", lambda v: 0 < v <= 1, "1 turns top-p off"))
+    min_p: float = attrs.field(default=0.0, validator=_limit(
+        "--min-p", "a number in [0, 1)", lambda v: 0 <= v < 1, "0 turns min-p off"))
+    repetition_penalty: float = attrs.field(default=1.0, validator=_limit(
+        "--repeat-penalty", "a finite number > 0", lambda v: v > 0, "1 turns the penalty off"))
+    # torch.Generator takes any 64-bit seed
+    seed: int | None = attrs.field(default=None, validator=_limit(
+        "--seed", f"an integer from 0 to {2**64 - 1} (2**64 - 1)", lambda v: 0 <= v < 2**64,
+        "leave the seed out for a random one", integer=True, optional=True))
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,40 @@ def test_defaults_and_bad_values() -> None:
     assert (c.kv_k, c.kv_v) == DEFAULT_KV == ("f16", "f16")
     with pytest.raises(ConfigError, match="kv_k"):
         RunConfig(kv_k="q5_0")
+    with pytest.raises(ConfigError, match="ctx") as e:
+        RunConfig(ctx=-5)
+    assert "--ctx" in e.value.remedy
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("temperature", NAN, "--temp"), ("temperature", INF, "--temp"), ("temperature", -0.1, "--temp"),
+    ("temperature", "0.7", "--temp"), ("top_k", -1, "--top-k"), ("top_k", 2.5, "--top-k"),
+    ("top_p", NAN, "--top-p"), ("top_p", 0.0, "--top-p"), ("top_p", INF, "--top-p"),
+    ("min_p", NAN, "--min-p"), ("min_p", 1.0, "--min-p"),
+    ("repetition_penalty", NAN, "--repeat-penalty"), ("repetition_penalty", INF, "--repeat-penalty"),
+    ("repetition_penalty", 0.0, "--repeat-penalty"),
+    ("seed", -1, "--seed"), ("seed", 2**64, "--seed"), ("seed", 2**70, "--seed"), ("seed", 1.0, "--seed"),
+    ("seed", True, "--seed"),
+])
+def test_sampling_params_refuse_what_cannot_sample(field, value, flag) -> None:
+    """The API refuses NaN, inf, out-of-range and mistyped sampling values as the CLI does, with
+    the field and its flag named (before any model work: the CLI checks them before loading)."""
+    from luce_core.sampling import SamplingParams
+
+    with pytest.raises(ConfigError, match=f"{field} \\({flag}\\)") as e:
+        SamplingParams(**{field: value})
+    assert e.value.remedy
+
+
+def test_sampling_params_take_the_whole_valid_range() -> None:
+    from luce_core.sampling import Sampler, SamplingParams
+
+    for seed in (0, 2**64 - 1):
+        Sampler(SamplingParams(temperature=0.7, top_k=1, top_p=1.0, min_p=0.0, repetition_penalty=0.5, seed=seed))
+    assert SamplingParams(temperature=0, seed=None).greedy
 
 
 def test_prefill_chunk_is_configurable_and_does_not_change_results(tmp_path) -> None:
