@@ -1,6 +1,7 @@
 """`luce bench` emits reproducible JSON, and the baseline gate fails on each kind of regression."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from luce_tools.bench.run import check_baseline
+from luce_tools.bench.run import check_baseline, load_baseline
 
 
 @pytest.fixture(scope="module")
@@ -108,34 +109,60 @@ def _result(**kw):
     return r
 
 
+def _check(result, path) -> list[str]:
+    return check_baseline(result, load_baseline(str(path)))
+
+
 def test_baseline_gate(tmp_path) -> None:
     base = tmp_path / "b.json"
     base.write_text(json.dumps({"device": "GPU X", "model": "m.gguf", "tok_s": {"tg128": 1000.0, "pp512": 5000.0},
                                 "max_peak_memory_bytes": 150, "smoke_contains": "Paris",
                                 "thresholds": {"regression": 0.1, "graphs_ratio_min": 1.3}}))
-    assert check_baseline(_result(), str(base)) == []
-    assert check_baseline(_result(results={"tg128": {"tok_s": 950.0}, "pp512": {"tok_s": 5000.0}}), str(base)) == []
-    slow = check_baseline(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 5000.0}}), str(base))
+    assert _check(_result(), base) == []
+    assert _check(_result(results={"tg128": {"tok_s": 950.0}, "pp512": {"tok_s": 5000.0}}), base) == []
+    slow = _check(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 5000.0}}), base)
     assert len(slow) == 1 and "tg128" in slow[0]
-    assert "graphs" in check_baseline(_result(graphs_ratio=1.1), str(base))[0]
-    assert "Paris" in check_baseline(_result(smoke=" Lyon."), str(base))[0]
-    assert "peak memory" in check_baseline(_result(peak_memory_bytes=200), str(base))[0]
-    assert "not comparable" in check_baseline(_result(device="GPU Y"), str(base))[0]
-    assert "not measured" in check_baseline(_result(results={"tg128": {"tok_s": 1000.0}}), str(base))[0]
+    assert "graphs" in _check(_result(graphs_ratio=1.1), base)[0]
+    assert "Paris" in _check(_result(smoke=" Lyon."), base)[0]
+    assert "peak memory" in _check(_result(peak_memory_bytes=200), base)[0]
+    assert "not comparable" in _check(_result(device="GPU Y"), base)[0]
+    assert "not measured" in _check(_result(results={"tg128": {"tok_s": 1000.0}}), base)[0]
     # a metric with its own tolerance (host-bound prefill): 30 % down passes there, not 60 %
     loose = json.loads(base.read_text())
     loose["thresholds"]["regression_by_metric"] = {"pp512": 0.5}
     base.write_text(json.dumps(loose))
-    assert check_baseline(_result(results={"tg128": {"tok_s": 1000.0}, "pp512": {"tok_s": 3500.0}}), str(base)) == []
-    low = check_baseline(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 2000.0}}), str(base))
+    assert _check(_result(results={"tg128": {"tok_s": 1000.0}, "pp512": {"tok_s": 3500.0}}), base) == []
+    low = _check(_result(results={"tg128": {"tok_s": 850.0}, "pp512": {"tok_s": 2000.0}}), base)
     assert len(low) == 2 and "pp512" in low[1] and "- 50%" in low[1] and "- 10%" in low[0]
     # one file, a baseline per device: each run is held to its own device's numbers
     multi = tmp_path / "m.json"
     other = dict(json.loads(base.read_text()), device="GPU Y", tok_s={"tg128": 2000.0})
     multi.write_text(json.dumps({"baselines": [json.loads(base.read_text()), other]}))
-    assert check_baseline(_result(), str(multi)) == []
-    assert "tg128" in check_baseline(_result(device="GPU Y"), str(multi))[0]
-    assert "not comparable" in check_baseline(_result(device="GPU Z"), str(multi))[0]
+    assert _check(_result(), multi) == []
+    assert "tg128" in _check(_result(device="GPU Y"), multi)[0]
+    assert "not comparable" in _check(_result(device="GPU Z"), multi)[0]
+
+
+def test_the_baseline_ships_with_the_package(tmp_path, monkeypatch) -> None:
+    """--check-baseline alone reads the packaged baseline, whatever the working directory; a
+    baseline file that is missing or not JSON is a clear error."""
+    from luce_core.contract.errors import ConfigError
+    from luce_core.plugin_api import run_flags
+    from luce_tools.bench.args import add_bench_args
+
+    monkeypatch.chdir(tmp_path)
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    run_flags(p)
+    path = p.parse_args(["--check-baseline"]).check_baseline
+    assert os.path.isabs(path) and path.endswith(os.path.join("luce_tools", "bench", "baseline.json"))
+    entries = load_baseline(path).data["baselines"]
+    assert {"NVIDIA H200"} <= {b["device"] for b in entries} and all(b["tok_s"] for b in entries)
+    with pytest.raises(ConfigError, match="cannot read the perf baseline"):
+        load_baseline(str(tmp_path / "nowhere.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a perf baseline"):
+        load_baseline(str(tmp_path / "bad.json"))
 
 
 FAKE_LLAMA_BENCH = """#!{python}

@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from luce_core.plugin_api import ConfigError, RunConfig, forced_name, run_overrides
 from luce_tools import harness
+from luce_tools.bench.args import check_bench_args
 
 
 def _commit() -> str:
@@ -267,9 +270,33 @@ def run(a: argparse.Namespace, overrides: dict[str, Any], drafter: str | None) -
     return result
 
 
-def check_baseline(result: dict[str, Any], path: str) -> list[str]:
-    """Failures of ``result`` against a baseline file (empty list = pass)."""
-    data = json.loads(Path(path).read_text())
+@attrs.frozen
+class Baseline:
+    path: str
+    data: dict[str, Any]
+
+
+def load_baseline(path: str) -> Baseline:
+    """The perf baseline in ``path``, read before the benchmark runs (a missing file is an error
+    up front, not after minutes of measuring)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the perf baseline {path}: {e.strerror or e}",
+                          remedy="pass an existing baseline file, or --check-baseline alone for the one "
+                                 "shipped with luce") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a perf baseline: not JSON ({e})",
+                          remedy="pass the JSON baseline file (see luce_tools/bench/baseline.json)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a perf baseline: its JSON is not an object",
+                          remedy="pass the JSON baseline file (see luce_tools/bench/baseline.json)")
+    return Baseline(path, data)
+
+
+def check_baseline(result: dict[str, Any], baseline: Baseline) -> list[str]:
+    """Failures of ``result`` against a baseline (empty list = pass)."""
+    path, data = baseline.path, baseline.data
     # a file holds one baseline, or {"baselines": [...]}, one per device/model: the matching one applies
     entries = data.get("baselines", [data])
     base = next((b for b in entries if all(not b.get(k) or b[k] == result[k] for k in ("device", "model"))), None)
@@ -301,6 +328,8 @@ def check_baseline(result: dict[str, Any], path: str) -> list[str]:
 
 def main(a: argparse.Namespace) -> int:
     """``luce bench``."""
+    check_bench_args(a)
+    baseline = load_baseline(a.check_baseline) if a.check_baseline else None
     overrides = run_overrides(a)
     overrides["progress"] = False
     # --drafter, else LUCE_DRAFTER (the role's own rule); the drafter runs only in bench_speculative.
@@ -323,8 +352,8 @@ def main(a: argparse.Namespace) -> int:
     if "error" in anchor:
         print(f"luce bench: {anchor['error']}", file=sys.stderr)
         return 1
-    if a.check_baseline:
-        fails = check_baseline(result, a.check_baseline)
+    if baseline is not None:
+        fails = check_baseline(result, baseline)
         for f in fails:
             print(f"luce bench: FAIL {f}", file=sys.stderr)
         if fails:
