@@ -6,14 +6,11 @@ the too-long prompt and the huge context stop before the Transformer is built.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import attrs
 import pytest
 
+from cli_runner import CliRun, run_luce
 from drafting_fixtures import write_tiny
 from luce_core import cli
 from luce_core.contract.errors import ContextOverflowError, DeviceMemoryError
@@ -21,23 +18,8 @@ from luce_core.contract.errors import ContextOverflowError, DeviceMemoryError
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # ~60 tokens
 
 
-@attrs.frozen
-class Run:
-    args: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"luce {' '.join(self.args)} -> rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
-
-
-def _run(args: list[str], stdin: str | None = None) -> Run:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUCE_") or k == "LUCE_CACHE"}
-    p = subprocess.run([sys.executable, "-m", "luce_core.cli", *args], capture_output=True, text=True,
-                       input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL, timeout=300,
-                       env={**env, "OMP_NUM_THREADS": "1"})
-    return Run(args, p.returncode, p.stdout, p.stderr)
+def _run(args: list[str], stdin: str | None = None) -> CliRun:
+    return run_luce(args, stdin=stdin)
 
 
 # name -> (arguments after the model flags, text the error must contain); {tiny} and {model} are
@@ -69,7 +51,7 @@ REAL = {  # on SmolLM2: the numbers in the messages are the real model's
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2_path, tmp_path_factory) -> dict[str, Future[Run]]:
+def runs(smollm2_path, tmp_path_factory) -> dict[str, Future[CliRun]]:
     tmp = tmp_path_factory.mktemp("cli_errors")
     tiny = write_tiny(tmp / "tiny.gguf")
     q = ["--no-progress"]

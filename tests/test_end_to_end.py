@@ -8,57 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import attrs
 import pytest
 import torch
 
 import luce
+from cli_runner import CliRun, run_luce
 
 FRANCE = "The capital of France is"
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # ~60 tokens
 REQUIRED_ROLES = ("loader", "linear", "attention", "kv_storage")
-CLI_TIMEOUT_S = 300
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without luce overrides (LUCE_CACHE, which locates the model, stays)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUCE_") or k == "LUCE_CACHE"}
-    env.update(extra)
-    return env
-
-
-@attrs.frozen
-class CliRun:
-    args: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"luce {' '.join(self.args)} -> rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
-
-
-def console_script() -> str:
-    """The installed ``luce`` command of this interpreter's environment."""
-    beside = Path(sys.executable).with_name("luce")
-    found = str(beside) if beside.exists() else shutil.which("luce")
-    assert found, "the `luce` console script is not installed"
-    return found
 
 
 def _run(args: list[str], script: bool = False, **env: str) -> CliRun:
-    cmd = [console_script()] if script else [sys.executable, "-m", "luce_core.cli"]
-    # one thread each: several runs share the cores with the in-process tests, and oversubscribed
-    # OpenMP pools spin instead of working
-    p = subprocess.run([*cmd, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                       timeout=CLI_TIMEOUT_S, env=_clean_env(OMP_NUM_THREADS="1", **env))
-    return CliRun(args, p.returncode, p.stdout, p.stderr)
+    return run_luce(args, script=script, **env)
 
 
 @pytest.fixture(scope="module")

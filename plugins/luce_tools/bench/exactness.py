@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the JSON result here too")
     a = p.parse_args(argv)
     import luce
-    from luce_core.default_model import default_model_path
+    try:
+        from luce_core.default_model import default_model_path
+    except ImportError:  # luce before the module was renamed
+        from luce_core.models import default_model_path
 
     model = a.model or str(default_model_path(progress=False))
     roles = dict(linear="torch", attention="torch", kv_storage="torch")
