@@ -16,7 +16,6 @@ from luce_core.generate import PlainStepper, Stats, Stepper, generate
 from luce_core.session import Session
 from luce_core.contract.errors import ConfigError, LuceError
 from luce_core.contract.impl import ROLES
-from luce_core.contract.roles import optional
 from luce_core.contract.types import LoadedModel, Tokenizer
 from luce_core.plan import Plan, build
 from luce_core.sampling import Sampler, SamplingParams
@@ -69,10 +68,8 @@ class LLM:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.tokenizer = plan.loaded.tokenizer
-        graphs = (plan.config.cuda_graphs and plan.device.startswith("cuda")
-                  and optional(plan.kv, "kv_store", "write_at") is not None)
         self.session = Session(plan.model, plan.kv, plan.ctx, prefill_chunk=plan.config.prefill_chunk,
-                               graphs=graphs)
+                               graphs=plan.graphs)
         self.last_stats = Stats()
         self.last_spec_stats = None
         self._spec, self._spec_key = None, None
@@ -142,7 +139,7 @@ class LLM:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stops = frozenset(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         self.last_stats = Stats()
-        sampler = Sampler(SamplingParams(**sampling))
+        sampler = Sampler(SamplingParams.from_options(sampling))
         drafter = drafter or forced_name("drafter", self.plan.config)
         stepper: Stepper
         if drafter is None:

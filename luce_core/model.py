@@ -74,6 +74,12 @@ class ForwardOut:
     logits: torch.Tensor  # [T, vocab] float32 (only the rows asked for; forward_batch: [B, vocab])
     features: torch.Tensor | None = None  # [T, len(capture) * hidden]: hidden states for drafters ([B, T, ...])
 
+    @staticmethod
+    def stack(outs: Sequence["ForwardOut"]) -> "ForwardOut":
+        """The outputs of consecutive forwards as one (rows in order)."""
+        feats = [o.features for o in outs if o.features is not None]
+        return ForwardOut(torch.cat([o.logits for o in outs]), torch.cat(feats) if feats else None)
+
 
 class Transformer:
     def __init__(self, loaded: LoadedModel, linear: Linear, attention: Attention,

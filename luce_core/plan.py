@@ -95,6 +95,17 @@ class Plan:
     kv: Any  # KVStore
     chosen: dict[str, Impl]
 
+    @property
+    def graphs(self) -> bool:
+        """Whether decode replays CUDA graphs (see ``decode_graphs``)."""
+        return decode_graphs(self.config, self.device, self.kv)
+
+
+def decode_graphs(config: RunConfig, device: str, kv: Any) -> bool:
+    """Whether decode replays CUDA graphs: asked for, on a GPU, and the store can write at
+    device-side slots (the optional ``KVStore.write_at``; ``eager_decode_reason`` says so)."""
+    return config.cuda_graphs and device.startswith("cuda") and optional(kv, "kv_store", "write_at") is not None
+
 
 def _progress_wrapper(enabled: bool, desc: str):
     def wrap(it):
@@ -232,7 +243,7 @@ def build(config: RunConfig, caps: Caps, on_loaded: Callable[[LoadedModel, int],
 def eager_decode_reason(config: RunConfig, device: str, kv_impl: Impl, kv: Any) -> str | None:
     """Why decode will run without CUDA graphs although they were asked for, when the cause is
     the chosen KV store (it lacks the optional ``write_at`` a graph replay needs), else None."""
-    if not (config.cuda_graphs and device.startswith("cuda")) or optional(kv, "kv_store", "write_at") is not None:
+    if not (config.cuda_graphs and device.startswith("cuda")) or decode_graphs(config, device, kv):
         return None
     return (f"kv_storage {kv_impl.name!r} has no write_at, so decode runs without CUDA graphs "
             f"(slower); a store implementing KVStore.write_at gets them")

@@ -5,7 +5,7 @@ one-row decode step it replaces. A BLAS library picks its kernel, blocking and s
 from the shapes, the layout and the alignment of the operands, not from their values, so one
 m-row product of random rows against the m one-row products, with the weight itself, decides
 whether m rows take the reduction order of one row: equal bits on thousands of random outputs
-are not a coincidence. The answer is cached per weight tensor and m.
+are not a coincidence. Callers cache the answer per weight and m (it costs 2 m products).
 
 Only where the inputs' alignment is fixed too does the answer carry over to later calls: torch's
 CUDA caching allocator aligns every block to 512 bytes, so it does for cuBLAS. CPU BLAS libraries
@@ -19,20 +19,17 @@ from typing import Callable
 
 import torch
 
-_seen: dict[tuple, bool] = {}
-
 
 def rows_exact(matmul: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, m: int) -> bool:
     """Whether ``matmul`` (x [m, K] -> [m, N], ``weight`` [N, K]) gives each of m rows bit for
     bit what it gives that row alone."""
     if m <= 1:
         return True
-    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, str(weight.device), m)
-    hit = _seen.get(key)
-    if hit is None:
-        g = torch.Generator(device="cpu").manual_seed(m)
-        x = torch.randn(m, weight.shape[1], generator=g).to(weight.device, weight.dtype)
-        together = matmul(x)
-        alone = torch.cat([matmul(x[i:i + 1]) for i in range(m)])
-        hit = _seen[key] = bool(torch.equal(together, alone))
-    return hit
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("rows_exact reads results on the host: call it before a CUDA-graph capture")
+    g = torch.Generator(device="cpu").manual_seed(m)
+    x = torch.randn(m, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+    together = matmul(x)
+    # each row in an allocation of its own, aligned as a decode step's activations are
+    alone = torch.cat([matmul(x[i:i + 1].clone()) for i in range(m)])
+    return bool(torch.equal(together, alone))

@@ -21,15 +21,29 @@ def _limit(flag: str, want: str, ok: Callable[[Any], bool], remedy: str, *, inte
             return
         kind = numbers.Integral if integer else numbers.Real
         if (isinstance(value, bool) or not isinstance(value, kind)
-                or not (isinstance(value, numbers.Integral) or math.isfinite(value)) or not ok(value)):
+                or not (integer or _finite(value)) or not ok(value)):
             raise ConfigError(f"{attribute.name} ({flag}) must be {want}, got {reprlib.repr(value)}", remedy=remedy)
     return check
+
+
+def _finite(value: numbers.Real) -> bool:
+    """A real that float32 arithmetic can take: finite, also as a float (10**400 is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+# Below this the logits / temperature overflow float32 (inf / inf = NaN in the softmax); the
+# distribution is one-hot long before, so 0 (greedy) is the same choice.
+MIN_TEMPERATURE = 1e-3
 
 
 @attrs.frozen
 class SamplingParams:
     temperature: float = attrs.field(default=0.0, validator=_limit(
-        "--temp", "a finite number >= 0", lambda v: v >= 0, "0 decodes greedily; 0.7 is a usual sampling temperature"))
+        "--temp", f"0 or a finite number >= {MIN_TEMPERATURE}", lambda v: v == 0 or v >= MIN_TEMPERATURE,
+        "0 decodes greedily; 0.7 is a usual sampling temperature"))
     top_k: int = attrs.field(default=0, validator=_limit(
         "--top-k", "an integer >= 0", lambda v: v >= 0, "0 turns top-k off", integer=True))
     top_p: float = attrs.field(default=1.0, validator=_limit(
@@ -46,6 +60,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "SamplingParams":
+        """From keyword options (``LLM.generate(**sampling)``): an unknown name is a ConfigError
+        naming the known ones, not a TypeError."""
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {', '.join(unknown)}",
+                              remedy=f"sampling options: {', '.join(sorted(known))}")
+        return cls(**options)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:

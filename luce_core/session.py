@@ -113,12 +113,22 @@ class Session:
         for i, t in enumerate(ids):
             if self.graphs is not None:
                 out = self.graphs.run([t], start + i, capture)  # static buffers: copy before the next replay
-                outs.append((out.logits.clone(), None if out.features is None else out.features.clone()))
+                outs.append(ForwardOut(out.logits.clone(), None if out.features is None else out.features.clone()))
             else:
-                out = self.model.forward(self._tensor([t]), start + i, self.kv, capture=capture)
-                outs.append((out.logits, out.features))
-        feats = [f for _, f in outs if f is not None]
-        return ForwardOut(torch.cat([lg for lg, _ in outs]), torch.cat(feats) if feats else None)
+                outs.append(self.model.forward(self._tensor([t]), start + i, self.kv, capture=capture))
+        return ForwardOut.stack(outs)
+
+    def forward_exact(self, ids: Sequence[int], start: int, capture: Sequence[int] = (), *,
+                      static: bool = False) -> ForwardOut:
+        """Run ids at slots start.. without appending them, each row rounding exactly as the
+        decode step at its slot would (speculative verification): one forward where the model
+        declares m-row forwards exact (a graph replay with ``static`` and graphs on), else
+        ``forward_rows``."""
+        if not self.model.exact_rows(len(ids)):
+            return self.forward_rows(ids, start, capture)
+        if static and self.graphs is not None:
+            return self.graphs.run(ids, start, capture)
+        return self.model.forward(self._tensor(ids), start, self.kv, capture=capture, verify=True)
 
     def step(self, token: int) -> torch.Tensor:
         """Append one token; returns the logits that follow it."""

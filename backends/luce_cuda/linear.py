@@ -363,18 +363,22 @@ class CudaLinear:
         self.mma = mma
         self.layer_ops = CudaLayerOps()
         self._dense: list[DenseLinear] = []  # the cuBLAS weights prepared
+        self._exact: dict[int, bool] = {}  # exact_rows(m), until another weight is prepared
 
     def exact_rows(self, m: int) -> bool:
         """Up to GEMV_MAX_ROWS rows the quantized GEMVs round every row as decode by design (see
         QuantLinear.forward); cuBLAS weights are checked bit for bit on this GPU instead
         (``luce_core.plugin_api.rows_exact``), since its kernel choice may depend on the row count."""
-        return m <= GEMV_MAX_ROWS and all(rows_exact(d.forward, d.weight, m) for d in self._dense)
+        if m not in self._exact:
+            self._exact[m] = m <= GEMV_MAX_ROWS and all(rows_exact(d.forward, d.weight, m) for d in self._dense)
+        return self._exact[m]
 
     def prepare(self, w: QTensor, device: "torch.device", dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         device = torch.device(device)
         if w.qtype in DENSE:
             op = DenseLinear(_dense(w).to(device=device, dtype=dtype))
             self._dense.append(op)
+            self._exact.clear()
             return op
         if w.qtype not in QUANTIZED:
             raise ConfigError(f"{w.name}: tensor type {w.qtype} has no CUDA kernel",

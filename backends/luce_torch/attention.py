@@ -10,15 +10,15 @@ from luce_core.plugin_api import Caps, KVStore, RunConfig, TreeMask
 class TorchAttention:
     def __init__(self, caps: Caps | None = None, config: RunConfig | None = None):
         # Row-exact forwards read positions and tree paths on the host, which a CUDA-graph
-        # capture forbids; on a GPU this reference therefore promises only one-row exactness.
-        device = getattr(config, "device", "auto") if config is not None else "auto"
+        # capture forbids, and a graphed decode step takes the masked path over its window: on
+        # a GPU this reference promises nothing (chains then verify as graphed decode steps).
+        device = config.device if config is not None else "auto"
         self._host_reads = device == "cpu" or (device == "auto" and (caps is None or caps.device == "cpu"))
 
     def exact_rows(self, m: int) -> bool:
         """Rows given ``positions`` or a ``TreeMask`` are computed one by one over exactly the
-        keys a decode step at that position reads (see ``_rows``): exact for any m where host
-        reads are allowed, else for one row."""
-        return m == 1 or self._host_reads
+        keys a decode step at that position reads (see ``_rows``): exact for any m on the CPU."""
+        return self._host_reads
 
     def forward(self, q: torch.Tensor, kv: KVStore, layer: int, start: int, *,
                 scale: float, mask: torch.Tensor | TreeMask | None = None,

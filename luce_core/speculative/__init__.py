@@ -8,10 +8,12 @@ round:
 
 1. **Draft.** The drafter (a ``drafter`` role object, contract in ``luce_core.contract.drafting``)
    proposes tokens after ``history`` = committed tokens + the pending token.
-2. **Verify.** One target forward over the pending token and the drafts at KV slots
-   [n, n+T). A chain runs causally; a tree (DDTree) gets depth positions and an ancestor-only
-   mask (``tree.py``). With static shapes the verify is padded (chain: to a power of two
-   rows, tree: to the budget) so it can replay as a CUDA graph.
+2. **Verify.** The pending token and the drafts at KV slots [n, n+T), each row rounding exactly
+   as the one-token decode step it replaces: one forward where the backend declares m-row
+   forwards exact (``exact_rows``; a chain's rows as decode positions, a tree (DDTree) with
+   depth positions and an ancestor-only mask, ``tree.py``), else one decode step per token
+   (a tree: per node, after its path). With static shapes the one-forward verify is padded
+   (chain: to a power of two rows, tree: to the budget) so it replays as a CUDA graph.
 3. **Accept** (``accept.py``). Temperature 0: the longest draft prefix (tree: path) that matches
    the target's choice (argmax after repetition penalty), then the target's own choice as the
    bonus token; the output is exactly what greedy decoding of the target alone produces.

@@ -46,11 +46,5 @@ def relocate(session: "Session", path: list[int], kept: list[int], n: int, exact
             k, v = kv.read(layer, end)
             kv.write(layer, n + j, k[src.to(k.device)], v[src.to(v.device)])
         return "copy"
-    # the path's K/V as decoding would write them: one exact batch, else token by token
-    rows = kept[j:]
-    if model.exact_rows(len(rows)):
-        model.forward(torch.tensor(rows, dtype=torch.long, device=model.device), n + j, kv,
-                      logits_rows=slice(-1, None), verify=True)
-    else:
-        session.forward_rows(rows, n + j)
+    session.forward_exact(kept[j:], n + j)  # the path's K/V as decoding would write them
     return "forward"

@@ -155,11 +155,8 @@ class SpeculativeStepper:
         s = self.session
         if not s.model.exact_rows(len(toks)):
             self._rowwise()
-            return s.forward_rows(toks, n, self.capture)
-        graphs = s.graphs if self.static else None
-        if graphs is not None:  # the padded verify has static shapes: replay it as one CUDA graph
-            return graphs.run(toks, n, self.capture)
-        return s.model.forward(self._tensor(toks), n, s.kv, capture=self.capture, verify=True)
+        # static: the padded verify has static shapes, so it replays as one CUDA graph
+        return s.forward_exact(toks, n, self.capture, static=self.static)
 
     def _rowwise(self) -> None:
         self.stats.rowwise_steps += 1
@@ -218,10 +215,9 @@ class SpeculativeStepper:
         if not s.model.exact_rows(tree.size):  # node by node, each a one-row forward after its path
             self._rowwise()
             mask = tree.tree_mask(n, dev)
-            rows = [s.model.forward(self._tensor(tree.tokens[j:j + 1]), n + j, s.kv, positions=mask.positions[j:j + 1],
-                                    mask=mask.row(j), capture=self.capture) for j in range(tree.size)]
-            feats = [r.features for r in rows if r.features is not None]
-            out = ForwardOut(torch.cat([r.logits for r in rows]), torch.cat(feats) if feats else None)
+            out = ForwardOut.stack([s.model.forward(self._tensor(tree.tokens[j:j + 1]), n + j, s.kv,
+                                                    positions=mask.positions[j:j + 1], mask=mask.row(j),
+                                                    capture=self.capture) for j in range(tree.size)])
         elif graphs is not None:  # a padded tree has static shapes: replay it as one CUDA graph
             out = graphs.run_tree(tree, n, self.capture)
         else:

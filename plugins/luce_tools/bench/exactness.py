@@ -34,14 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the JSON result here too")
     a = p.parse_args(argv)
     import luce
-    try:
-        from luce_core.default_model import default_model_path
-    except ImportError:  # luce before the module was renamed
-        from luce_core.models import default_model_path
 
-    model = a.model or str(default_model_path(progress=False))
     roles = dict(linear="torch", attention="torch", kv_storage="torch")
-    llm = luce.load(model, device="cpu", dtype=a.dtype, ctx=512, progress=False, **roles)
+    llm = luce.load(a.model, device="cpu", dtype=a.dtype, ctx=512, progress=False, **roles)
+    model = llm.plan.loaded.path  # the target is its own draft model
     with tempfile.TemporaryDirectory() as tmp:
         dflash = _untrained_dflash(llm, f"{tmp}/dflash.safetensors")
         drafters = {"prompt-lookup": None, "draft-model": model, "dflash": dflash}
