@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from luce_core.formats.ggml_math import fp16_bytes, round_half_away
+
 QK = 32  # elements per block for both formats
 
 
@@ -29,20 +31,8 @@ def _safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
 
 
-def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
-    """[..., 1] f32 -> [..., 2] uint8: the fp16 value's bytes (little-endian, as ggml stores it)."""
-    return d.to(torch.float16).contiguous().view(torch.uint8)
-
-
 def _fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).to(torch.float32)
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    # torch.round is half-to-even; ggml's roundf rounds halves away from zero.
-    a = x.abs()
-    fl = torch.floor(a)
-    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +40,8 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     b = _blocks(x)
     amax = b.abs().amax(dim=-1, keepdim=True)
     d = amax / torch.full_like(amax, 127.0)  # tensor / tensor: CUDA turns "/ 127" into "* (1/127)", 1 ulp off
-    q = _round_half_away(b * _safe_reciprocal(d)).to(torch.int8).view(torch.uint8)
-    out = torch.cat([_fp16_bytes(d), q], dim=-1)
+    q = round_half_away(b * _safe_reciprocal(d)).to(torch.int8).view(torch.uint8)
+    out = torch.cat([fp16_bytes(d), q], dim=-1)
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * 34)
 
 
@@ -70,7 +60,7 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     d = torch.gather(b, -1, imax) / -8
     q = torch.trunc(b * _safe_reciprocal(d) + 8.5).clamp(0, 15).to(torch.uint8)
     packed = q[..., : QK // 2] | (q[..., QK // 2:] << 4)
-    out = torch.cat([_fp16_bytes(d), packed], dim=-1)
+    out = torch.cat([fp16_bytes(d), packed], dim=-1)
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK * 18)
 
 

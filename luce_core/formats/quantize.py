@@ -16,6 +16,7 @@ import torch
 from luce_core.contract.errors import ConfigError
 from luce_core.formats.blocks import BLOCKS
 from luce_core.formats.dequant import E2M1, UE4M3_TABLE
+from luce_core.formats.ggml_math import fp16_bytes, round_half_away
 
 F16_MAX = 65504.0
 
@@ -30,11 +31,6 @@ def _recip0(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), torch.reciprocal(d))
 
 
-def _f16_bytes(t: torch.Tensor) -> torch.Tensor:
-    """float32 [n, k] -> its fp16 bytes, uint8 [n, 2k]."""
-    return t.to(torch.float16).contiguous().view(torch.uint8)
-
-
 def _f16_up(v: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 >= v (v >= 0, clamped to the fp16 range), as float32. A scale rounded
     up keeps every value of its block inside the code range."""
@@ -42,13 +38,6 @@ def _f16_up(v: torch.Tensor) -> torch.Tensor:
     h = v.to(torch.float16)
     bits = h.view(torch.int16) + (h.to(torch.float32) < v).to(torch.int16)  # next fp16 up
     return bits.view(torch.float16).to(torch.float32)
-
-
-def _roundf(n: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero, as ggml's roundf (floor(a + 0.5) would round 0.49999997 up)."""
-    a = n.abs()
-    fl = torch.floor(a)
-    return torch.sign(n) * (fl + torch.floor(2 * (a - fl)))
 
 
 def _pack_halves(q: torch.Tensor) -> torch.Tensor:
@@ -59,8 +48,8 @@ def _pack_halves(q: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- legacy 32-blocks
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = b.abs().amax(dim=1, keepdim=True) / _c(b, 127.0)
-    qs = _roundf(b * _recip0(d)).to(torch.int8).view(torch.uint8)
-    return torch.cat([_f16_bytes(d), qs], dim=1)
+    qs = round_half_away(b * _recip0(d)).to(torch.int8).view(torch.uint8)
+    return torch.cat([fp16_bytes(d), qs], dim=1)
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +57,7 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
     imax = b.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as numpy
     d = torch.gather(b, 1, imax) / _c(b, -8.0)
     q = torch.trunc(b * _recip0(d) + _c(b, 8.5)).clamp(0, 15).to(torch.uint8)
-    return torch.cat([_f16_bytes(d), _pack_halves(q.reshape(n, 2, 16))], dim=1)
+    return torch.cat([fp16_bytes(d), _pack_halves(q.reshape(n, 2, 16))], dim=1)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
@@ -77,7 +66,7 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     mn = b.amin(dim=1, keepdim=True)
     d = (mx - mn) / _c(b, 15.0)
     q = torch.trunc((b - mn) * _recip0(d) + _c(b, 0.5)).clamp(0, 15).to(torch.uint8)
-    return torch.cat([_f16_bytes(d), _f16_bytes(mn), _pack_halves(q.reshape(n, 2, 16))], dim=1)
+    return torch.cat([fp16_bytes(d), fp16_bytes(mn), _pack_halves(q.reshape(n, 2, 16))], dim=1)
 
 
 # ----------------------------------------------------------------------------- k-quants
@@ -102,7 +91,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
                         (hi_sc & 15) | ((hi_mn & 15) << 4)], dim=1)
     # 4 chunks of 32 bytes: chunk c holds sub-block 2c (low nibbles) and 2c+1 (high nibbles)
     qs = _pack_halves(q.reshape(n, 4, 2, 32)).reshape(n, 128)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), scales, qs], dim=1)
+    return torch.cat([fp16_bytes(d), fp16_bytes(dmin), scales, qs], dim=1)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -121,7 +110,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     # element h*128 + k*32 + j: high 2 bits in bits 2k of qh[h*32 + j]
     hi = (u >> 4).reshape(n, 2, 4, 32)
     qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
-    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=1)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), fp16_bytes(d)], dim=1)
 
 
 # ----------------------------------------------------------------------------- NVFP4
@@ -227,7 +216,7 @@ def quantize(x: torch.Tensor, qtype: str) -> np.ndarray:
     if qtype == "F32":
         out = rows.contiguous().view(torch.uint8)
     elif qtype == "F16":
-        out = _f16_bytes(rows)
+        out = fp16_bytes(rows)
     elif qtype == "BF16":
         out = _bf16(rows)
     else:
