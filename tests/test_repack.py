@@ -166,18 +166,18 @@ def test_fp4_tensor_core_linear_is_declared_but_refuses(synth) -> None:
 
 
 def test_weights_flag_and_env(monkeypatch) -> None:
-    from luce_core.cli import _overrides, build_parser
+    from luce_core.cli import build_parser, run_overrides
 
     monkeypatch.delenv("LUCE_WEIGHTS", raising=False)
     for cmd in ("generate", "bench", "doctor"):
         args, _ = build_parser().parse_known_args([cmd, "--weights", "nvfp4"])
-        assert RunConfig(**_overrides(args)).weights == "nvfp4"
+        assert RunConfig(**run_overrides(args)).weights == "nvfp4"
     args, _ = build_parser().parse_known_args(["generate", "x"])
-    assert RunConfig(**_overrides(args)).weights == "native" == RunConfig().weights
+    assert RunConfig(**run_overrides(args)).weights == "native" == RunConfig().weights
     monkeypatch.setenv("LUCE_WEIGHTS", "nvfp4")
-    assert RunConfig(**_overrides(args)).weights == "nvfp4" == RunConfig().weights
+    assert RunConfig(**run_overrides(args)).weights == "nvfp4" == RunConfig().weights
     args, _ = build_parser().parse_known_args(["generate", "x", "--weights", "native"])
-    assert RunConfig(**_overrides(args)).weights == "native"  # the flag wins over the env
+    assert RunConfig(**run_overrides(args)).weights == "native"  # the flag wins over the env
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "x", "--weights", "int3"])
     with pytest.raises(ConfigError, match="weights"):
